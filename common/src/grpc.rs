@@ -1,0 +1,94 @@
+//! gRPC server plumbing every service shares: `grpc.health.v1`, server reflection (so `grpcurl`
+//! works without `.proto` files), serving on a listener with graceful shutdown on SIGTERM/ctrl-c.
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+/// Health status of a server, reported for the whole server (`""`) and for each named service.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    services: Vec<String>,
+}
+
+impl Health {
+    /// SERVING: the model is loaded and warmed up.
+    pub async fn set_serving(&self) {
+        self.set(ServingStatus::Serving).await;
+    }
+
+    /// NOT_SERVING: starting up or draining.
+    pub async fn set_not_serving(&self) {
+        self.set(ServingStatus::NotServing).await;
+    }
+
+    async fn set(&self, status: ServingStatus) {
+        self.reporter.set_service_status("", status).await;
+        for service in &self.services {
+            self.reporter.set_service_status(service, status).await;
+        }
+    }
+}
+
+/// The routes every Osprey server starts from: health (NOT_SERVING until `set_serving`) and
+/// reflection (v1 and v1alpha) over all Osprey services. `services` are the fully qualified
+/// names whose health is reported, e.g. `osprey.worker.v1.Vision`.
+pub async fn standard_routes(services: &[&str]) -> (Routes, Health) {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health { reporter, services: services.iter().map(|s| s.to_string()).collect() };
+    health.set_not_serving().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(osprey_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid. This is a bug.");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(osprey_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the embedded descriptor sets are valid. This is a bug.");
+    let routes = Routes::new(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
+    (routes, health)
+}
+
+/// Serves `routes` on `listener` until `shutdown` completes, then stops accepting and lets
+/// in-flight requests finish.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Completes on SIGTERM (how Kubernetes stops a pod) or ctrl-c.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("ctrl-c received, shutting down"),
+        _ = terminate => tracing::info!("SIGTERM received, shutting down"),
+    }
+}

@@ -5,8 +5,10 @@
 pub mod error;
 pub mod grpc;
 pub mod image;
+pub mod lru;
 pub mod mask;
 pub mod resize;
 pub mod telemetry;
+pub mod tensor;
 
 pub use error::ServiceError;

@@ -1,0 +1,124 @@
+//! The feature cache against a real `redis-server` (started here on a free loopback port), and
+//! the in-memory backend: hits, TTL, size limits, and that a Redis outage is a miss, never an
+//! error or a hang, with the cache recovering when Redis comes back.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clap::Parser;
+use gateway::cache::{CacheArgs, FeatureCache};
+
+struct RedisServer {
+    child: Child,
+}
+
+impl RedisServer {
+    fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on PATH (`apt-get install redis-server`; .ci/run installs it)");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Self { child };
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not start on port {port}");
+    }
+
+    fn stop(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    cache: CacheArgs,
+}
+
+fn cache(args: &[&str]) -> FeatureCache {
+    let mut argv = vec!["gateway"];
+    argv.extend_from_slice(args);
+    FeatureCache::from_args(&Cli::parse_from(argv).cache).unwrap()
+}
+
+#[tokio::test]
+async fn redis_cache_survives_an_outage() {
+    let port = free_port();
+    let redis = RedisServer::start(port);
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let cache = cache(&[
+        "--redis-url",
+        &url,
+        "--cache-ttl-seconds",
+        "60",
+        "--cache-max-entry-bytes",
+        "1000",
+        "--redis-timeout-ms",
+        "500",
+    ]);
+    assert_eq!(cache.tier(), "redis");
+
+    assert_eq!(cache.get("img").await, None);
+    cache.put("img", vec![1, 2, 3]).await;
+    assert_eq!(cache.get("img").await, Some(vec![1, 2, 3]));
+    cache.put("big", vec![0; 1001]).await;
+    assert_eq!(cache.get("big").await, None, "entries over the size limit are not cached");
+
+    // The TTL is set on the key.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let ttl: i64 = redis::cmd("TTL").arg("osprey:features:img").query_async(&mut connection).await.unwrap();
+    assert!((1..=60).contains(&ttl), "ttl {ttl}");
+
+    // Redis goes away: misses, quickly, no errors.
+    redis.stop();
+    let started = std::time::Instant::now();
+    assert_eq!(cache.get("img").await, None);
+    cache.put("img2", vec![4]).await;
+    assert_eq!(cache.get("img2").await, None);
+    assert!(started.elapsed() < Duration::from_secs(10), "outage took {:?}", started.elapsed());
+
+    // Redis comes back (empty): the cache reconnects by itself.
+    let redis = RedisServer::start(port);
+    let mut reconnected = false;
+    for _ in 0..50 {
+        cache.put("img3", vec![5]).await;
+        if cache.get("img3").await == Some(vec![5]) {
+            reconnected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reconnected, "cache did not recover after Redis came back");
+    redis.stop();
+}
+
+#[tokio::test]
+async fn redis_down_at_startup_is_a_miss() {
+    let port = free_port();
+    let cache = cache(&["--redis-url", &format!("redis://127.0.0.1:{port}/0"), "--redis-timeout-ms", "300"]);
+    assert_eq!(cache.get("img").await, None);
+    cache.put("img", vec![1]).await;
+}
+
+#[tokio::test]
+async fn memory_cache_is_bounded() {
+    let cache = cache(&["--memory-cache-bytes", "10", "--cache-max-entry-bytes", "8"]);
+    assert_eq!(cache.tier(), "memory");
+    cache.put("a", vec![0; 6]).await;
+    assert_eq!(cache.get("a").await, Some(vec![0; 6]));
+    cache.put("b", vec![1; 6]).await; // evicts "a"
+    assert_eq!(cache.get("a").await, None);
+    assert_eq!(cache.get("b").await, Some(vec![1; 6]));
+    cache.put("c", vec![2; 9]).await; // over the entry limit
+    assert_eq!(cache.get("c").await, None);
+}

@@ -19,18 +19,25 @@ impl RedisServer {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be on PATH (`apt-get install redis-server`; .ci/run installs it)");
+        let server = Self { child };
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Self { child };
+                return server;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("redis-server did not start on port {port}");
     }
 
-    fn stop(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+    fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -1,0 +1,50 @@
+//! The `llm-worker` binary.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Osprey LLM worker: projector + Vicuna-7B with region tokens")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)]
+enum Command {
+    /// Serve `osprey.worker.v1.Llm` over gRPC.
+    Serve(llm_worker::service::ServeArgs),
+    /// Run one spliced prompt from a safetensors file and write every position's logits and a
+    /// greedy continuation (no EOS stop), for parity checks. CPU, f32.
+    Dump {
+        /// Checkpoint directory: config.json plus model.safetensors[.index.json].
+        #[arg(long)]
+        weights: PathBuf,
+        /// Safetensors input: input_ids i64 [L] (one -200, <mask><pos> id pairs), image_features
+        /// f32 [T, mm_hidden], mask_tokens and pos_tokens f32 [N, hidden].
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Safetensors output: logits f32 [L-1+T, vocab], greedy_ids i64 [K].
+        #[arg(long)]
+        out: PathBuf,
+        /// K, the number of greedy tokens.
+        #[arg(long, default_value_t = 8)]
+        max_new_tokens: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.command {
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(llm_worker::service::main(args))?,
+        Command::Dump { weights, inputs, out, max_new_tokens } => {
+            llm_worker::dump::run(&weights, &inputs, &out, max_new_tokens)?
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! Model code, one model per file.
+
+pub mod osprey_llama;

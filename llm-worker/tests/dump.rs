@@ -1,0 +1,68 @@
+//! `llm-worker dump` end to end on the tiny fixture: the binary's logits and greedy ids must match
+//! transformers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llm")
+}
+
+fn rel_l2(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let diff = (got - want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+    diff / want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
+}
+
+#[test]
+fn dump_matches_the_reference() {
+    let expected =
+        candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu).unwrap();
+    let dir = std::env::temp_dir().join(format!("llm-worker-dump-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (inputs, out) = (dir.join("in.safetensors"), dir.join("out.safetensors"));
+    let names = ["input_ids", "image_features", "mask_tokens", "pos_tokens"];
+    let tensors: HashMap<String, Tensor> =
+        names.iter().map(|n| (n.to_string(), expected[*n].clone())).collect();
+    candle_core::safetensors::save(&tensors, &inputs).unwrap();
+
+    let status = Command::new(env!("CARGO_BIN_EXE_llm-worker"))
+        .arg("dump")
+        .arg("--weights")
+        .arg(fixtures().join("tiny"))
+        .arg("--inputs")
+        .arg(&inputs)
+        .arg("--out")
+        .arg(&out)
+        .args(["--max-new-tokens", "8"])
+        .status()
+        .expect("run llm-worker");
+    assert!(status.success());
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let e = rel_l2(&got["logits"], &expected["spliced_logits"]);
+    println!("dump logits: relative L2 error {e:.3e}");
+    assert!(e <= 1e-4);
+    assert_eq!(got["greedy_ids"].to_vec1::<i64>().unwrap(), expected["greedy_ids"].to_vec1::<i64>().unwrap());
+
+    // A prompt whose pairs do not match the regions fails with a clear message.
+    let mut bad = tensors.clone();
+    bad.insert("mask_tokens".into(), expected["mask_tokens"].narrow(0, 0, 1).unwrap());
+    bad.insert("pos_tokens".into(), expected["pos_tokens"].narrow(0, 0, 1).unwrap());
+    candle_core::safetensors::save(&bad, &inputs).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_llm-worker"))
+        .args(["dump", "--weights"])
+        .arg(fixtures().join("tiny"))
+        .arg("--inputs")
+        .arg(&inputs)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run llm-worker");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("2 <mask><pos> pairs but 1 regions"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,200 @@
+//! The LLM worker over real gRPC with the tiny model and a 40-id tokenizer
+//! (`tools/make_tiny_tokenizer.py`): streamed answers, batching and prefix-cache invariance,
+//! and INVALID_ARGUMENT for every malformed question.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::Parser;
+use llm_worker::service::{ServeArgs, run};
+use osprey_common::tensor::f32_to_proto;
+use osprey_proto::v1::{GenerationParameters, Tensor};
+use osprey_proto::worker::v1::llm_client::LlmClient;
+use osprey_proto::worker::v1::question::Prompt;
+use osprey_proto::worker::v1::{Exchange, GenerateRequest, Question, RegionTask};
+use safetensors::SafeTensors;
+use tokio::net::TcpListener;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llm")
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+async fn start_worker() -> LlmClient<Channel> {
+    let weights = fixtures().join("tiny");
+    let args = Cli::parse_from([
+        "llm-worker",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--default-max-new-tokens",
+        "6",
+    ])
+    .serve;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { run(args, listener, std::future::pending()).await.unwrap() });
+    loop {
+        if let Ok(channel) = Channel::from_shared(address.clone()).unwrap().connect().await {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+            let request = tonic_health::pb::HealthCheckRequest { service: "osprey.worker.v1.Llm".into() };
+            if health.check(request).await.map(|r| r.into_inner().status == 1).unwrap_or(false) {
+                return LlmClient::new(channel);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+fn fixture(name: &str) -> (Vec<u64>, Vec<f32>) {
+    let bytes = std::fs::read(fixtures().join("expected.safetensors")).unwrap();
+    let tensors = SafeTensors::deserialize(&bytes).unwrap();
+    let t = tensors.tensor(name).unwrap();
+    let values = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    (t.shape().iter().map(|&d| d as u64).collect(), values)
+}
+
+fn tensor(name: &str, rows: std::ops::Range<usize>) -> Tensor {
+    let (shape, values) = fixture(name);
+    let width = shape[1] as usize;
+    f32_to_proto(&[rows.len(), width], &values[rows.start * width..rows.end * width])
+}
+
+fn question(index: u32, prompt: Prompt, regions: std::ops::Range<usize>) -> Question {
+    Question {
+        index,
+        prompt: Some(prompt),
+        history: vec![],
+        mask_tokens: Some(tensor("mask_tokens", regions.clone())),
+        pos_tokens: Some(tensor("pos_tokens", regions)),
+    }
+}
+
+fn request(key: &str, questions: Vec<Question>) -> GenerateRequest {
+    GenerateRequest {
+        image_key: key.into(),
+        image_tokens: Some(tensor("image_features", 0..6)),
+        questions,
+        parameters: None,
+    }
+}
+
+/// Answers by question index: (streamed text, raw text, generated tokens, prefix-cache hit).
+async fn answers(
+    client: &mut LlmClient<Channel>,
+    request: GenerateRequest,
+) -> BTreeMap<u32, (String, String, u32, bool)> {
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    let mut out: BTreeMap<u32, (String, String, u32, bool)> = BTreeMap::new();
+    let mut finished = BTreeMap::new();
+    while let Some(response) = stream.message().await.unwrap() {
+        assert!(!finished.contains_key(&response.question_index), "response after the last one");
+        let entry = out.entry(response.question_index).or_default();
+        entry.0.push_str(&response.text);
+        if response.finished {
+            entry.1 = response.raw_text;
+            entry.2 = response.generated_tokens;
+            entry.3 = response.prefix_cache_hit;
+            finished.insert(response.question_index, ());
+        }
+    }
+    assert_eq!(finished.len(), out.len(), "every question finishes exactly once");
+    out
+}
+
+#[tokio::test]
+async fn streams_answers_invariant_to_batching_and_prefix_cache() {
+    let mut client = start_worker().await;
+    let short = || question(0, Prompt::Task(RegionTask::Short as i32), 0..1);
+    let ask = || question(1, Prompt::Text("what is region1 doing with region2?".into()), 0..2);
+
+    let together = answers(&mut client, request("image-a", vec![short(), ask()])).await;
+    assert_eq!(together.len(), 2);
+    for (text, raw, tokens, _) in together.values() {
+        assert_eq!(text, raw, "streamed pieces add up to the whole answer");
+        assert!((1..=6).contains(tokens), "{tokens} tokens");
+    }
+    // The same questions one at a time, about a fresh image key (no cached prefix), give the same
+    // answers; asking again about the first key hits the prefix cache and changes nothing.
+    let alone_short = answers(&mut client, request("image-b", vec![short()])).await;
+    let alone_ask = answers(&mut client, request("image-c", vec![ask()])).await;
+    assert_eq!(alone_short[&0].1, together[&0].1);
+    assert_eq!(alone_ask[&1].1, together[&1].1);
+    let again = answers(&mut client, request("image-a", vec![short()])).await;
+    assert!(again[&0].3, "second request about image-a reuses its prefix");
+    assert_eq!(again[&0].1, together[&0].1);
+
+    // Chat history and whole-image questions are accepted.
+    let mut chat = question(2, Prompt::Text("and region1?".into()), 0..1);
+    chat.history = vec![Exchange { question: "what is region1?".into(), answer: "a cat".into() }];
+    let whole_image = Question {
+        mask_tokens: None,
+        pos_tokens: None,
+        ..question(3, Prompt::Text("is there a cat?".into()), 0..0)
+    };
+    let mut sampled = request("image-a", vec![chat, whole_image]);
+    sampled.parameters =
+        Some(GenerationParameters { temperature: Some(0.7), seed: Some(7), ..Default::default() });
+    assert_eq!(answers(&mut client, sampled).await.len(), 2);
+}
+
+#[tokio::test]
+async fn malformed_questions_are_invalid_argument() {
+    let mut client = start_worker().await;
+    let short = || question(0, Prompt::Task(RegionTask::Short as i32), 0..1);
+    let cases: Vec<(GenerateRequest, &str)> = vec![
+        (request("k", vec![]), "questions: at least one"),
+        (
+            GenerateRequest {
+                image_tokens: Some(tensor("mask_tokens", 0..2)),
+                ..request("k", vec![short()])
+            },
+            "image_features must be",
+        ),
+        (GenerateRequest { image_tokens: None, ..request("k", vec![short()]) }, "image_tokens: required"),
+        (
+            request("k", vec![question(0, Prompt::Task(RegionTask::Short as i32), 0..2)]),
+            "questions[0]: a task is about exactly one region",
+        ),
+        (request("k", vec![question(0, Prompt::Text("where is region3?".into()), 0..2)]), "questions[0]"),
+        (
+            request("k", vec![Question { pos_tokens: Some(tensor("pos_tokens", 0..2)), ..short() }]),
+            "questions[0]: 1 mask tokens but 2 pos tokens",
+        ),
+        (
+            request("k", vec![Question { mask_tokens: Some(f32_to_proto(&[1, 3], &[0.0; 3])), ..short() }]),
+            "questions[0].mask_tokens: must be [N, 32]",
+        ),
+        (
+            GenerateRequest {
+                parameters: Some(GenerationParameters { max_new_tokens: Some(0), ..Default::default() }),
+                ..request("k", vec![short()])
+            },
+            "parameters.max_new_tokens",
+        ),
+        (
+            GenerateRequest {
+                parameters: Some(GenerationParameters {
+                    temperature: Some(1.0),
+                    top_p: Some(2.0),
+                    ..Default::default()
+                }),
+                ..request("k", vec![short()])
+            },
+            "parameters: top_p",
+        ),
+    ];
+    for (request, expected) in cases {
+        let status = client.generate(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{expected}: {status:?}");
+        assert!(status.message().contains(expected), "expected {expected:?} in {:?}", status.message());
+    }
+    // Still serving.
+    assert_eq!(answers(&mut client, request("k", vec![short()])).await.len(), 1);
+}

@@ -1,0 +1,49 @@
+//! `sam-worker`: the SAM stage of Osprey. For now only the `dump` debugging command.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use sam_worker::dump::{DumpArgs, run_dump};
+
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Embed one image, run a list of prompts and write every output to a safetensors file.
+    Dump {
+        /// Checkpoint with the official key names: `.pth` (torch.save of the state dict) or safetensors.
+        #[arg(long)]
+        weights: PathBuf,
+        /// JSON model config (fields of `SamConfig`); defaults to the official ViT-B.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// PNG, JPEG or WebP image.
+        #[arg(long)]
+        image: PathBuf,
+        /// JSON list of prompts (see `sam_worker::dump`).
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Run on the first CUDA device (needs a build with `--features cuda`).
+        #[arg(long, env = "SAM_CUDA")]
+        cuda: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.command {
+        Command::Dump { weights, config, image, prompts, out, cuda } => {
+            let device = sam_worker::select_device(cuda)?;
+            run_dump(&DumpArgs { weights, config, image, prompts, out }, &device)?;
+        }
+    }
+    Ok(())
+}

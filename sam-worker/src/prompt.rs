@@ -1,0 +1,218 @@
+//! Prompts for one SAM prediction, as `SamPredictor.predict` takes them, and their validation.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::SamError;
+use crate::models::sam::prompt_encoder::PointLabel;
+
+/// One prompt. Coordinates are pixels of the original image, `(x, y)`; labels are 1 (foreground)
+/// or 0 (background). Also the element type of the `sam-worker dump --prompts` JSON list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prompt {
+    /// Names the prompt in errors and in dump outputs.
+    pub name: String,
+    #[serde(default)]
+    pub point_coords: Option<Vec<Vec<f64>>>,
+    #[serde(default)]
+    pub point_labels: Option<Vec<f64>>,
+    /// `[x0, y0, x1, y1]`.
+    #[serde(default, rename = "box")]
+    pub bbox: Option<Vec<f64>>,
+    /// Three masks (tokens 1..) instead of one (token 0). SamPredictor's default is true.
+    #[serde(default = "default_true")]
+    pub multimask_output: bool,
+    /// Low-resolution logits of an earlier prediction (`[L, L]`, row-major, L = 256 for the official
+    /// models), as `mask_input` of `SamPredictor.predict`.
+    #[serde(skip)]
+    pub mask_input: Option<Vec<f32>>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Prompt {
+    /// A prompt with nothing set but its name (and multimask output, SamPredictor's default).
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            point_coords: None,
+            point_labels: None,
+            bbox: None,
+            multimask_output: true,
+            mask_input: None,
+        }
+    }
+}
+
+/// A prompt that passed [`Prompt::validate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidPrompt {
+    pub points: Option<(Vec<[f64; 2]>, Vec<PointLabel>)>,
+    pub bbox: Option<[f64; 4]>,
+    pub mask_input: Option<Vec<f32>>,
+    pub multimask_output: bool,
+}
+
+impl Prompt {
+    /// Checks shapes and values; `low_res_size` is the side of the model's low-resolution logits.
+    pub fn validate(&self, low_res_size: usize) -> Result<ValidPrompt, SamError> {
+        let err = |field, problem: String| SamError::prompt(&self.name, field, problem);
+        let points = match (&self.point_coords, &self.point_labels) {
+            (None, None) => None,
+            (Some(_), None) => return Err(err("point_labels", "required when point_coords is given".into())),
+            (None, Some(_)) => return Err(err("point_coords", "required when point_labels is given".into())),
+            (Some(coords), Some(labels)) => {
+                if coords.is_empty() {
+                    return Err(err("point_coords", "is empty (use null for no points)".into()));
+                }
+                if coords.len() != labels.len() {
+                    return Err(err(
+                        "point_labels",
+                        format!("has {} labels for {} points", labels.len(), coords.len()),
+                    ));
+                }
+                let mut xy = Vec::with_capacity(coords.len());
+                for (i, c) in coords.iter().enumerate() {
+                    if c.len() != 2 {
+                        return Err(err(
+                            "point_coords",
+                            format!("point {i} has {} values, expected [x, y]", c.len()),
+                        ));
+                    }
+                    if !c.iter().all(|v| v.is_finite()) {
+                        return Err(err("point_coords", format!("point {i} is not finite: {c:?}")));
+                    }
+                    xy.push([c[0], c[1]]);
+                }
+                let mut ls = Vec::with_capacity(labels.len());
+                for (i, &l) in labels.iter().enumerate() {
+                    ls.push(if l == 1.0 {
+                        PointLabel::Foreground
+                    } else if l == 0.0 {
+                        PointLabel::Background
+                    } else {
+                        return Err(err("point_labels", format!("label {i} is {l}; expected 0 or 1")));
+                    });
+                }
+                Some((xy, ls))
+            }
+        };
+        let bbox = match &self.bbox {
+            None => None,
+            Some(b) => {
+                if b.len() != 4 {
+                    return Err(err("box", format!("has {} values, expected [x0, y0, x1, y1]", b.len())));
+                }
+                if !b.iter().all(|v| v.is_finite()) {
+                    return Err(err("box", format!("is not finite: {b:?}")));
+                }
+                if b[2] < b[0] {
+                    return Err(err("box", format!("x1 = {} is left of x0 = {}", b[2], b[0])));
+                }
+                if b[3] < b[1] {
+                    return Err(err("box", format!("y1 = {} is above y0 = {}", b[3], b[1])));
+                }
+                Some([b[0], b[1], b[2], b[3]])
+            }
+        };
+        let mask_input = match &self.mask_input {
+            None => None,
+            Some(m) => {
+                let want = low_res_size * low_res_size;
+                if m.len() != want {
+                    return Err(err(
+                        "mask_input",
+                        format!("has {} values, expected {low_res_size}x{low_res_size} = {want}", m.len()),
+                    ));
+                }
+                if !m.iter().all(|v| v.is_finite()) {
+                    return Err(err("mask_input", "has non-finite values".into()));
+                }
+                Some(m.clone())
+            }
+        };
+        Ok(ValidPrompt { points, bbox, mask_input, multimask_output: self.multimask_output })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn points(coords: Vec<Vec<f64>>, labels: Vec<f64>) -> Prompt {
+        Prompt { point_coords: Some(coords), point_labels: Some(labels), ..Prompt::named("p1") }
+    }
+
+    fn field_of(p: &Prompt) -> &'static str {
+        match p.validate(4) {
+            Err(SamError::InvalidPrompt { prompt, field, .. }) => {
+                assert_eq!(prompt, "p1");
+                field
+            }
+            other => panic!("expected an invalid prompt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_prompts_pass() {
+        let v = points(vec![vec![1.0, 2.0], vec![3.0, 4.0]], vec![1.0, 0.0]).validate(4).unwrap();
+        assert_eq!(v.points.unwrap().1, vec![PointLabel::Foreground, PointLabel::Background]);
+        let b = Prompt { bbox: Some(vec![1.0, 2.0, 1.0, 5.0]), ..Prompt::named("p1") };
+        assert_eq!(b.validate(4).unwrap().bbox, Some([1.0, 2.0, 1.0, 5.0]));
+        let m = Prompt { mask_input: Some(vec![0.5; 16]), ..Prompt::named("p1") };
+        assert!(m.validate(4).unwrap().mask_input.is_some());
+        assert!(Prompt::named("p1").validate(4).is_ok());
+    }
+
+    #[test]
+    fn bad_labels_are_errors() {
+        assert_eq!(field_of(&points(vec![vec![1.0, 2.0]], vec![2.0])), "point_labels");
+        assert_eq!(field_of(&points(vec![vec![1.0, 2.0]], vec![-1.0])), "point_labels");
+        assert_eq!(field_of(&points(vec![vec![1.0, 2.0]], vec![0.5])), "point_labels");
+    }
+
+    #[test]
+    fn mismatched_or_missing_points_are_errors() {
+        assert_eq!(field_of(&points(vec![vec![1.0, 2.0]], vec![1.0, 0.0])), "point_labels");
+        assert_eq!(field_of(&points(vec![], vec![])), "point_coords");
+        assert_eq!(field_of(&points(vec![vec![1.0, 2.0, 3.0]], vec![1.0])), "point_coords");
+        let no_labels = Prompt { point_coords: Some(vec![vec![1.0, 2.0]]), ..Prompt::named("p1") };
+        assert_eq!(field_of(&no_labels), "point_labels");
+        let no_coords = Prompt { point_labels: Some(vec![1.0]), ..Prompt::named("p1") };
+        assert_eq!(field_of(&no_coords), "point_coords");
+    }
+
+    #[test]
+    fn non_finite_values_are_errors() {
+        assert_eq!(field_of(&points(vec![vec![f64::NAN, 2.0]], vec![1.0])), "point_coords");
+        assert_eq!(field_of(&points(vec![vec![1.0, f64::INFINITY]], vec![1.0])), "point_coords");
+        let b = Prompt { bbox: Some(vec![0.0, 0.0, f64::NAN, 1.0]), ..Prompt::named("p1") };
+        assert_eq!(field_of(&b), "box");
+        let m = Prompt { mask_input: Some(vec![f32::NAN; 16]), ..Prompt::named("p1") };
+        assert_eq!(field_of(&m), "mask_input");
+    }
+
+    #[test]
+    fn bad_boxes_and_masks_are_errors() {
+        for b in [vec![5.0, 0.0, 4.0, 1.0], vec![0.0, 5.0, 1.0, 4.0], vec![0.0, 0.0, 1.0]] {
+            let p = Prompt { bbox: Some(b), ..Prompt::named("p1") };
+            assert_eq!(field_of(&p), "box");
+        }
+        let m = Prompt { mask_input: Some(vec![0.0; 15]), ..Prompt::named("p1") };
+        assert_eq!(field_of(&m), "mask_input");
+    }
+
+    #[test]
+    fn error_message_names_prompt_and_field() {
+        let err = points(vec![vec![1.0, 2.0]], vec![3.0]).validate(4).unwrap_err();
+        assert_eq!(err.to_string(), "prompt \"p1\": field `point_labels`: label 0 is 3; expected 0 or 1");
+    }
+
+    #[test]
+    fn json_uses_box_and_defaults() {
+        let p: Prompt = serde_json::from_str(r#"{"name": "a", "box": [1, 2, 3, 4]}"#).unwrap();
+        assert_eq!(p.bbox, Some(vec![1.0, 2.0, 3.0, 4.0]));
+        assert!(p.multimask_output && p.point_coords.is_none());
+    }
+}

@@ -5,9 +5,10 @@
 //!
 //! - [`pil_resize`]: Pillow's `Image.resize(size, BICUBIC | BILINEAR)` on 8-bit images
 //!   (`src/libImaging/Resample.c`, `ImagingResample`): antialiased separable filters whose
-//!   coefficients are computed in double precision, normalised to 22-bit fixed point, applied
-//!   horizontally (to the needed rows only) and then vertically, rounding and clipping to `u8` after
-//!   each pass. Used by the CLIP preprocessing (`CLIPImageProcessor`, resample=3) and SAM's.
+//!   coefficients are computed in double precision, normalised to 22-bit fixed point, applied in
+//!   two passes (horizontal on the needed rows only then vertical, or the other way round; see
+//!   [`PassOrder`]), rounding and clipping to `u8` after each pass. Used by the CLIP preprocessing
+//!   (`CLIPImageProcessor`, resample=3) and SAM's.
 //! - [`torch_bilinear`]: PyTorch `F.interpolate(mode="bilinear", align_corners=False)` without
 //!   antialias on float planes (`aten/src/ATen/native/cpu/UpSampleKernel.cpp`), computed in `f32`
 //!   with PyTorch's indices and weights and in the order of its generic kernel. Results agree to
@@ -130,8 +131,26 @@ fn clip8(acc: i32) -> u8 {
 /// Rounding bias added before the shift in `clip8` (one half in fixed point).
 const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
+/// The order of Pillow's two passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassOrder {
+    /// Pillow 13 (the project's reference, `tools/requirements-*.txt`): vertical pass first when the
+    /// height shrinks by more than twice what the width shrinks (`h - nh > 2 * (w - nw)`, the
+    /// height shrinking at all), horizontal first otherwise (python-pillow/Pillow#9549).
+    Pillow13,
+    /// Pillow before 13: always horizontal first.
+    HorizontalFirst,
+}
+
+impl PassOrder {
+    fn vertical_first(self, width: usize, height: usize, new_width: usize, new_height: usize) -> bool {
+        let (w, h, nw, nh) = (width as i64, height as i64, new_width as i64, new_height as i64);
+        self == PassOrder::Pillow13 && nh < h && h - nh > 2 * (w - nw)
+    }
+}
+
 /// Resizes an 8-bit image with interleaved channels (`channels` = 1 for `L`, 3 for `RGB`) exactly
-/// like Pillow's `Image.resize((new_width, new_height), filter)` with no box and no reducing gap.
+/// like Pillow 13's `Image.resize((new_width, new_height), filter)` with no box and no reducing gap.
 ///
 /// Pillow premultiplies alpha for `RGBA`/`LA` images before resizing; this function does not, so
 /// pass alpha-free images only.
@@ -144,6 +163,22 @@ pub fn pil_resize(
     new_height: usize,
     filter: PilFilter,
 ) -> Result<Vec<u8>, ResizeError> {
+    pil_resize_with_order(src, width, height, channels, new_width, new_height, filter, PassOrder::Pillow13)
+}
+
+/// [`pil_resize`] with the pass order of a given Pillow version. The order changes results by a
+/// level here and there, because each pass rounds to 8 bits.
+#[allow(clippy::too_many_arguments)]
+pub fn pil_resize_with_order(
+    src: &[u8],
+    width: usize,
+    height: usize,
+    channels: usize,
+    new_width: usize,
+    new_height: usize,
+    filter: PilFilter,
+    order: PassOrder,
+) -> Result<Vec<u8>, ResizeError> {
     if width == 0 || height == 0 || new_width == 0 || new_height == 0 || channels == 0 {
         return Err(ResizeError::ZeroSize { width, height, new_width, new_height });
     }
@@ -153,61 +188,75 @@ pub fn pil_resize(
     }
     let need_horizontal = new_width != width;
     let need_vertical = new_height != height;
-    if !need_horizontal && !need_vertical {
-        return Ok(src.to_vec());
-    }
-
-    let vert = pil_coefficients(height, new_height, filter);
-    // The horizontal pass only produces the rows the vertical pass reads (as Pillow does). This
-    // changes no value, only the work.
-    let (row0, row1) = if need_horizontal && need_vertical {
-        (vert.first[0], vert.first[new_height - 1] + vert.count[new_height - 1])
-    } else {
-        (0, height)
-    };
-
-    let horizontal_out;
-    let (mid, mid_width) = if need_horizontal {
-        let horiz = pil_coefficients(width, new_width, filter);
-        let mut out = vec![0_u8; (row1 - row0) * new_width * channels];
-        for (y, out_row) in (row0..row1).zip(out.chunks_exact_mut(new_width * channels)) {
-            let in_row = &src[y * width * channels..(y + 1) * width * channels];
-            for xx in 0..new_width {
-                let k = &horiz.weights[xx * horiz.ksize..][..horiz.count[xx]];
-                let x0 = horiz.first[xx];
-                for c in 0..channels {
-                    let mut acc = HALF;
-                    for (i, &w) in k.iter().enumerate() {
-                        acc += i32::from(in_row[(x0 + i) * channels + c]) * w;
-                    }
-                    out_row[xx * channels + c] = clip8(acc);
-                }
+    let image = Plane { data: src, width, channels };
+    match (need_horizontal, need_vertical) {
+        (false, false) => Ok(src.to_vec()),
+        (true, false) => Ok(horizontal_pass(&image, 0..height, &pil_coefficients(width, new_width, filter))),
+        (false, true) => Ok(vertical_pass(&image, 0, &pil_coefficients(height, new_height, filter))),
+        (true, true) => {
+            let horiz = pil_coefficients(width, new_width, filter);
+            let vert = pil_coefficients(height, new_height, filter);
+            if order.vertical_first(width, height, new_width, new_height) {
+                let mid = vertical_pass(&image, 0, &vert);
+                Ok(horizontal_pass(&Plane { data: &mid, width, channels }, 0..new_height, &horiz))
+            } else {
+                // The horizontal pass only produces the rows the vertical pass reads, as Pillow
+                // does; this changes no value, only the work.
+                let rows = vert.first[0]..vert.first[new_height - 1] + vert.count[new_height - 1];
+                let first_row = rows.start;
+                let mid = horizontal_pass(&image, rows, &horiz);
+                Ok(vertical_pass(&Plane { data: &mid, width: new_width, channels }, first_row, &vert))
             }
         }
-        horizontal_out = out;
-        (&horizontal_out[..], new_width)
-    } else {
-        (src, width)
-    };
-    if !need_vertical {
-        return Ok(mid.to_vec());
     }
+}
 
-    let stride = mid_width * channels;
+/// Interleaved 8-bit pixels, `width` per row.
+struct Plane<'a> {
+    data: &'a [u8],
+    width: usize,
+    channels: usize,
+}
+
+/// Pillow's `ImagingResampleHorizontal_8bpc` over the source rows `rows`.
+fn horizontal_pass(src: &Plane, rows: std::ops::Range<usize>, coeffs: &Coefficients) -> Vec<u8> {
+    let (channels, in_stride) = (src.channels, src.width * src.channels);
+    let new_width = coeffs.first.len();
+    let mut out = vec![0_u8; rows.len() * new_width * channels];
+    for (y, out_row) in rows.zip(out.chunks_exact_mut(new_width * channels)) {
+        let in_row = &src.data[y * in_stride..(y + 1) * in_stride];
+        for xx in 0..new_width {
+            let k = &coeffs.weights[xx * coeffs.ksize..][..coeffs.count[xx]];
+            let x0 = coeffs.first[xx];
+            for c in 0..channels {
+                let mut acc = HALF;
+                for (i, &w) in k.iter().enumerate() {
+                    acc += i32::from(in_row[(x0 + i) * channels + c]) * w;
+                }
+                out_row[xx * channels + c] = clip8(acc);
+            }
+        }
+    }
+    out
+}
+
+/// Pillow's `ImagingResampleVertical_8bpc`; `src` starts at source row `first_row`.
+fn vertical_pass(src: &Plane, first_row: usize, coeffs: &Coefficients) -> Vec<u8> {
+    let stride = src.width * src.channels;
+    let new_height = coeffs.first.len();
     let mut out = vec![0_u8; new_height * stride];
     for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
-        let k = &vert.weights[yy * vert.ksize..][..vert.count[yy]];
-        // `mid` starts at source row `row0`.
-        let y0 = vert.first[yy] - row0;
+        let k = &coeffs.weights[yy * coeffs.ksize..][..coeffs.count[yy]];
+        let y0 = coeffs.first[yy] - first_row;
         for (x, dst) in out_row.iter_mut().enumerate() {
             let mut acc = HALF;
             for (i, &w) in k.iter().enumerate() {
-                acc += i32::from(mid[(y0 + i) * stride + x]) * w;
+                acc += i32::from(src.data[(y0 + i) * stride + x]) * w;
             }
             *dst = clip8(acc);
         }
     }
-    Ok(out)
+    out
 }
 
 /// One output index of a PyTorch linear interpolation: `w0 * in[i0] + w1 * in[i1]`.
@@ -366,6 +415,33 @@ mod tests {
             pil_resize(&flat[1..], 13, 7, 3, 5, 7, PilFilter::Bicubic),
             Err(ResizeError::BadLength { .. })
         ));
+    }
+
+    /// Pillow 13 runs the vertical pass first when the height shrinks much more than the width
+    /// (3x5 -> 2x1 here); Pillow 12 always ran the horizontal pass first. Expected values from
+    /// Pillow 13.0.0 and from the horizontal-first order.
+    #[test]
+    fn pil_pass_order() {
+        #[rustfmt::skip]
+        let src: [u8; 45] = [
+            173, 18, 232, 203, 222, 214, 94, 229, 187, 121, 104, 202, 192, 5, 46, 115, 168, 222,
+            205, 7, 152, 109, 159, 207, 149, 45, 231, 95, 154, 212, 105, 19, 83, 80, 83, 94,
+            59, 75, 125, 220, 169, 236, 17, 255, 178,
+        ];
+        let cases = [
+            (PilFilter::Bilinear, [144, 85, 172, 121, 129, 173], [144, 85, 172, 120, 129, 173]),
+            (PilFilter::Bicubic, [146, 83, 172, 119, 133, 170], [146, 83, 171, 119, 133, 171]),
+        ];
+        for (filter, pillow13, horizontal_first) in cases {
+            assert_eq!(pil_resize(&src, 3, 5, 3, 2, 1, filter).unwrap(), pillow13, "{filter:?}");
+            let legacy = pil_resize_with_order(&src, 3, 5, 3, 2, 1, filter, PassOrder::HorizontalFirst);
+            assert_eq!(legacy.unwrap(), horizontal_first, "{filter:?}");
+        }
+        assert!(PassOrder::Pillow13.vertical_first(3, 5, 2, 1));
+        assert!(!PassOrder::Pillow13.vertical_first(157, 103, 97, 64));
+        // Tall photos to the CLIP short side: 1000x3000 -> 512x1536 goes vertical first.
+        assert!(PassOrder::Pillow13.vertical_first(1000, 3000, 512, 1536));
+        assert!(!PassOrder::Pillow13.vertical_first(1500, 2000, 512, 682));
     }
 
     #[test]

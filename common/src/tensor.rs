@@ -16,12 +16,19 @@ pub fn f32_to_proto(shape: &[usize], values: &[f32]) -> Tensor {
 
 /// Reads an f32 tensor from the wire; `field` names it in errors. Checks dtype, that the shape
 /// matches the data length, and the rank.
-pub fn f32_from_proto(tensor: &Tensor, field: &str, rank: usize) -> Result<(Vec<usize>, Vec<f32>), ServiceError> {
+pub fn f32_from_proto(
+    tensor: &Tensor,
+    field: &str,
+    rank: usize,
+) -> Result<(Vec<usize>, Vec<f32>), ServiceError> {
     if tensor.dtype != ElementType::F32 as i32 {
         return Err(ServiceError::invalid(field, format!("dtype must be F32, got {}", tensor.dtype)));
     }
     if tensor.shape.len() != rank {
-        return Err(ServiceError::invalid(field, format!("must have rank {rank}, got shape {:?}", tensor.shape)));
+        return Err(ServiceError::invalid(
+            field,
+            format!("must have rank {rank}, got shape {:?}", tensor.shape),
+        ));
     }
     let shape: Vec<usize> = tensor.shape.iter().map(|&d| d as usize).collect();
     let elements = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));

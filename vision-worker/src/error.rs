@@ -1,0 +1,39 @@
+//! Errors of the vision worker's model side.
+
+use std::path::PathBuf;
+
+use crate::weights::WeightsError;
+
+/// Everything that can go wrong between a checkpoint directory, an image, masks and the tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum VisionError {
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Image(#[from] osprey_common::image::ImageError),
+    #[error(transparent)]
+    Resize(#[from] osprey_common::resize::ResizeError),
+    /// A mask whose size differs from the image's.
+    #[error("mask {index} is {mask_height}x{mask_width} (HxW) but the image is {image_height}x{image_width}")]
+    MaskSize { index: usize, mask_height: usize, mask_width: usize, image_height: usize, image_width: usize },
+    /// Input of the wrong rank, dtype or content.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// A failure inside candle; with valid inputs this is a bug or an out-of-memory.
+    #[error("model: {0}")]
+    Candle(#[source] Box<candle_core::Error>),
+}
+
+impl From<candle_core::Error> for VisionError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Candle(Box::new(e))
+    }
+}

@@ -1,0 +1,23 @@
+//! Osprey vision stage: CLIP ConvNeXt-L features of an image and the mask extractor's `<mask>` and
+//! `<pos>` tokens for regions of it (docs/osprey-model.md §1–§3).
+//!
+//! - [`models`]: the trunk ([`models::clip_convnext`]), the extractor
+//!   ([`models::mask_extractor`]) and [`models::VisionModel`], which loads both from a checkpoint
+//!   directory.
+//! - [`preprocess`]: image to tower input, bit-exact with the PIL/PyTorch reference.
+//! - [`pooling`]: the mask-pooling custom ops (CPU reference, CUDA with the `cuda` feature).
+//! - [`weights`]: checkpoint reading (safetensors and torch pickles, sharded or not).
+//! - [`dump`]: the `vision-worker dump` command.
+
+pub mod config;
+pub mod dump;
+pub mod error;
+pub mod models;
+pub mod pooling;
+pub mod preprocess;
+pub mod service;
+pub mod weights;
+
+pub use config::VisionConfig;
+pub use error::VisionError;
+pub use models::VisionModel;

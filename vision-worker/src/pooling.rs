@@ -1,0 +1,481 @@
+//! Mask pooling of Osprey's mask extractor (`osprey/model/layer.py::MaskPooling`,
+//! docs/osprey-model.md §2.1), as candle custom ops with a plain-Rust CPU implementation (the
+//! reference) and a CUDA kernel (`kernels/mask_pool.cu`, built with NVRTC at run time, only with
+//! the `cuda` feature).
+//!
+//! - [`mask_pool`]: masks `[N, H, W]` at the image resolution and one feature level `[C, h, w]`
+//!   give `[N, C]`: each mask is resized to `(h, w)` (PyTorch bilinear, `align_corners=False`, no
+//!   antialias), binarised with `> 0`, and averaged over: `sum_p F[c, p] * m[p] / (sum m + 1e-8)`.
+//!   Masks are never resized to the tower's input size first: that would give other masks.
+//! - [`mask_resize`]: masks resized to `(out_h, out_w)` without binarising (the `<pos>` input).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
+use osprey_common::resize::{bilinear_tap, torch_bilinear, torch_linear_taps};
+
+/// Added to the mask area before dividing, as upstream does (an empty mask pools to 0).
+const AREA_EPS: f32 = 1e-8;
+
+/// Masked averages of one feature level: masks `[N, H, W]` (u8 or f32, values 0/1) and features
+/// `[C, h, w]` f32 on the same device give `[N, C]` f32.
+pub fn mask_pool(masks: &Tensor, features: &Tensor) -> Result<Tensor> {
+    masks.contiguous()?.apply_op2_no_bwd(&features.contiguous()?, &MaskPool)
+}
+
+/// Masks `[N, H, W]` (u8 or f32) resized to `[N, out_h * out_w]` f32, not binarised.
+pub fn mask_resize(masks: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    masks.contiguous()?.apply_op1_no_bwd(&MaskResize { out_h, out_w })
+}
+
+/// The `[N, C]` masked-average op; see [`mask_pool`].
+pub struct MaskPool;
+
+/// The `<pos>` resize op; see [`mask_resize`].
+pub struct MaskResize {
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+/// The slice a contiguous layout covers.
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{what} must be contiguous"),
+    }
+}
+
+/// Checks ranks, sizes and dtypes; returns `(n, in_h, in_w, c, h, w)`.
+fn pool_dims(masks: &Layout, mask_dtype: DType, feats: &Layout, feat_dtype: DType) -> Result<[usize; 6]> {
+    let (n, in_h, in_w) = masks.shape().dims3()?;
+    let (c, h, w) = feats.shape().dims3()?;
+    if !matches!(mask_dtype, DType::U8 | DType::F32) {
+        bail!("mask-pool: masks must be u8 or f32, got {mask_dtype:?}")
+    }
+    if feat_dtype != DType::F32 {
+        bail!("mask-pool: features must be f32, got {feat_dtype:?}")
+    }
+    if in_h == 0 || in_w == 0 || h == 0 || w == 0 {
+        bail!("mask-pool: empty mask ({in_h}x{in_w}) or feature map ({h}x{w})")
+    }
+    Ok([n, in_h, in_w, c, h, w])
+}
+
+/// CPU reference of [`mask_pool`] for one dtype of masks.
+fn pool_cpu<T: Copy + Into<f32>>(
+    masks: &[T],
+    feats: &[f32],
+    [n, in_h, in_w, c, h, w]: [usize; 6],
+) -> Vec<f32> {
+    let ys = torch_linear_taps(in_h, h);
+    let xs = torch_linear_taps(in_w, w);
+    let hw = h * w;
+    let mut out = vec![0.0_f32; n * c];
+    let mut active = Vec::with_capacity(hw);
+    for (plane, out) in masks.chunks_exact(in_h * in_w).zip(out.chunks_exact_mut(c.max(1))) {
+        // Binarise after resizing: any source pixel with a non-zero weight turns the target on.
+        active.clear();
+        for (oy, ty) in ys.iter().enumerate() {
+            let r0 = &plane[ty.i0 * in_w..(ty.i0 + 1) * in_w];
+            let r1 = &plane[ty.i1 * in_w..(ty.i1 + 1) * in_w];
+            for (ox, tx) in xs.iter().enumerate() {
+                if bilinear_tap(r0, r1, tx, ty) > 0.0 {
+                    active.push(oy * w + ox);
+                }
+            }
+        }
+        // Upstream divides the mask by its area before the weighted sum: F * (m / den).
+        let weight = 1.0 / (active.len() as f32 + AREA_EPS);
+        for (channel, dst) in feats.chunks_exact(hw).zip(out.iter_mut()) {
+            // f64 accumulation keeps this the accurate reference whatever the area.
+            let sum: f64 = active.iter().map(|&p| f64::from(channel[p] * weight)).sum();
+            *dst = sum as f32;
+        }
+    }
+    out
+}
+
+impl CustomOp2 for MaskPool {
+    fn name(&self) -> &'static str {
+        "osprey-mask-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = pool_dims(l1, s1.dtype(), l2, s2.dtype())?;
+        let [n, .., c, _, _] = dims;
+        let feats = match s2 {
+            CpuStorage::F32(f) => contiguous(f, l2, "mask-pool features")?,
+            _ => bail!("mask-pool: features must be f32"),
+        };
+        let out = match s1 {
+            CpuStorage::U8(m) => pool_cpu(contiguous(m, l1, "mask-pool masks")?, feats, dims),
+            CpuStorage::F32(m) => pool_cpu(contiguous(m, l1, "mask-pool masks")?, feats, dims),
+            _ => bail!("mask-pool: masks must be u8 or f32"),
+        };
+        Ok((CpuStorage::F32(out), Shape::from((n, c))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::mask_pool(s1, l1, s2, l2)
+    }
+}
+
+impl CustomOp1 for MaskResize {
+    fn name(&self) -> &'static str {
+        "osprey-mask-resize"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, in_h, in_w) = layout.shape().dims3()?;
+        let (out_h, out_w) = (self.out_h, self.out_w);
+        let resized = match storage {
+            CpuStorage::U8(m) => {
+                torch_bilinear(contiguous(m, layout, "mask-resize masks")?, n, in_h, in_w, out_h, out_w)
+            }
+            CpuStorage::F32(m) => {
+                torch_bilinear(contiguous(m, layout, "mask-resize masks")?, n, in_h, in_w, out_h, out_w)
+            }
+            other => bail!("mask-resize: masks must be u8 or f32, got {:?}", other.dtype()),
+        };
+        let resized = resized.map_err(candle_core::Error::wrap)?;
+        Ok((CpuStorage::F32(resized), Shape::from((n, out_h * out_w))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::mask_resize(storage, layout, self.out_h, self.out_w)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! Launches of `kernels/mask_pool.cu`.
+
+    use std::sync::OnceLock;
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, DType, Layout, Result, Shape, bail};
+
+    use super::pool_dims;
+
+    const MODULE: &str = "osprey_mask_pool";
+    /// Threads per block of the pooling kernel (8 warps).
+    const POOL_THREADS: u32 = 256;
+    /// The default limit of dynamic shared memory per block.
+    const MAX_SHARED_BYTES: usize = 48 * 1024;
+
+    /// The kernels' PTX, compiled once per process.
+    fn ptx() -> Result<&'static str> {
+        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+        match PTX.get_or_init(super::compile_kernels) {
+            Ok(ptx) => Ok(ptx),
+            Err(e) => bail!("compiling kernels/mask_pool.cu with NVRTC: {e}"),
+        }
+    }
+
+    fn offsets(layout: &Layout, what: &str) -> Result<(usize, usize)> {
+        match layout.contiguous_offsets() {
+            Some(o) => Ok(o),
+            None => bail!("{what} must be contiguous"),
+        }
+    }
+
+    fn to_i32(v: usize) -> Result<i32> {
+        match i32::try_from(v) {
+            Ok(v) => Ok(v),
+            Err(_) => bail!("mask-pool: size {v} is too large for the kernel"),
+        }
+    }
+
+    pub(super) fn mask_pool(
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dims = pool_dims(l1, s1.dtype(), l2, s2.dtype())?;
+        let [n, in_h, in_w, c, h, w] = dims;
+        let dev = s1.device().clone();
+        let mut out = dev.alloc_zeros::<f32>(n * c)?;
+        if n > 0 && c > 0 {
+            let words = (h * w).div_ceil(32);
+            let shared = (words + POOL_THREADS as usize / 32) * 4;
+            if shared > MAX_SHARED_BYTES {
+                bail!(
+                    "mask-pool: a {h}x{w} feature map needs {shared} bytes of shared memory (limit {MAX_SHARED_BYTES})"
+                )
+            }
+            let channel_groups = c.div_ceil(POOL_THREADS as usize / 32).min(65_535);
+            let cfg = LaunchConfig {
+                grid_dim: (to_i32(n)? as u32, channel_groups as u32, 1),
+                block_dim: (POOL_THREADS, 1, 1),
+                shared_mem_bytes: shared as u32,
+            };
+            let (f0, f1) = offsets(l2, "mask-pool features")?;
+            let feats = s2.as_cuda_slice::<f32>()?.slice(f0..f1);
+            let (m0, m1) = offsets(l1, "mask-pool masks")?;
+            let sizes = [to_i32(in_h)?, to_i32(in_w)?, to_i32(c)?, to_i32(h)?, to_i32(w)?];
+            // Generic over the mask element type: the launch is the same for u8 and f32.
+            fn launch<T: DeviceRepr>(
+                dev: &candle_core::CudaDevice,
+                name: &str,
+                masks: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+                feats: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, f32>,
+                out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+                sizes: &[i32],
+                cfg: LaunchConfig,
+            ) -> Result<()> {
+                let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
+                let mut builder = func.builder();
+                builder.arg(masks);
+                builder.arg(feats);
+                builder.arg(out);
+                for s in sizes {
+                    builder.arg(s);
+                }
+                // SAFETY: the kernel reads n*in_h*in_w masks and c*h*w features and writes n*c
+                // outputs, the sizes of the buffers passed.
+                unsafe { builder.launch(cfg) }.w()?;
+                Ok(())
+            }
+            match s1.dtype() {
+                DType::U8 => {
+                    let masks = s1.as_cuda_slice::<u8>()?.slice(m0..m1);
+                    launch(&dev, "mask_pool_u8", &masks, &feats, &mut out, &sizes, cfg)?
+                }
+                DType::F32 => {
+                    let masks = s1.as_cuda_slice::<f32>()?.slice(m0..m1);
+                    launch(&dev, "mask_pool_f32", &masks, &feats, &mut out, &sizes, cfg)?
+                }
+                other => bail!("mask-pool: masks must be u8 or f32, got {other:?}"),
+            }
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, c))))
+    }
+
+    pub(super) fn mask_resize(
+        storage: &CudaStorage,
+        layout: &Layout,
+        out_h: usize,
+        out_w: usize,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, in_h, in_w) = layout.shape().dims3()?;
+        if in_h == 0 || in_w == 0 || out_h == 0 || out_w == 0 {
+            bail!("mask-resize: cannot resize {in_h}x{in_w} to {out_h}x{out_w}")
+        }
+        let dev = storage.device().clone();
+        let total = n * out_h * out_w;
+        let mut out = dev.alloc_zeros::<f32>(total)?;
+        if total > 0 {
+            let threads = 256_u32;
+            let blocks = total.div_ceil(threads as usize).min(65_535 * 16) as u32;
+            let cfg =
+                LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+            let (m0, m1) = offsets(layout, "mask-resize masks")?;
+            let sizes = [to_i32(n)?, to_i32(in_h)?, to_i32(in_w)?, to_i32(out_h)?, to_i32(out_w)?];
+            fn launch<T: DeviceRepr>(
+                dev: &candle_core::CudaDevice,
+                name: &str,
+                masks: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+                out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+                sizes: &[i32],
+                cfg: LaunchConfig,
+            ) -> Result<()> {
+                let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
+                let mut builder = func.builder();
+                builder.arg(masks);
+                builder.arg(out);
+                for s in sizes {
+                    builder.arg(s);
+                }
+                // SAFETY: the kernel reads n*in_h*in_w masks and writes n*out_h*out_w values.
+                unsafe { builder.launch(cfg) }.w()?;
+                Ok(())
+            }
+            match storage.dtype() {
+                DType::U8 => {
+                    let masks = storage.as_cuda_slice::<u8>()?.slice(m0..m1);
+                    launch(&dev, "mask_resize_u8", &masks, &mut out, &sizes, cfg)?
+                }
+                DType::F32 => {
+                    let masks = storage.as_cuda_slice::<f32>()?.slice(m0..m1);
+                    launch(&dev, "mask_resize_f32", &masks, &mut out, &sizes, cfg)?
+                }
+                other => bail!("mask-resize: masks must be u8 or f32, got {other:?}"),
+            }
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, out_h * out_w))))
+    }
+}
+
+/// Source of the CUDA kernels.
+pub const KERNEL_SOURCE: &str = include_str!("../kernels/mask_pool.cu");
+
+/// Compiles [`KERNEL_SOURCE`] to PTX with NVRTC (found at run time). `--fmad=false` keeps
+/// multiply-adds unfused, as on the CPU, so both sides round alike.
+#[cfg(any(feature = "cuda", feature = "kernel-check"))]
+pub fn compile_kernels() -> std::result::Result<String, String> {
+    let opts = cudarc::nvrtc::CompileOptions { fmad: Some(false), ..Default::default() };
+    cudarc::nvrtc::compile_ptx_with_opts(KERNEL_SOURCE, opts)
+        .map(|p| p.to_src())
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// The same pooling written with plain candle ops (interpolation matrices and matmuls); a check
+/// of the custom op, far slower and memory-hungrier.
+pub fn mask_pool_naive(masks: &Tensor, features: &Tensor) -> Result<Tensor> {
+    let (n, in_h, in_w) = masks.dims3()?;
+    let (c, h, w) = features.dims3()?;
+    let dev = masks.device();
+    // Bilinear resizing is separable: out = Ry [h, H] @ m [H, W] @ Rx^T [W, w].
+    let matrix = |in_size: usize, out_size: usize| -> Result<Tensor> {
+        let mut m = vec![0.0_f32; out_size * in_size];
+        for (o, tap) in torch_linear_taps(in_size, out_size).iter().enumerate() {
+            m[o * in_size + tap.i0] += tap.w0;
+            m[o * in_size + tap.i1] += tap.w1;
+        }
+        Tensor::from_vec(m, (out_size, in_size), dev)
+    };
+    let ry = matrix(in_h, h)?.broadcast_left(n)?;
+    let rx = matrix(in_w, w)?.t()?.broadcast_left(n)?;
+    let m = masks.to_dtype(DType::F32)?;
+    let resized = ry.matmul(&m)?.matmul(&rx.contiguous()?)?;
+    let binary = resized.gt(0.0)?.to_dtype(DType::F32)?.reshape((n, h * w))?;
+    let den = (binary.sum_keepdim(1)? + f64::from(AREA_EPS))?;
+    let weights = binary.broadcast_div(&den)?;
+    weights.matmul(&features.reshape((c, h * w))?.t()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use candle_core::Device;
+
+    fn fixture_masks() -> Tensor {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/vision/masks.safetensors");
+        candle_core::safetensors::load(path, &Device::Cpu).unwrap().remove("masks").unwrap()
+    }
+
+    fn random_features(c: usize, h: usize, w: usize, dev: &Device) -> Tensor {
+        Tensor::randn(0.0_f32, 1.0, (c, h, w), dev).unwrap()
+    }
+
+    fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-6)
+    }
+
+    #[test]
+    fn custom_pool_matches_naive_candle_ops() {
+        let masks = fixture_masks();
+        assert_eq!(masks.dims(), [10, 103, 157]);
+        // Down and up in each axis, and the identity size.
+        for (h, w) in [(16, 16), (8, 8), (4, 4), (2, 2), (37, 200), (103, 157)] {
+            let feats = random_features(5, h, w, &Device::Cpu);
+            let fast = mask_pool(&masks, &feats).unwrap();
+            let naive = mask_pool_naive(&masks, &feats).unwrap();
+            assert_eq!(fast.dims(), [10, 5]);
+            let err = max_rel_err(&fast, &naive);
+            assert!(err < 1e-5, "{h}x{w}: {err}");
+            let fast_f32 = mask_pool(&masks.to_dtype(DType::F32).unwrap(), &feats).unwrap();
+            assert_eq!(fast.to_vec2::<f32>().unwrap(), fast_f32.to_vec2::<f32>().unwrap());
+        }
+    }
+
+    #[test]
+    fn empty_mask_pools_to_zero_and_full_mask_to_the_mean() {
+        let dev = Device::Cpu;
+        let masks = Tensor::from_vec(vec![0_u8; 2 * 9 * 7], (2, 9, 7), &dev).unwrap();
+        let masks = Tensor::cat(
+            &[masks.narrow(0, 0, 1).unwrap(), (masks.narrow(0, 1, 1).unwrap() + 1.0).unwrap()],
+            0,
+        )
+        .unwrap();
+        let feats = random_features(3, 4, 4, &dev);
+        let pooled = mask_pool(&masks, &feats).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(pooled[0], [0.0; 3]);
+        let mean = feats.mean_keepdim((1, 2)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in pooled[1].iter().zip(&mean) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn no_masks_and_bad_inputs() {
+        let dev = Device::Cpu;
+        let none = Tensor::zeros((0, 9, 7), DType::U8, &dev).unwrap();
+        let feats = random_features(3, 4, 4, &dev);
+        assert_eq!(mask_pool(&none, &feats).unwrap().dims(), [0, 3]);
+        assert_eq!(mask_resize(&none, 8, 8).unwrap().dims(), [0, 64]);
+        let bad = Tensor::zeros((2, 9, 7), DType::I64, &dev).unwrap();
+        assert!(mask_pool(&bad, &feats).is_err());
+        let flat = Tensor::zeros((9, 7), DType::U8, &dev).unwrap();
+        assert!(mask_pool(&flat, &feats).is_err());
+        assert!(mask_resize(&flat, 8, 8).is_err());
+    }
+
+    #[test]
+    fn mask_resize_is_torch_bilinear() {
+        let masks = fixture_masks();
+        let got = mask_resize(&masks, 8, 8).unwrap();
+        assert_eq!(got.dims(), [10, 64]);
+        let plane: Vec<u8> = masks.get(4).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want = torch_bilinear(&plane, 1, 103, 157, 8, 8).unwrap();
+        assert_eq!(got.get(4).unwrap().to_vec1::<f32>().unwrap(), want);
+    }
+
+    /// The kernel source compiles and exports the four entry points the launches name.
+    #[cfg(any(feature = "cuda", feature = "kernel-check"))]
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        let ptx = compile_kernels().unwrap();
+        for name in ["mask_pool_u8", "mask_pool_f32", "mask_resize_u8", "mask_resize_f32"] {
+            assert!(ptx.contains(&format!(".entry {name}(")), "{name} missing from the PTX");
+        }
+    }
+
+    /// GPU kernels against the CPU reference, on the fixture masks and random features.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_matches_cpu() {
+        // A `cuda` build links the CUDA libraries: it only starts on a machine with a driver.
+        let gpu = Device::new_cuda(0).unwrap();
+        let masks = fixture_masks();
+        for masks in [masks.clone(), masks.to_dtype(DType::F32).unwrap()] {
+            let masks_gpu = masks.to_device(&gpu).unwrap();
+            for (c, h, w) in [(192, 128, 128), (384, 64, 64), (768, 32, 32), (1536, 16, 16), (7, 5, 300)] {
+                let feats = random_features(c, h, w, &Device::Cpu);
+                let cpu = mask_pool(&masks, &feats).unwrap();
+                let cuda = mask_pool(&masks_gpu, &feats.to_device(&gpu).unwrap()).unwrap();
+                let err = max_rel_err(&cuda.to_device(&Device::Cpu).unwrap(), &cpu);
+                assert!(err < 1e-5, "{c}x{h}x{w}: {err}");
+            }
+            for size in [8, 112] {
+                let cpu = mask_resize(&masks, size, size).unwrap();
+                let cuda = mask_resize(&masks_gpu, size, size).unwrap().to_device(&Device::Cpu).unwrap();
+                let err = max_rel_err(&cuda, &cpu);
+                assert!(err < 1e-6, "pos {size}: {err}");
+            }
+        }
+    }
+}

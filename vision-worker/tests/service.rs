@@ -1,0 +1,215 @@
+//! The vision worker over real gRPC: health after warm-up, encode/pool against the reference
+//! fixtures, the resident LRU, feature blobs moving to another replica, and bad input.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use osprey_common::image::{ImageLimits, decode_image};
+use osprey_common::mask::{Mask, rle_to_proto};
+use osprey_common::tensor::f32_from_proto;
+use osprey_proto::worker::v1::vision_client::VisionClient;
+use osprey_proto::worker::v1::{EncodeRequest, PoolRequest, RgbImage};
+use safetensors::SafeTensors;
+use tokio::net::TcpListener;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use vision_worker::service::{ServeArgs, run};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/vision")
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// Starts a worker on a free loopback port; returns a client once health says SERVING.
+async fn start_worker(extra: &[&str]) -> (VisionClient<Channel>, tokio::sync::oneshot::Sender<()>) {
+    let weights = fixtures().join("tiny/tiny_st");
+    let mut argv = vec!["vision-worker", "--weights", weights.to_str().unwrap(), "--feature-dtype", "f32"];
+    argv.extend_from_slice(extra);
+    let args = Cli::parse_from(argv).serve;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        run(args, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap()
+    });
+    let channel = loop {
+        if let Ok(channel) = Channel::from_shared(address.clone()).unwrap().connect().await {
+            break channel;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let mut health = HealthClient::new(channel.clone());
+    loop {
+        let request = HealthCheckRequest { service: "osprey.worker.v1.Vision".into() };
+        if let Ok(response) = health.check(request).await
+            && response.into_inner().status == 1
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    (VisionClient::new(channel), stop)
+}
+
+fn photo() -> RgbImage {
+    let image =
+        decode_image(&std::fs::read(fixtures().join("photo.png")).unwrap(), &ImageLimits::default()).unwrap();
+    RgbImage { width: image.width(), height: image.height(), rgb: image.into_pixels() }
+}
+
+fn fixture_masks() -> Vec<Mask> {
+    let bytes = std::fs::read(fixtures().join("masks.safetensors")).unwrap();
+    let tensors = SafeTensors::deserialize(&bytes).unwrap();
+    let masks = tensors.tensor("masks").unwrap();
+    let [n, h, w] = masks.shape() else { panic!("masks must be [N, H, W]") };
+    (0..*n)
+        .map(|i| {
+            Mask::from_row_major(*h as u32, *w as u32, &masks.data()[i * h * w..(i + 1) * h * w]).unwrap()
+        })
+        .collect()
+}
+
+fn expected(name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(fixtures().join("expected_f32.safetensors")).unwrap();
+    let tensors = SafeTensors::deserialize(&bytes).unwrap();
+    tensors
+        .tensor(name)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn relative_l2(actual: &[f32], expected: &[f32]) -> f64 {
+    assert_eq!(actual.len(), expected.len());
+    let diff: f64 = actual.iter().zip(expected).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+    let norm: f64 = expected.iter().map(|b| (*b as f64).powi(2)).sum();
+    (diff / norm.max(1e-30)).sqrt()
+}
+
+fn pool_request(key: &str, masks: &[Mask]) -> PoolRequest {
+    PoolRequest {
+        image_key: key.into(),
+        features: None,
+        masks: masks.iter().map(|m| rle_to_proto(&m.to_rle())).collect(),
+        return_image_tokens: true,
+    }
+}
+
+#[tokio::test]
+async fn encode_pool_resident_and_blob_on_another_replica() {
+    let (mut first, _stop_first) = start_worker(&[]).await;
+    let masks = fixture_masks();
+
+    let encoded = first
+        .encode(EncodeRequest { image_key: "photo".into(), image: Some(photo()), return_features: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!encoded.was_resident);
+    let blob = encoded.features.expect("asked for the blob");
+    let again = first
+        .encode(EncodeRequest { image_key: "photo".into(), image: Some(photo()), return_features: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.was_resident, "second encode of the same key must hit the resident LRU");
+
+    let pooled = first.pool(pool_request("photo", &masks)).await.unwrap().into_inner();
+    assert!(pooled.was_resident);
+    let (shape, mask_tokens) =
+        f32_from_proto(pooled.mask_tokens.as_ref().unwrap(), "mask_tokens", 2).unwrap();
+    assert_eq!(shape, [masks.len(), 32]);
+    let (_, pos_tokens) = f32_from_proto(pooled.pos_tokens.as_ref().unwrap(), "pos_tokens", 2).unwrap();
+    let (_, image_tokens) = f32_from_proto(pooled.image_tokens.as_ref().unwrap(), "image_tokens", 2).unwrap();
+    for (name, actual) in
+        [("mask_tokens", &mask_tokens), ("pos_tokens", &pos_tokens), ("image_tokens", &image_tokens)]
+    {
+        let error = relative_l2(actual, &expected(name));
+        assert!(error <= 1e-4, "{name}: relative L2 error {error:e}");
+    }
+
+    // Another replica has nothing resident: it needs the blob, and then gives the same tokens.
+    let (mut second, _stop_second) = start_worker(&[]).await;
+    let status = second.pool(pool_request("photo", &masks)).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let mut with_blob = pool_request("photo", &masks);
+    with_blob.features = Some(blob.clone());
+    let from_blob = second.pool(with_blob).await.unwrap().into_inner();
+    assert!(!from_blob.was_resident);
+    assert_eq!(from_blob.mask_tokens, pooled.mask_tokens);
+    assert_eq!(from_blob.pos_tokens, pooled.pos_tokens);
+    // ...and keeps the features resident afterwards.
+    assert!(second.pool(pool_request("photo", &masks)).await.unwrap().into_inner().was_resident);
+
+    // A blob from another model revision is refused.
+    let mut stale = pool_request("other", &masks);
+    let mut old_blob = blob;
+    old_blob.model_revision = "some-older-model".into();
+    stale.features = Some(old_blob);
+    assert_eq!(second.pool(stale).await.unwrap_err().code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_naming_the_field() {
+    let (mut client, _stop) = start_worker(&["--max-masks", "3"]).await;
+    client
+        .encode(EncodeRequest { image_key: "photo".into(), image: Some(photo()), return_features: false })
+        .await
+        .unwrap();
+
+    let wrong_size = Mask::empty(10, 10);
+    let status =
+        client.pool(pool_request("photo", &[fixture_masks()[1].clone(), wrong_size])).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("masks[1]: mask is 10x10 but the image is 103x157"),
+        "{}",
+        status.message()
+    );
+
+    let too_many = vec![Mask::empty(103, 157); 4];
+    let status = client.pool(pool_request("photo", &too_many)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("over the limit of 3"), "{}", status.message());
+
+    let mut bad_rle = pool_request("photo", &[]);
+    bad_rle.masks.push(osprey_proto::v1::RleMask {
+        height: 103,
+        width: 157,
+        counts: Some(osprey_proto::v1::rle_mask::Counts::Compressed("1~".into())),
+    });
+    let status = client.pool(bad_rle).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("masks[0]: RLE string has invalid character"),
+        "{}",
+        status.message()
+    );
+
+    let bad_pixels = RgbImage { width: 4, height: 4, rgb: vec![0; 10] };
+    let status = client
+        .encode(EncodeRequest { image_key: "x".into(), image: Some(bad_pixels), return_features: false })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = client
+        .encode(EncodeRequest { image_key: "".into(), image: Some(photo()), return_features: false })
+        .await;
+    assert_eq!(status.unwrap_err().code(), Code::InvalidArgument);
+
+    // The worker is still healthy and answering.
+    assert!(client.pool(pool_request("photo", &fixture_masks()[..2])).await.is_ok());
+}

@@ -1,6 +1,6 @@
-//! The feature cache shared by every gateway replica (architecture.md §3): image features keyed
-//! by image key, so that an image is encoded once however many regions, requests and replicas
-//! ask about it.
+//! The feature cache shared by every gateway replica (architecture.md §3): image features (and
+//! the pixels of registered images) keyed by image key, so that an image is encoded once however
+//! many regions, requests and replicas ask about it.
 //!
 //! Two backends, one interface: Redis when `--redis-url` is given, process memory otherwise. A
 //! cache failure never fails a request: it is logged, counted in
@@ -82,9 +82,19 @@ impl FeatureCache {
     }
 }
 
-/// The Redis key of an image's features.
-fn redis_key(image_key: &str) -> String {
-    format!("osprey:features:{image_key}")
+/// The Redis key of a cache key: everything Osprey stores lives under `osprey:`.
+fn redis_key(key: &str) -> String {
+    format!("osprey:{key}")
+}
+
+/// The cache key of an image's vision features.
+pub fn features_key(image_key: &str) -> String {
+    format!("features:{image_key}")
+}
+
+/// The cache key of an image's decoded pixels (registered images).
+pub fn pixels_key(image_key: &str) -> String {
+    format!("pixels:{image_key}")
 }
 
 /// Features in this process's memory, least recently used evicted first.

@@ -7,3 +7,5 @@
 
 pub mod cache;
 pub mod routing;
+pub mod service;
+pub mod workers;

@@ -83,7 +83,7 @@ async fn redis_cache_survives_an_outage() {
     // The TTL is set on the key.
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-    let ttl: i64 = redis::cmd("TTL").arg("osprey:features:img").query_async(&mut connection).await.unwrap();
+    let ttl: i64 = redis::cmd("TTL").arg("osprey:img").query_async(&mut connection).await.unwrap();
     assert!((1..=60).contains(&ttl), "ttl {ttl}");
 
     // Redis goes away: misses, quickly, no errors.

@@ -1,0 +1,25 @@
+//! The `gateway` binary: the public Osprey endpoint.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Osprey gateway: the public gRPC API in front of the sam, vision and llm workers")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)]
+enum Command {
+    /// Serve `osprey.v1.Osprey` over gRPC.
+    Serve(gateway::service::GatewayArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match args.command {
+        Command::Serve(args) => runtime.block_on(gateway::service::main(args)),
+    }
+}

@@ -1,0 +1,810 @@
+//! The public `osprey.v1.Osprey` service: validates every request up front (so bad input is
+//! `INVALID_ARGUMENT` naming the field, before any work), then runs the pipeline
+//! image → features (worker-resident, shared cache, or computed) → region tokens → answers,
+//! streaming one result per region as it finishes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use osprey_common::ServiceError;
+use osprey_common::image::{ImageLimits, RgbImage, decode_image};
+use osprey_common::mask::{Mask, mask_from_proto, rle_to_proto};
+use osprey_common::telemetry::{TelemetryArgs, inject_trace_context, set_parent_from_metadata};
+use osprey_proto::v1::osprey_server::Osprey;
+use osprey_proto::v1::{self, CacheHits, CacheTier, Metadata, Timing};
+use osprey_proto::worker::v1 as worker;
+use osprey_proto::worker::v1::llm_client::LlmClient;
+use osprey_proto::worker::v1::vision_client::VisionClient;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::{Instrument, Span, instrument};
+
+use crate::cache::{CacheArgs, FeatureCache, features_key, pixels_key};
+use crate::workers::Replicas;
+
+/// `gateway serve` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// Address to serve the public gRPC API on.
+    #[arg(long, env, default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// Vision worker replicas, comma-separated URLs (e.g. `http://vision-0:50052,http://vision-1:50052`).
+    #[arg(long, env, value_delimiter = ',', required = true)]
+    pub vision_workers: Vec<String>,
+    /// LLM worker replicas, comma-separated URLs.
+    #[arg(long, env, value_delimiter = ',', required = true)]
+    pub llm_workers: Vec<String>,
+    /// Clients must send this key as `authorization: Bearer KEY` or `x-api-key: KEY`. Open when unset.
+    #[arg(long, env)]
+    pub api_key: Option<String>,
+    /// Model revision mixed into image keys; change it when any model's weights change.
+    #[arg(long, env, default_value = "osprey-7b")]
+    pub model_revision: String,
+    /// Most regions in one request.
+    #[arg(long, env, default_value_t = 256)]
+    pub max_regions: usize,
+    /// Largest image file accepted, in bytes.
+    #[arg(long, env, default_value_t = 32 << 20)]
+    pub max_image_bytes: usize,
+    /// Largest decoded image accepted, in pixels.
+    #[arg(long, env, default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+    /// Longest question accepted, in bytes.
+    #[arg(long, env, default_value_t = 4096)]
+    pub max_question_bytes: usize,
+    /// Requests in flight at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env, default_value_t = 512)]
+    pub max_concurrent_requests: usize,
+    /// A request running longer than this is cancelled with DEADLINE_EXCEEDED.
+    #[arg(long, env, default_value_t = 600)]
+    pub request_timeout_seconds: u64,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env, default_value_t = 64 << 20)]
+    pub max_message_bytes: usize,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+/// The gateway's state: worker replicas, the feature cache and limits.
+pub struct Gateway {
+    vision: Replicas,
+    llm: Replicas,
+    cache: FeatureCache,
+    admission: Arc<Semaphore>,
+    image_limits: ImageLimits,
+    args: GatewayArgs,
+}
+
+/// A validated request: the image, its key and the regions' masks.
+struct Prepared {
+    image: Arc<RgbImage>,
+    key: String,
+    masks: Vec<Mask>,
+    labels: Vec<String>,
+}
+
+/// Region tokens and image tokens for one request's regions.
+struct Pooled {
+    response: worker::PoolResponse,
+    tier: CacheTier,
+    encode_ns: u64,
+    pool_ns: u64,
+}
+
+impl Gateway {
+    pub fn new(args: GatewayArgs) -> anyhow::Result<Self> {
+        Ok(Self {
+            vision: Replicas::new("vision", args.vision_workers.clone()).map_err(anyhow::Error::msg)?,
+            llm: Replicas::new("llm", args.llm_workers.clone()).map_err(anyhow::Error::msg)?,
+            cache: FeatureCache::from_args(&args.cache)?,
+            admission: Arc::new(Semaphore::new(args.max_concurrent_requests.max(1))),
+            image_limits: ImageLimits {
+                max_bytes: args.max_image_bytes,
+                max_pixels: args.max_image_pixels,
+                ..ImageLimits::default()
+            },
+            args,
+        })
+    }
+
+    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
+        self.admission.clone().try_acquire_owned().map_err(|_| {
+            ServiceError::Overloaded("the gateway is at its concurrency limit; retry later".into())
+        })
+    }
+
+    /// The image of a request: decoded from its bytes, or read back by key.
+    async fn image(&self, image: Option<&v1::Image>) -> Result<(Arc<RgbImage>, String), ServiceError> {
+        match image.and_then(|i| i.source.as_ref()) {
+            Some(v1::image::Source::Encoded(bytes)) => {
+                let image = decode_image(bytes, &self.image_limits)
+                    .map_err(|e| ServiceError::invalid("image.encoded", e))?;
+                let key = image.key(&self.args.model_revision);
+                Ok((Arc::new(image), key))
+            }
+            Some(v1::image::Source::Key(key)) => {
+                let bytes = self.cache.get(&pixels_key(key)).await.ok_or_else(|| {
+                    ServiceError::FailedPrecondition(format!(
+                        "image.key: no registered image {key:?} (unknown or expired); send the image bytes or register it again"
+                    ))
+                })?;
+                Ok((Arc::new(pixels_from_bytes(&bytes)?), key.clone()))
+            }
+            None => Err(ServiceError::invalid("image", "required: set `encoded` or `key`")),
+        }
+    }
+
+    /// Validates the image and regions of a request.
+    async fn prepare(
+        &self,
+        image: Option<&v1::Image>,
+        regions: &[v1::Region],
+        everything: bool,
+    ) -> Result<Prepared, ServiceError> {
+        if everything {
+            return Err(ServiceError::FailedPrecondition(
+                "everything: SAM automatic masks are not served by this gateway yet; send masks".into(),
+            ));
+        }
+        if regions.len() > self.args.max_regions {
+            return Err(ServiceError::invalid(
+                "regions",
+                format!("{} regions, over the limit of {}", regions.len(), self.args.max_regions),
+            ));
+        }
+        let (image, key) = self.image(image).await?;
+        let mut masks = Vec::with_capacity(regions.len());
+        for (i, region) in regions.iter().enumerate() {
+            match &region.source {
+                Some(v1::region::Source::Mask(mask)) => {
+                    let mask = mask_from_proto(mask, image.height(), image.width(), &self.image_limits)
+                        .map_err(|e| ServiceError::invalid(format!("regions[{i}].mask"), e))?;
+                    masks.push(mask);
+                }
+                Some(v1::region::Source::Prompt(_)) => {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "regions[{i}].prompt: SAM prompts are not served by this gateway yet; send a mask"
+                    )));
+                }
+                None => return Err(ServiceError::invalid(format!("regions[{i}]"), "set `mask` or `prompt`")),
+            }
+        }
+        let labels = regions.iter().map(|r| r.label.clone()).collect();
+        Ok(Prepared { image, key, masks, labels })
+    }
+
+    /// Region and image tokens, from the routed vision replica's resident features, the shared
+    /// cache, or a fresh encoding (in that order).
+    async fn pool(&self, prepared: &Prepared) -> Result<Pooled, ServiceError> {
+        let key = prepared.key.clone();
+        let masks: Vec<v1::RleMask> = prepared.masks.iter().map(|m| rle_to_proto(&m.to_rle())).collect();
+        let request = |features: Option<worker::FeatureBlob>| worker::PoolRequest {
+            image_key: key.clone(),
+            features,
+            masks: masks.clone(),
+            return_image_tokens: true,
+        };
+        let start = Instant::now();
+        let first = self.vision.call(&key, |channel| pool_call(channel, request(None))).await;
+        match first {
+            Ok(response) => {
+                let pool_ns = elapsed_ns(start);
+                return Ok(Pooled { response, tier: CacheTier::Resident, encode_ns: 0, pool_ns });
+            }
+            Err(ServiceError::FailedPrecondition(_)) => {}
+            Err(err) => return Err(err),
+        }
+        let (blob, tier) = self.features(&key, &prepared.image).await?;
+        let encode_ns = elapsed_ns(start);
+        let pool_start = Instant::now();
+        let response =
+            self.vision.call(&key, |channel| pool_call(channel, request(Some(blob.clone())))).await?;
+        Ok(Pooled { response, tier, encode_ns, pool_ns: elapsed_ns(pool_start) })
+    }
+
+    /// The image's feature blob from the shared cache, or else encoded by the routed vision
+    /// replica (and then cached).
+    async fn features(
+        &self,
+        key: &str,
+        image: &RgbImage,
+    ) -> Result<(worker::FeatureBlob, CacheTier), ServiceError> {
+        if let Some(blob) = self.cache.get(&features_key(key)).await.and_then(|b| blob_from_bytes(&b)) {
+            return Ok((blob, CacheTier::Shared));
+        }
+        let encode = worker::EncodeRequest {
+            image_key: key.to_string(),
+            image: Some(worker::RgbImage {
+                width: image.width(),
+                height: image.height(),
+                rgb: image.pixels().to_vec(),
+            }),
+            return_features: true,
+        };
+        let response = self.vision.call(key, |channel| encode_call(channel, encode.clone())).await?;
+        let blob = response
+            .features
+            .ok_or_else(|| ServiceError::Internal("vision worker sent no features".into()))?;
+        self.cache.put(&features_key(key), blob_to_bytes(&blob)).await;
+        Ok((blob, CacheTier::Computed))
+    }
+
+    /// Sends questions to the routed LLM replica and returns its response stream.
+    async fn generate(
+        &self,
+        key: &str,
+        pooled: &Pooled,
+        questions: Vec<worker::Question>,
+        parameters: Option<v1::GenerationParameters>,
+    ) -> Result<Streaming<worker::GenerateResponse>, ServiceError> {
+        if let Some(p) = &parameters {
+            check_parameters(p)?;
+        }
+        let request = worker::GenerateRequest {
+            image_key: key.to_string(),
+            image_tokens: pooled.response.image_tokens.clone(),
+            questions,
+            parameters,
+        };
+        self.llm
+            .call(key, |channel| {
+                let request = request.clone();
+                async move {
+                    let mut client = LlmClient::new(channel)
+                        .max_decoding_message_size(usize::MAX)
+                        .max_encoding_message_size(usize::MAX);
+                    Ok(client.generate(inject_trace_context(Request::new(request))).await?.into_inner())
+                }
+            })
+            .await
+    }
+
+    /// Describe: one question per region, results streamed as each finishes.
+    async fn describe_stream(
+        self: &Arc<Self>,
+        request: v1::DescribeRequest,
+        start: Instant,
+        tx: mpsc::Sender<Result<v1::RegionResult, Status>>,
+    ) -> Result<(), ServiceError> {
+        let prepared =
+            self.prepare(request.image.as_ref(), &request.regions, request.everything.is_some()).await?;
+        if prepared.masks.is_empty() {
+            return Err(ServiceError::invalid("regions", "at least one region is needed"));
+        }
+        let task = match v1::DescribeTask::try_from(request.task) {
+            Ok(v1::DescribeTask::Short) => worker::RegionTask::Short,
+            Ok(v1::DescribeTask::Detailed) => worker::RegionTask::Detailed,
+            Ok(v1::DescribeTask::Category) => worker::RegionTask::Category,
+            Err(_) => return Err(ServiceError::invalid("task", format!("unknown task {}", request.task))),
+        };
+        let pooled = self.pool(&prepared).await?;
+        let questions = (0..prepared.masks.len())
+            .map(|i| {
+                Ok(worker::Question {
+                    index: i as u32,
+                    prompt: Some(worker::question::Prompt::Task(task as i32)),
+                    history: vec![],
+                    mask_tokens: Some(rows(&pooled.response.mask_tokens, i..i + 1)?),
+                    pos_tokens: Some(rows(&pooled.response.pos_tokens, i..i + 1)?),
+                })
+            })
+            .collect::<Result<Vec<_>, ServiceError>>()?;
+        let mut stream = self.generate(&prepared.key, &pooled, questions, request.parameters).await?;
+        while let Some(response) = stream.message().await.map_err(ServiceError::from)? {
+            if !response.finished {
+                continue;
+            }
+            let i = response.question_index as usize;
+            let mask = &prepared.masks[i];
+            let rle = mask.to_rle();
+            let result = v1::RegionResult {
+                region_index: i as u32,
+                label: prepared.labels[i].clone(),
+                text: response.answer,
+                raw_text: response.raw_text,
+                area: rle.area(),
+                bbox: rle.bbox().iter().map(|&v| v as f32).collect(),
+                mask: None,
+                generated_tokens: response.generated_tokens,
+                finish_reason: response.finish_reason,
+                metadata: Some(metadata(&pooled, response.timing.as_ref(), response.prefix_cache_hit, start)),
+            };
+            metrics::counter!("osprey_gateway_regions_total").increment(1);
+            if tx.send(Ok(result)).await.is_err() {
+                return Ok(()); // the client has gone; dropping `stream` cancels the rest downstream
+            }
+        }
+        Ok(())
+    }
+
+    /// One free-form question about the regions (Ask and Chat); yields the LLM's stream.
+    async fn ask_stream(
+        &self,
+        image: Option<&v1::Image>,
+        regions: &[v1::Region],
+        history: &[v1::Turn],
+        question: &str,
+        parameters: Option<v1::GenerationParameters>,
+    ) -> Result<(Streaming<worker::GenerateResponse>, Pooled), ServiceError> {
+        if question.trim().is_empty() {
+            return Err(ServiceError::invalid("question", "must not be empty"));
+        }
+        if question.len() > self.args.max_question_bytes {
+            return Err(ServiceError::invalid(
+                "question",
+                format!("{} bytes, over the limit of {}", question.len(), self.args.max_question_bytes),
+            ));
+        }
+        let prepared = self.prepare(image, regions, false).await?;
+        let pooled = self.pool(&prepared).await?;
+        let n = prepared.masks.len();
+        let question = worker::Question {
+            index: 0,
+            prompt: Some(worker::question::Prompt::Text(question.to_string())),
+            history: history
+                .iter()
+                .map(|t| worker::Exchange { question: t.question.clone(), answer: t.answer.clone() })
+                .collect(),
+            mask_tokens: (n > 0).then(|| rows(&pooled.response.mask_tokens, 0..n)).transpose()?,
+            pos_tokens: (n > 0).then(|| rows(&pooled.response.pos_tokens, 0..n)).transpose()?,
+        };
+        let stream = self.generate(&prepared.key, &pooled, vec![question], parameters).await?;
+        Ok((stream, pooled))
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.args.request_timeout_seconds.max(1))
+    }
+}
+
+/// Runs `work` under the request timeout, turning its error into a status on `tx`.
+async fn finish_stream<T>(
+    work: impl std::future::Future<Output = Result<(), ServiceError>>,
+    timeout: Duration,
+    tx: mpsc::Sender<Result<T, Status>>,
+) {
+    let result = match tokio::time::timeout(timeout, work).await {
+        Ok(result) => result,
+        Err(_) => Err(ServiceError::DeadlineExceeded(format!("the request ran past {}s", timeout.as_secs()))),
+    };
+    if let Err(err) = result {
+        metrics::counter!("osprey_request_failure", "err" => err.error_type()).increment(1);
+        let _ = tx.send(Err(err.into())).await;
+    }
+}
+
+fn metadata(pooled: &Pooled, llm: Option<&Timing>, prefix_hit: bool, start: Instant) -> Metadata {
+    let llm = llm.cloned().unwrap_or_default();
+    Metadata {
+        timing: Some(Timing {
+            encode_ns: pooled.encode_ns,
+            pool_ns: pooled.pool_ns,
+            prefill_ns: llm.prefill_ns,
+            decode_ns: llm.decode_ns,
+            total_ns: elapsed_ns(start),
+            ..Timing::default()
+        }),
+        cache: Some(CacheHits {
+            vision_features: pooled.tier as i32,
+            llm_prefix: prefix_hit,
+            ..CacheHits::default()
+        }),
+    }
+}
+
+/// Rows `range` of an f32 `[N, C]` wire tensor.
+fn rows(tensor: &Option<v1::Tensor>, range: std::ops::Range<usize>) -> Result<v1::Tensor, ServiceError> {
+    let tensor = tensor
+        .as_ref()
+        .ok_or_else(|| ServiceError::Internal("vision worker sent no region tokens".into()))?;
+    let width =
+        *tensor.shape.get(1).ok_or_else(|| ServiceError::Internal("region tokens are not [N, C]".into()))?
+            as usize;
+    let bytes = tensor
+        .data
+        .get(range.start * width * 4..range.end * width * 4)
+        .ok_or_else(|| ServiceError::Internal("fewer region tokens than regions".into()))?;
+    Ok(v1::Tensor {
+        shape: vec![range.len() as u64, width as u64],
+        dtype: tensor.dtype,
+        data: bytes.to_vec(),
+    })
+}
+
+fn check_parameters(p: &v1::GenerationParameters) -> Result<(), ServiceError> {
+    if let Some(t) = p.temperature
+        && !(t.is_finite() && t >= 0.0)
+    {
+        return Err(ServiceError::invalid(
+            "parameters.temperature",
+            format!("must be finite and >= 0, got {t}"),
+        ));
+    }
+    if let Some(top_p) = p.top_p
+        && !(top_p > 0.0 && top_p <= 1.0)
+    {
+        return Err(ServiceError::invalid("parameters.top_p", format!("must be in (0, 1], got {top_p}")));
+    }
+    if p.max_new_tokens == Some(0) {
+        return Err(ServiceError::invalid("parameters.max_new_tokens", "must be at least 1"));
+    }
+    Ok(())
+}
+
+async fn pool_call(
+    channel: tonic::transport::Channel,
+    request: worker::PoolRequest,
+) -> Result<worker::PoolResponse, Status> {
+    let mut client = VisionClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    Ok(client.pool(inject_trace_context(Request::new(request))).await?.into_inner())
+}
+
+async fn encode_call(
+    channel: tonic::transport::Channel,
+    request: worker::EncodeRequest,
+) -> Result<worker::EncodeResponse, Status> {
+    let mut client = VisionClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    Ok(client.encode(inject_trace_context(Request::new(request))).await?.into_inner())
+}
+
+/// Cached blob bytes: the model revision (length-prefixed) then the safetensors bytes.
+fn blob_to_bytes(blob: &worker::FeatureBlob) -> Vec<u8> {
+    let revision = blob.model_revision.as_bytes();
+    let mut bytes = Vec::with_capacity(4 + revision.len() + blob.safetensors.len());
+    bytes.extend_from_slice(&(revision.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(revision);
+    bytes.extend_from_slice(&blob.safetensors);
+    bytes
+}
+
+fn blob_from_bytes(bytes: &[u8]) -> Option<worker::FeatureBlob> {
+    let n = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let revision = std::str::from_utf8(bytes.get(4..4 + n)?).ok()?.to_string();
+    Some(worker::FeatureBlob { safetensors: bytes.get(4 + n..)?.to_vec(), model_revision: revision })
+}
+
+/// Registered pixels: width and height (u32 little-endian) then RGB8.
+fn pixels_to_bytes(image: &RgbImage) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(8 + image.pixels().len());
+    bytes.extend_from_slice(&image.width().to_le_bytes());
+    bytes.extend_from_slice(&image.height().to_le_bytes());
+    bytes.extend_from_slice(image.pixels());
+    bytes
+}
+
+fn pixels_from_bytes(bytes: &[u8]) -> Result<RgbImage, ServiceError> {
+    let corrupt = || ServiceError::Internal("corrupt registered image in the cache".into());
+    let width = u32::from_le_bytes(bytes.get(..4).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?);
+    let height = u32::from_le_bytes(bytes.get(4..8).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?);
+    RgbImage::from_raw(width, height, bytes[8..].to_vec()).map_err(|_| corrupt())
+}
+
+fn elapsed_ns(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
+}
+
+fn fail(err: ServiceError) -> Status {
+    metrics::counter!("osprey_request_failure", "err" => err.error_type()).increment(1);
+    err.into()
+}
+
+type ResultStream<T> = ReceiverStream<Result<T, Status>>;
+
+/// The handlers; shared state lives in `Arc<Gateway>`.
+pub struct OspreyService(pub Arc<Gateway>);
+
+#[tonic::async_trait]
+impl Osprey for OspreyService {
+    #[instrument(skip_all)]
+    async fn register_image(
+        &self,
+        request: Request<v1::RegisterImageRequest>,
+    ) -> Result<Response<v1::RegisterImageResponse>, Status> {
+        set_parent_from_metadata(&Span::current(), request.metadata());
+        let _permit = self.0.admit().map_err(fail)?;
+        let start = Instant::now();
+        let request = request.into_inner();
+        let image = decode_image(&request.encoded, &self.0.image_limits)
+            .map_err(|e| fail(ServiceError::invalid("encoded", e)))?;
+        let key = image.key(&self.0.args.model_revision);
+        self.0.cache.put(&pixels_key(&key), pixels_to_bytes(&image)).await;
+        let mut metadata = Metadata::default();
+        if request.warm_features {
+            let prepared =
+                Prepared { image: Arc::new(image.clone()), key: key.clone(), masks: vec![], labels: vec![] };
+            let pooled = self.0.pool(&prepared).await.map_err(fail)?;
+            metadata = self::metadata(&pooled, None, false, start);
+        }
+        Ok(Response::new(v1::RegisterImageResponse {
+            key,
+            width: image.width(),
+            height: image.height(),
+            metadata: Some(metadata),
+        }))
+    }
+
+    async fn segment(
+        &self,
+        _request: Request<v1::SegmentRequest>,
+    ) -> Result<Response<v1::SegmentResponse>, Status> {
+        Err(fail(ServiceError::FailedPrecondition(
+            "Segment needs sam-workers, which this gateway does not route to yet".into(),
+        )))
+    }
+
+    type DescribeStream = ResultStream<v1::RegionResult>;
+
+    #[instrument(skip_all, fields(regions = request.get_ref().regions.len()))]
+    async fn describe(
+        &self,
+        request: Request<v1::DescribeRequest>,
+    ) -> Result<Response<Self::DescribeStream>, Status> {
+        set_parent_from_metadata(&Span::current(), request.metadata());
+        let permit = self.0.admit().map_err(fail)?;
+        let start = Instant::now();
+        let request = request.into_inner();
+        // Validate before answering, so that bad input is the RPC's status, not a stream item.
+        self.0
+            .prepare(request.image.as_ref(), &request.regions, request.everything.is_some())
+            .await
+            .map_err(fail)?;
+        let (tx, rx) = mpsc::channel(64);
+        let gateway = self.0.clone();
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let work = gateway.describe_stream(request, start, tx.clone());
+                finish_stream(work, gateway.timeout(), tx).await;
+            }
+            .instrument(Span::current()),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    #[instrument(skip_all, fields(regions = request.get_ref().regions.len()))]
+    async fn ask(&self, request: Request<v1::AskRequest>) -> Result<Response<v1::AskResponse>, Status> {
+        set_parent_from_metadata(&Span::current(), request.metadata());
+        let _permit = self.0.admit().map_err(fail)?;
+        let start = Instant::now();
+        let request = request.into_inner();
+        let work = async {
+            let (mut stream, pooled) = self
+                .0
+                .ask_stream(
+                    request.image.as_ref(),
+                    &request.regions,
+                    &[],
+                    &request.question,
+                    request.parameters,
+                )
+                .await?;
+            while let Some(response) = stream.message().await.map_err(ServiceError::from)? {
+                if response.finished {
+                    return Ok(v1::AskResponse {
+                        text: response.answer,
+                        raw_text: response.raw_text,
+                        generated_tokens: response.generated_tokens,
+                        finish_reason: response.finish_reason,
+                        metadata: Some(metadata(
+                            &pooled,
+                            response.timing.as_ref(),
+                            response.prefix_cache_hit,
+                            start,
+                        )),
+                    });
+                }
+            }
+            Err(ServiceError::Internal("the LLM worker ended the answer early".into()))
+        };
+        match tokio::time::timeout(self.0.timeout(), work).await {
+            Ok(result) => result.map(Response::new).map_err(fail),
+            Err(_) => Err(fail(ServiceError::DeadlineExceeded("the request ran past its timeout".into()))),
+        }
+    }
+
+    type ChatStream = ResultStream<v1::ChatChunk>;
+
+    #[instrument(skip_all, fields(regions = request.get_ref().regions.len(), turns = request.get_ref().history.len()))]
+    async fn chat(&self, request: Request<v1::ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
+        set_parent_from_metadata(&Span::current(), request.metadata());
+        let permit = self.0.admit().map_err(fail)?;
+        let start = Instant::now();
+        let request = request.into_inner();
+        let (mut stream, pooled) = self
+            .0
+            .ask_stream(
+                request.image.as_ref(),
+                &request.regions,
+                &request.history,
+                &request.question,
+                request.parameters,
+            )
+            .await
+            .map_err(fail)?;
+        let (tx, rx) = mpsc::channel(64);
+        let timeout = self.0.timeout();
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let work = async {
+                    while let Some(response) = stream.message().await.map_err(ServiceError::from)? {
+                        let chunk = v1::ChatChunk {
+                            text: response.text,
+                            finished: response.finished,
+                            finish_reason: response.finish_reason,
+                            metadata: response.finished.then(|| {
+                                metadata(&pooled, response.timing.as_ref(), response.prefix_cache_hit, start)
+                            }),
+                        };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                };
+                finish_stream(work, timeout, tx.clone()).await;
+            }
+            .instrument(Span::current()),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type AnnotateStream = ResultStream<v1::AnnotateResponse>;
+
+    #[instrument(skip_all)]
+    async fn annotate(
+        &self,
+        request: Request<Streaming<v1::AnnotateRequest>>,
+    ) -> Result<Response<Self::AnnotateStream>, Status> {
+        set_parent_from_metadata(&Span::current(), request.metadata());
+        let mut items = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let gateway = self.0.clone();
+        tokio::spawn(
+            async move {
+                // Items are answered one after the other; a bad item gets an ItemError and the
+                // stream goes on.
+                while let Ok(Some(item)) = items.message().await {
+                    if !annotate_item(&gateway, item, &tx).await {
+                        break;
+                    }
+                }
+            }
+            .instrument(Span::current()),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Answers one Annotate item; false when the client has gone.
+async fn annotate_item(
+    gateway: &Arc<Gateway>,
+    item: v1::AnnotateRequest,
+    tx: &mpsc::Sender<Result<v1::AnnotateResponse, Status>>,
+) -> bool {
+    use v1::annotate_response::Event;
+    let start = Instant::now();
+    let item_id = item.item_id.clone();
+    let request = v1::DescribeRequest {
+        image: item.image,
+        regions: item.regions,
+        everything: item.everything,
+        task: item.task,
+        parameters: item.parameters,
+    };
+    let (results_tx, mut results) = mpsc::channel(64);
+    let run = {
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            let permit = gateway.admit()?;
+            let work = gateway.describe_stream(request, start, results_tx);
+            let result = tokio::time::timeout(gateway.timeout(), work).await.unwrap_or_else(|_| {
+                Err(ServiceError::DeadlineExceeded("the item ran past its timeout".into()))
+            });
+            drop(permit);
+            result
+        })
+    };
+    let mut answered = 0u32;
+    while let Some(result) = results.recv().await {
+        let event = match result {
+            Ok(region) => {
+                answered += 1;
+                Event::Region(region)
+            }
+            Err(status) => {
+                Event::Error(v1::ItemError { code: status.code() as i32, message: status.message().into() })
+            }
+        };
+        if tx.send(Ok(v1::AnnotateResponse { item_id: item_id.clone(), event: Some(event) })).await.is_err() {
+            run.abort();
+            return false;
+        }
+    }
+    let event = match run.await {
+        Ok(Ok(())) => Event::Done(v1::ItemDone {
+            regions: answered,
+            metadata: Some(Metadata {
+                timing: Some(Timing { total_ns: elapsed_ns(start), ..Timing::default() }),
+                cache: None,
+            }),
+        }),
+        Ok(Err(err)) => {
+            metrics::counter!("osprey_request_failure", "err" => err.error_type()).increment(1);
+            let status = Status::from(err);
+            Event::Error(v1::ItemError { code: status.code() as i32, message: status.message().into() })
+        }
+        Err(_) => {
+            Event::Error(v1::ItemError { code: Code::Internal as i32, message: "item task failed".into() })
+        }
+    };
+    tx.send(Ok(v1::AnnotateResponse { item_id, event: Some(event) })).await.is_ok()
+}
+
+/// Checks the API key on every public call (health and reflection stay open for probes).
+#[derive(Clone)]
+pub struct ApiKeyCheck(pub Option<Arc<str>>);
+
+impl tonic::service::Interceptor for ApiKeyCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.0 else { return Ok(request) };
+        let metadata = request.metadata();
+        let bearer = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let header = metadata.get("x-api-key").and_then(|v| v.to_str().ok());
+        if bearer.or(header).is_some_and(|given| constant_time_eq(given.as_bytes(), expected.as_bytes())) {
+            Ok(request)
+        } else {
+            metrics::counter!("osprey_request_failure", "err" => "unauthenticated").increment(1);
+            Err(ServiceError::Unauthenticated.into())
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves the public API until `shutdown`, then drains.
+pub async fn run(
+    args: GatewayArgs,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (routes, health) = osprey_common::grpc::standard_routes(&["osprey.v1.Osprey"]).await;
+    let api_key = args.api_key.clone().map(Arc::from);
+    let max_message_bytes = args.max_message_bytes;
+    let gateway = Arc::new(Gateway::new(args)?);
+    let server = osprey_proto::v1::osprey_server::OspreyServer::new(OspreyService(gateway))
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    let routes = routes
+        .add_service(tonic::service::interceptor::InterceptedService::new(server, ApiKeyCheck(api_key)));
+    health.set_serving().await;
+    tracing::info!(address = %listener.local_addr()?, "serving");
+    let drain_health = health.clone();
+    let shutdown = async move {
+        shutdown.await;
+        drain_health.set_not_serving().await;
+    };
+    osprey_common::grpc::serve(listener, routes, shutdown).await?;
+    Ok(())
+}
+
+/// `gateway serve`: telemetry, then [`run`] until a shutdown signal.
+pub async fn main(args: GatewayArgs) -> anyhow::Result<()> {
+    let _telemetry = osprey_common::telemetry::init_telemetry(&args.telemetry, "gateway")?;
+    tracing::info!(?args, "starting");
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    run(args, listener, osprey_common::grpc::shutdown_signal()).await
+}

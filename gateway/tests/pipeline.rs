@@ -1,0 +1,390 @@
+//! The whole pipeline over real gRPC on loopback: gateway → vision worker(s) → LLM worker, with
+//! the tiny reference models. Covers streaming per region, the feature-cache tiers (resident,
+//! shared through Redis across gateways, computed), failover between vision replicas, image
+//! registration, Ask, Annotate, API keys and INVALID_ARGUMENT for bad input.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use clap::Parser;
+use osprey_common::mask::{Mask, rle_to_proto};
+use osprey_proto::v1::osprey_client::OspreyClient;
+use osprey_proto::v1::{self, CacheTier, DescribeTask};
+use safetensors::SafeTensors;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+#[derive(Parser)]
+struct VisionCli {
+    #[command(flatten)]
+    args: vision_worker::service::ServeArgs,
+}
+
+#[derive(Parser)]
+struct LlmCli {
+    #[command(flatten)]
+    args: llm_worker::service::ServeArgs,
+}
+
+#[derive(Parser)]
+struct GatewayCli {
+    #[command(flatten)]
+    args: gateway::service::GatewayArgs,
+}
+
+/// A server running in this process until `stop` is sent (or dropped).
+struct Running {
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Running {
+    fn stop(&mut self) {
+        self.stop.take();
+    }
+}
+
+async fn spawn<F, Fut>(start: F) -> Running
+where
+    F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel();
+    let server = start(listener, stopped);
+    tokio::spawn(async move { server.await.unwrap() });
+    wait_serving(&url).await;
+    Running { url, stop: Some(stop) }
+}
+
+async fn wait_serving(url: &str) {
+    for _ in 0..1000 {
+        if let Ok(channel) = Channel::from_shared(url.to_string()).unwrap().connect().await {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            if health.check(request).await.map(|r| r.into_inner().status == 1).unwrap_or(false) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{url} never became SERVING");
+}
+
+async fn vision() -> Running {
+    let weights = fixtures().join("vision/tiny/tiny_st");
+    let args =
+        VisionCli::parse_from(["v", "--weights", weights.to_str().unwrap(), "--feature-dtype", "f32"]).args;
+    spawn(|listener, stopped| {
+        vision_worker::service::run(args, listener, async {
+            let _ = stopped.await;
+        })
+    })
+    .await
+}
+
+async fn llm() -> Running {
+    let weights = fixtures().join("llm/tiny");
+    let args =
+        LlmCli::parse_from(["l", "--weights", weights.to_str().unwrap(), "--default-max-new-tokens", "5"])
+            .args;
+    spawn(|listener, stopped| {
+        llm_worker::service::run(args, listener, async {
+            let _ = stopped.await;
+        })
+    })
+    .await
+}
+
+async fn gateway(vision: &[&Running], llm: &Running, extra: &[&str]) -> (Running, OspreyClient<Channel>) {
+    let vision_urls: Vec<&str> = vision.iter().map(|v| v.url.as_str()).collect();
+    let vision_urls = vision_urls.join(",");
+    let mut argv = vec!["g", "--vision-workers", &vision_urls, "--llm-workers", &llm.url];
+    argv.extend_from_slice(extra);
+    let args = GatewayCli::parse_from(argv).args;
+    let running = spawn(|listener, stopped| {
+        gateway::service::run(args, listener, async {
+            let _ = stopped.await;
+        })
+    })
+    .await;
+    let client = OspreyClient::connect(running.url.clone()).await.unwrap();
+    (running, client)
+}
+
+fn photo() -> Vec<u8> {
+    std::fs::read(fixtures().join("vision/photo.png")).unwrap()
+}
+
+/// The vision fixture's masks (103x157): 1 full, 4 blobs, 8 person.
+fn masks(indices: &[usize]) -> Vec<v1::Region> {
+    let bytes = std::fs::read(fixtures().join("vision/masks.safetensors")).unwrap();
+    let tensors = SafeTensors::deserialize(&bytes).unwrap();
+    let masks = tensors.tensor("masks").unwrap();
+    let (h, w) = (masks.shape()[1], masks.shape()[2]);
+    indices
+        .iter()
+        .map(|&i| {
+            let mask =
+                Mask::from_row_major(h as u32, w as u32, &masks.data()[i * h * w..(i + 1) * h * w]).unwrap();
+            v1::Region {
+                source: Some(v1::region::Source::Mask(v1::Mask {
+                    format: Some(v1::mask::Format::Rle(rle_to_proto(&mask.to_rle()))),
+                })),
+                label: format!("mask-{i}"),
+            }
+        })
+        .collect()
+}
+
+fn describe_request(image: v1::image::Source, regions: Vec<v1::Region>) -> v1::DescribeRequest {
+    v1::DescribeRequest {
+        image: Some(v1::Image { source: Some(image) }),
+        regions,
+        everything: None,
+        task: DescribeTask::Short as i32,
+        parameters: None,
+    }
+}
+
+async fn describe(client: &mut OspreyClient<Channel>, request: v1::DescribeRequest) -> Vec<v1::RegionResult> {
+    let mut stream = client.describe(request).await.unwrap().into_inner();
+    let mut results = Vec::new();
+    while let Some(result) = stream.message().await.unwrap() {
+        results.push(result);
+    }
+    results.sort_by_key(|r| r.region_index);
+    results
+}
+
+fn tier(result: &v1::RegionResult) -> CacheTier {
+    CacheTier::try_from(result.metadata.as_ref().unwrap().cache.as_ref().unwrap().vision_features).unwrap()
+}
+
+#[tokio::test]
+async fn describe_many_regions_with_cache_tiers_and_failover() {
+    let (vision_a, mut vision_b, llm) = (vision().await, vision().await, llm().await);
+    let (_gateway, mut client) = gateway(&[&vision_a, &vision_b], &llm, &[]).await;
+    let image = v1::image::Source::Encoded(photo());
+
+    let first = describe(&mut client, describe_request(image.clone(), masks(&[1, 4, 8]))).await;
+    assert_eq!(first.iter().map(|r| r.region_index).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(first.iter().all(|r| tier(r) == CacheTier::Computed), "first request encodes");
+    assert_eq!(first[0].area, 103 * 157);
+    assert_eq!(first[0].bbox, [0.0, 0.0, 157.0, 103.0]);
+    assert_eq!(first[1].label, "mask-4");
+    for result in &first {
+        assert!(result.generated_tokens >= 1 && result.generated_tokens <= 5);
+        let timing = result.metadata.as_ref().unwrap().timing.as_ref().unwrap();
+        assert!(timing.encode_ns > 0 && timing.total_ns >= timing.encode_ns);
+    }
+
+    // Same image again: the routed replica has the features resident; answers are identical,
+    // also when each region is asked alone (greedy decoding does not depend on batching).
+    let second = describe(&mut client, describe_request(image.clone(), masks(&[1, 4, 8]))).await;
+    assert!(second.iter().all(|r| tier(r) == CacheTier::Resident), "second request skips encoding");
+    for (i, region) in [1, 4, 8].into_iter().enumerate() {
+        let alone = describe(&mut client, describe_request(image.clone(), masks(&[region]))).await;
+        assert_eq!(alone[0].raw_text, first[i].raw_text);
+        assert_eq!(second[i].raw_text, first[i].raw_text);
+    }
+
+    // Stop the replica that holds this image's features: the other one serves, from the
+    // gateway's in-memory feature cache, with the same answers.
+    let key_holder_url = {
+        let image = osprey_common::image::decode_image(&photo(), &Default::default()).unwrap();
+        let key = image.key("osprey-7b");
+        let urls = vec![vision_a.url.clone(), vision_b.url.clone()];
+        gateway::routing::rank(&key, &urls)[0].to_string()
+    };
+    let mut vision_a = vision_a;
+    if key_holder_url == vision_a.url {
+        vision_a.stop()
+    } else {
+        vision_b.stop()
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = describe(&mut client, describe_request(image, masks(&[1, 4, 8]))).await;
+    assert_eq!(after.len(), 3);
+    assert!(after.iter().all(|r| tier(r) == CacheTier::Shared), "features come from the shared cache");
+    for (a, b) in after.iter().zip(&first) {
+        assert_eq!(a.raw_text, b.raw_text);
+    }
+}
+
+struct RedisServer(Child);
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn redis() -> (RedisServer, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server must be on PATH (.ci/run installs it)");
+    let server = RedisServer(child);
+    for _ in 0..300 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return (server, format!("redis://127.0.0.1:{port}/0"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("redis-server did not start");
+}
+
+#[tokio::test]
+async fn gateways_share_features_through_redis_and_registered_images() {
+    let (_redis, url) = redis();
+    let (vision_a, vision_b, llm) = (vision().await, vision().await, llm().await);
+    let (_g1, mut first) = gateway(&[&vision_a], &llm, &["--redis-url", &url]).await;
+    let (_g2, mut second) = gateway(&[&vision_b], &llm, &["--redis-url", &url]).await;
+
+    let registered = first
+        .register_image(v1::RegisterImageRequest { encoded: photo(), warm_features: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((registered.width, registered.height), (157, 103));
+    // The other gateway (other vision replica) finds the pixels and the features in Redis.
+    let by_key = v1::image::Source::Key(registered.key.clone());
+    let results = describe(&mut second, describe_request(by_key.clone(), masks(&[1, 4]))).await;
+    assert_eq!(results.len(), 2);
+    assert!(results.iter().all(|r| tier(r) == CacheTier::Shared));
+
+    let answer = second
+        .ask(v1::AskRequest {
+            image: Some(v1::Image { source: Some(by_key) }),
+            regions: masks(&[1, 4]),
+            question: "What is region1 doing with region2?".into(),
+            parameters: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.generated_tokens >= 1);
+    let unknown = v1::Image { source: Some(v1::image::Source::Key("no-such-key".into())) };
+    let status = second
+        .describe(v1::DescribeRequest {
+            image: Some(unknown),
+            ..describe_request(v1::image::Source::Encoded(vec![]), masks(&[1]))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn bad_input_and_auth() {
+    let (vision, llm) = (vision().await, llm().await);
+    let (_gateway, mut client) =
+        gateway(&[&vision], &llm, &["--api-key", "secret", "--max-regions", "3"]).await;
+    let image = v1::image::Source::Encoded(photo());
+
+    let status = client.describe(describe_request(image.clone(), masks(&[1]))).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    let authed = |request: v1::DescribeRequest| {
+        let mut request = Request::new(request);
+        request.metadata_mut().insert("authorization", "Bearer secret".parse().unwrap());
+        request
+    };
+    let mut wrong_size = masks(&[1]);
+    wrong_size.push(v1::Region {
+        source: Some(v1::region::Source::Mask(v1::Mask {
+            format: Some(v1::mask::Format::Rle(rle_to_proto(&Mask::empty(10, 10).to_rle()))),
+        })),
+        label: String::new(),
+    });
+    let bad_rle = vec![v1::Region {
+        source: Some(v1::region::Source::Mask(v1::Mask {
+            format: Some(v1::mask::Format::Rle(v1::RleMask {
+                height: 103,
+                width: 157,
+                counts: Some(v1::rle_mask::Counts::Compressed("1~".into())),
+            })),
+        })),
+        label: String::new(),
+    }];
+    let cases = [
+        (
+            describe_request(image.clone(), wrong_size),
+            "regions[1].mask: mask is 10x10 but the image is 103x157",
+        ),
+        (describe_request(image.clone(), bad_rle), "regions[0].mask: RLE string has invalid character"),
+        (describe_request(image.clone(), masks(&[1, 1, 1, 1])), "regions: 4 regions, over the limit of 3"),
+        (describe_request(image.clone(), vec![]), "regions: at least one region"),
+        (
+            describe_request(v1::image::Source::Encoded(b"not an image".to_vec()), masks(&[1])),
+            "image.encoded:",
+        ),
+        (
+            v1::DescribeRequest { image: None, ..describe_request(image.clone(), masks(&[1])) },
+            "image: required",
+        ),
+    ];
+    for (request, expected) in cases {
+        let status = match client.describe(authed(request)).await {
+            Err(status) => status,
+            Ok(response) => response.into_inner().message().await.unwrap_err(),
+        };
+        assert_eq!(status.code(), Code::InvalidArgument, "{expected}: {status:?}");
+        assert!(status.message().starts_with(expected), "expected {expected:?}, got {:?}", status.message());
+    }
+
+    // Annotate: a bad item gets an error, the stream goes on with the next one.
+    let items = vec![
+        v1::AnnotateRequest {
+            item_id: "bad".into(),
+            image: None,
+            regions: masks(&[1]),
+            ..Default::default()
+        },
+        v1::AnnotateRequest {
+            item_id: "good".into(),
+            image: Some(v1::Image { source: Some(image.clone()) }),
+            regions: masks(&[1, 4]),
+            ..Default::default()
+        },
+    ];
+    let mut request = Request::new(tokio_stream::iter(items));
+    request.metadata_mut().insert("x-api-key", "secret".parse().unwrap());
+    let mut stream = client.annotate(request).await.unwrap().into_inner();
+    let mut events = Vec::new();
+    while let Some(response) = stream.message().await.unwrap() {
+        events.push(response);
+    }
+    use v1::annotate_response::Event;
+    assert!(
+        matches!(&events[0].event, Some(Event::Error(e)) if e.code == Code::InvalidArgument as i32 && events[0].item_id == "bad")
+    );
+    let good: Vec<_> = events.iter().filter(|e| e.item_id == "good").collect();
+    let regions: BTreeSet<u32> = good
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::Region(r)) => Some(r.region_index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(regions, BTreeSet::from([0, 1]));
+    assert!(matches!(&good.last().unwrap().event, Some(Event::Done(done)) if done.regions == 2));
+
+    // Still healthy and answering.
+    let mut stream =
+        client.describe(authed(describe_request(image, masks(&[1])))).await.unwrap().into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().region_index, 0);
+}

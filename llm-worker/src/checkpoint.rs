@@ -1,15 +1,19 @@
 //! Reading a checkpoint directory: `config.json` and the weights as a candle `VarBuilder`.
 //!
-//! [`load_checkpoint`] is the single place that opens weight files. It reads safetensors (one file
-//! or shards listed by `model.safetensors.index.json`). The official Osprey checkpoints are bf16
-//! torch pickles (`pytorch_model-*.bin` + `pytorch_model.bin.index.json`); those will come from
-//! the shared checkpoint loader (vision-worker's `weights.rs`, moving to a shared crate), which
-//! this function is meant to call instead.
+//! [`load_checkpoint`] is the single place that opens weight files, through the shared
+//! [`osprey_checkpoint`] reader: safetensors (`model.safetensors` or shards listed by
+//! `model.safetensors.index.json`) and torch pickles (`pytorch_model.bin` or shards listed by
+//! `pytorch_model.bin.index.json`, as the official bf16 Osprey checkpoints are), any of
+//! f32/f16/bf16, converted to the requested dtype as they are read. Names map onto checkpoint keys
+//! unchanged. Keys the model never asks for are left unread: the `*.rotary_emb.inv_freq` buffers
+//! transformers 4.31 saved (the rotary tables are computed from `rope_theta`), and the vision
+//! tower and mask extractor tensors of a full Osprey checkpoint.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
+use osprey_checkpoint::{Checkpoint, WeightsError, var_builder};
 
 use crate::error::LlmError;
 use crate::models::osprey_llama::Config;
@@ -23,50 +27,26 @@ pub fn load_config(dir: &Path) -> Result<Config, LlmError> {
 }
 
 /// The weights of `dir` as a `VarBuilder` producing `dtype` tensors on `device`.
+///
+/// Tensors are read when the model asks for them; a missing or mis-shaped one fails the model's
+/// load with an error naming the key and the file(s) searched.
 pub fn load_checkpoint(dir: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, LlmError> {
-    let files = safetensors_files(dir)?;
-    // SAFETY: the files are memory-mapped read-only; like every mmap reader we rely on nobody
-    // truncating or rewriting a checkpoint while it is being served.
-    Ok(unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? })
+    let checkpoint = Checkpoint::open_dir(dir).map_err(|e| checkpoint_error(dir, e))?;
+    // The typed errors are not needed: their messages (key and file) reach the caller as the
+    // candle error of the failed load.
+    let (vb, _errors) = var_builder(checkpoint, dtype, device);
+    Ok(vb)
 }
 
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, LlmError> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        let bad = |msg: String| LlmError::Checkpoint { path: index.clone(), msg };
-        let text =
-            std::fs::read_to_string(&index).map_err(|source| LlmError::Io { path: index.clone(), source })?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let map =
-            json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no weight_map".into()))?;
-        let mut files: Vec<PathBuf> = Vec::new();
-        for file in map.values() {
-            let name = file.as_str().ok_or_else(|| bad(format!("shard {file} is not a string")))?;
-            if name.contains('/') || name.contains('\\') || name == ".." {
-                return Err(bad(format!("shard name {name:?} must be a plain file name")));
-            }
-            let path = dir.join(name);
-            if !files.contains(&path) {
-                files.push(path);
-            }
-        }
-        files.sort();
-        return Ok(files);
-    }
-    if dir.join("pytorch_model.bin").is_file() || dir.join("pytorch_model.bin.index.json").is_file() {
-        return Err(LlmError::Checkpoint {
+fn checkpoint_error(dir: &Path, err: WeightsError) -> LlmError {
+    match err {
+        WeightsError::Io { path, source } => LlmError::Io { path, source },
+        WeightsError::BadFile { path, msg } => LlmError::Checkpoint { path, msg },
+        WeightsError::NotFound { .. } => LlmError::Checkpoint {
             path: dir.to_path_buf(),
-            msg: "torch pickle checkpoints are read by the shared checkpoint loader, not wired in yet; \
-                  convert to safetensors meanwhile"
+            msg: "no model.safetensors, model.safetensors.index.json or pytorch_model.bin[.index.json]"
                 .into(),
-        });
+        },
+        other => LlmError::Checkpoint { path: dir.to_path_buf(), msg: other.to_string() },
     }
-    Err(LlmError::Checkpoint {
-        path: dir.to_path_buf(),
-        msg: "no model.safetensors, model.safetensors.index.json or pytorch_model.bin[.index.json]".into(),
-    })
 }

@@ -325,10 +325,42 @@ fn full_size_weights_match_the_manifest() {
     }
 }
 
-/// `load_checkpoint` says clearly what it cannot read yet.
+/// The Osprey-7B layout: bf16 torch.save shards + `pytorch_model.bin.index.json`, with the
+/// `rotary_emb.inv_freq` buffers of transformers 4.31 (left unread). The reference ran the
+/// bf16-rounded weights in f32, so its greedy ids may differ from `tiny`'s.
 #[test]
-fn torch_pickle_checkpoints_are_reported() {
+fn tiny_bin_matches_transformers() {
+    check_single_model("tiny_bin", "expected_bf16.safetensors");
+}
+
+/// A model asking for a tensor the checkpoint lacks, or with another shape, fails naming the key
+/// and the file.
+#[test]
+fn tiny_bin_load_errors_name_key_and_file() {
     let dir: &Path = &fixtures().join("tiny_bin");
-    let err = load_checkpoint(dir, DType::F32, &Device::Cpu).err().expect("pickles are not read here yet");
-    assert!(err.to_string().contains("shared checkpoint loader"), "{err}");
+    let cfg = load_config(dir).unwrap();
+    let load = |cfg: &Config| {
+        let vb = load_checkpoint(dir, DType::F32, &Device::Cpu).unwrap();
+        match OspreyLlama::load(vb, cfg) {
+            Ok(_) => panic!("the load must fail"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let err = load(&Config { num_hidden_layers: 3, ..cfg.clone() });
+    assert!(
+        err.contains("model.layers.2.self_attn.q_proj.weight") && err.contains("pytorch_model-00001"),
+        "{err}"
+    );
+    let err = load(&Config { intermediate_size: 48, ..cfg });
+    assert!(
+        err.contains("model.layers.0.mlp.gate_proj.weight")
+            && err.contains("pytorch_model-00001-of-00002.bin")
+            && err.contains("[48, 32]"),
+        "{err}"
+    );
+    let err = load_checkpoint(&fixtures().join("tokenizer"), DType::F32, &Device::Cpu).err().unwrap();
+    assert!(
+        matches!(err, LlmError::Checkpoint { .. }) && err.to_string().contains("pytorch_model.bin"),
+        "{err}"
+    );
 }

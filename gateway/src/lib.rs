@@ -6,6 +6,7 @@
 //! - [`routing`]: rendezvous hashing of image keys over worker replicas.
 
 pub mod cache;
+pub mod local;
 pub mod routing;
 pub mod service;
 pub mod workers;

@@ -14,6 +14,8 @@ struct Args {
 enum Command {
     /// Serve `osprey.v1.Osprey` over gRPC.
     Serve(gateway::service::GatewayArgs),
+    /// Run the whole pipeline on this machine and send a sample image through it.
+    Local(gateway::local::LocalArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -21,5 +23,6 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match args.command {
         Command::Serve(args) => runtime.block_on(gateway::service::main(args)),
+        Command::Local(args) => runtime.block_on(gateway::local::main(args)),
     }
 }

@@ -1,0 +1,260 @@
+//! `gateway local`: the whole pipeline on this machine — a vision worker and an LLM worker as
+//! child processes, the gateway in this process, the in-memory feature cache (or `--redis-url`) —
+//! then a sample image with several regions through the public API, printing the answers, the
+//! regions' areas and per-stage timings.
+//!
+//! Without real weights it uses small random demo weights generated in the official key layout
+//! (`tools/make_vision_fixtures.py`, `tools/make_llm_fixtures.py`): the answers are meaningless,
+//! the machinery is real.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use osprey_common::image::{ImageLimits, decode_image};
+use osprey_common::mask::{Mask, rle_to_proto};
+use osprey_proto::v1::osprey_client::OspreyClient;
+use osprey_proto::v1::{self, CacheTier, DescribeTask};
+use tonic::transport::Channel;
+
+/// Where the generated demo weights and the sample photo live in the source tree.
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+
+/// `gateway local` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LocalArgs {
+    /// An Osprey checkpoint directory used by both stages (a real checkpoint holds the vision
+    /// tower, the mask extractor, the projector, the LLM and the tokenizer).
+    #[arg(long, env = "OSPREY_WEIGHTS")]
+    pub weights: Option<PathBuf>,
+    /// Checkpoint for the vision stage only (overrides --weights); default: demo weights.
+    #[arg(long, env = "OSPREY_VISION_WEIGHTS")]
+    pub vision_weights: Option<PathBuf>,
+    /// Checkpoint for the LLM stage only (overrides --weights); default: demo weights.
+    #[arg(long, env = "OSPREY_LLM_WEIGHTS")]
+    pub llm_weights: Option<PathBuf>,
+    /// Image to describe (PNG, JPEG or WebP); default: the bundled sample photo.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Share features through this Redis instead of the in-memory cache.
+    #[arg(long, env)]
+    pub redis_url: Option<String>,
+    /// Address of the public API.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// After the demo, keep serving until ctrl-c.
+    #[arg(long)]
+    pub serve: bool,
+    /// New tokens per answer.
+    #[arg(long, default_value_t = 24)]
+    pub max_new_tokens: u32,
+}
+
+/// Child processes, killed when dropped.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts a sibling binary (`vision-worker`, `llm-worker`) with `serve`.
+fn spawn_worker(name: &str, weights: &Path, port: u16) -> anyhow::Result<Child> {
+    let binary = std::env::current_exe()?.with_file_name(name);
+    if !binary.exists() {
+        anyhow::bail!("{} not found: build the workspace first (cargo build --release)", binary.display());
+    }
+    let child = Command::new(&binary)
+        .args(["serve", "--weights"])
+        .arg(weights)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env("LOG_LEVEL", std::env::var("LOG_LEVEL").unwrap_or_else(|_| "warn".into()))
+        .stdin(Stdio::null())
+        .spawn()?;
+    Ok(child)
+}
+
+async fn wait_serving(url: &str, children: &mut Children) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while Instant::now() < deadline {
+        for child in &mut children.0 {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!("a worker exited during start-up ({status})");
+            }
+        }
+        if let Ok(channel) = Channel::from_shared(url.to_string())?.connect().await {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+            if health.check(request).await.map(|r| r.into_inner().status == 1).unwrap_or(false) {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("{url} did not become SERVING in time")
+}
+
+/// Runs the demo; returns when it is done (or, with `--serve`, at ctrl-c).
+pub async fn main(args: LocalArgs) -> anyhow::Result<()> {
+    let demo = args.weights.is_none() && (args.vision_weights.is_none() || args.llm_weights.is_none());
+    let vision_weights = args
+        .vision_weights
+        .clone()
+        .or_else(|| args.weights.clone())
+        .unwrap_or_else(|| PathBuf::from(FIXTURES).join("vision/tiny/tiny_st"));
+    let llm_weights =
+        args.llm_weights.clone().or_else(|| args.weights.clone()).unwrap_or_else(|| PathBuf::from(FIXTURES).join("llm/tiny"));
+    if demo {
+        println!("Using generated demo weights (random, tiny): the answers are meaningless, the machinery is real.");
+        println!("Point --weights at an Osprey checkpoint for real answers.\n");
+    }
+
+    let (vision_port, llm_port) = (free_port()?, free_port()?);
+    let mut children = Children(vec![
+        spawn_worker("vision-worker", &vision_weights, vision_port)?,
+        spawn_worker("llm-worker", &llm_weights, llm_port)?,
+    ]);
+    let (vision_url, llm_url) = (format!("http://127.0.0.1:{vision_port}"), format!("http://127.0.0.1:{llm_port}"));
+    let started = Instant::now();
+    wait_serving(&vision_url, &mut children).await?;
+    wait_serving(&llm_url, &mut children).await?;
+    println!("workers ready in {:.1}s (vision {vision_url}, llm {llm_url})", started.elapsed().as_secs_f64());
+
+    let mut argv = vec![
+        "gateway".to_string(),
+        "--listen".into(),
+        args.listen.to_string(),
+        "--vision-workers".into(),
+        vision_url,
+        "--llm-workers".into(),
+        llm_url,
+    ];
+    if let Some(url) = &args.redis_url {
+        argv.extend(["--redis-url".to_string(), url.clone()]);
+    }
+    let gateway_args = GatewayCli::parse_from(argv).args;
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::service::run(gateway_args, listener, async {
+        let _ = stopped.await;
+    }));
+    let url = format!("http://{}", args.listen);
+    wait_serving(&url, &mut children).await?;
+    println!("gateway serving the public API on {url}\n");
+
+    run_demo(&url, &args).await?;
+
+    if args.serve {
+        println!("\nServing until ctrl-c (try: grpcurl -plaintext {} list)", args.listen);
+        osprey_common::grpc::shutdown_signal().await;
+    }
+    let _ = stop.send(());
+    server.await??;
+    drop(children);
+    Ok(())
+}
+
+#[derive(Parser)]
+struct GatewayCli {
+    #[command(flatten)]
+    args: crate::service::GatewayArgs,
+}
+
+/// The sample requests: several regions of one image, described twice (the second time from
+/// resident features), then one question about two regions.
+async fn run_demo(url: &str, args: &LocalArgs) -> anyhow::Result<()> {
+    let path = args.image.clone().unwrap_or_else(|| PathBuf::from(FIXTURES).join("vision/photo.png"));
+    let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let image = decode_image(&bytes, &ImageLimits::default())?;
+    let (h, w) = (image.height(), image.width());
+    println!("image {} ({w}x{h})", path.display());
+
+    let (fw, fh) = (w as f64, h as f64);
+    let ellipse: Vec<f64> = (0..24)
+        .flat_map(|i| {
+            let t = i as f64 / 24.0 * std::f64::consts::TAU;
+            [fw * (0.5 + 0.3 * t.cos()), fh * (0.5 + 0.3 * t.sin())]
+        })
+        .collect();
+    let mask_region = |label: &str, mask: v1::mask::Format| v1::Region {
+        source: Some(v1::region::Source::Mask(v1::Mask { format: Some(mask) })),
+        label: label.into(),
+    };
+    let box_mask = Mask::from_bbox(h, w, [fw * 0.1, fh * 0.1, fw * 0.35, fh * 0.5])?;
+    let regions = vec![
+        mask_region(
+            "ellipse (polygon)",
+            v1::mask::Format::Polygon(v1::PolygonMask { height: h, width: w, polygons: vec![v1::Polygon { xy: ellipse }] }),
+        ),
+        mask_region("box (RLE)", v1::mask::Format::Rle(rle_to_proto(&box_mask.to_rle()))),
+        mask_region(
+            "whole image (RLE counts)",
+            v1::mask::Format::Rle(v1::RleMask {
+                height: h,
+                width: w,
+                counts: Some(v1::rle_mask::Counts::Uncompressed(v1::RunLengths { counts: vec![0, h * w] })),
+            }),
+        ),
+    ];
+    println!("SAM regions (points, boxes, everything) are skipped: this build has no sam-worker route yet.\n");
+
+    let mut client = OspreyClient::connect(url.to_string()).await?;
+    let parameters = Some(v1::GenerationParameters { max_new_tokens: Some(args.max_new_tokens), ..Default::default() });
+    for round in ["first request (cold)", "second request (warm)"] {
+        println!("== Describe, {round}");
+        let request = v1::DescribeRequest {
+            image: Some(v1::Image { source: Some(v1::image::Source::Encoded(bytes.clone())) }),
+            regions: regions.clone(),
+            everything: None,
+            task: DescribeTask::Short as i32,
+            parameters: parameters.clone(),
+        };
+        let mut stream = client.describe(request).await?.into_inner();
+        while let Some(result) = stream.message().await? {
+            let metadata = result.metadata.unwrap_or_default();
+            let timing = metadata.timing.unwrap_or_default();
+            let tier = metadata.cache.map(|c| c.vision_features).and_then(|t| CacheTier::try_from(t).ok());
+            println!(
+                "region {} [{}]: area {} px, bbox {:?}\n  answer: {:?}\n  features {:?}; encode {:.1} ms, pool {:.1} ms, prefill {:.1} ms, decode {:.1} ms, total {:.1} ms",
+                result.region_index,
+                result.label,
+                result.area,
+                result.bbox,
+                result.text,
+                tier.unwrap_or(CacheTier::Unspecified),
+                ms(timing.encode_ns),
+                ms(timing.pool_ns),
+                ms(timing.prefill_ns),
+                ms(timing.decode_ns),
+                ms(timing.total_ns),
+            );
+        }
+        println!();
+    }
+    println!("== Ask about region1 and region2");
+    let answer = client
+        .ask(v1::AskRequest {
+            image: Some(v1::Image { source: Some(v1::image::Source::Encoded(bytes)) }),
+            regions: regions[..2].to_vec(),
+            question: "What is the relationship between region1 and region2?".into(),
+            parameters,
+        })
+        .await?
+        .into_inner();
+    println!("  answer: {:?} ({} tokens)", answer.text, answer.generated_tokens);
+    Ok(())
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}

@@ -1,0 +1,27 @@
+//! The README's first command, `gateway local`, as real processes: it starts the vision and LLM
+//! worker binaries, serves the public API, sends the sample image through it, prints the answers
+//! and timings, and exits 0. (`cargo test --workspace` builds the worker binaries next to this
+//! package's.)
+
+use std::process::Command;
+
+#[test]
+fn local_pipeline_runs_the_sample_and_exits_cleanly() {
+    let gateway = env!("CARGO_BIN_EXE_gateway");
+    let workers = std::path::Path::new(gateway).with_file_name("vision-worker");
+    assert!(workers.exists(), "build the workspace first: {} is missing", workers.display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let output = Command::new(gateway)
+        .args(["local", "--listen", &format!("127.0.0.1:{port}"), "--max-new-tokens", "4"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "exit {:?}\n{stdout}\n{}", output.status, String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("Using generated demo weights"), "{stdout}");
+    for region in 0..3 {
+        assert_eq!(stdout.matches(&format!("region {region} [")).count(), 2, "{stdout}");
+    }
+    assert_eq!(stdout.matches("features Computed").count(), 3, "{stdout}");
+    assert_eq!(stdout.matches("features Resident").count(), 3, "{stdout}");
+    assert!(stdout.contains("== Ask about region1 and region2"), "{stdout}");
+}

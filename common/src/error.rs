@@ -69,6 +69,27 @@ impl ServiceError {
     }
 }
 
+impl ServiceError {
+    /// The status to answer with, counting the failure in `osprey_request_failure{err}`.
+    pub fn into_status(self) -> Status {
+        metrics::counter!("osprey_request_failure", "err" => self.error_type()).increment(1);
+        self.into()
+    }
+}
+
+/// A handler's outcome as a gRPC answer; failures are counted by error type.
+pub fn respond<T>(result: Result<T, ServiceError>) -> Result<tonic::Response<T>, Status> {
+    result.map(tonic::Response::new).map_err(ServiceError::into_status)
+}
+
+/// Checks an `image_key` field: 1 to 128 characters.
+pub fn check_image_key(key: &str) -> Result<(), ServiceError> {
+    if key.is_empty() || key.len() > 128 {
+        return Err(ServiceError::invalid("image_key", "must be 1 to 128 characters"));
+    }
+    Ok(())
+}
+
 impl From<ServiceError> for Status {
     fn from(err: ServiceError) -> Self {
         Status::new(err.code(), err.to_string())

@@ -56,16 +56,22 @@ pub async fn standard_routes(services: &[&str]) -> (Routes, Health) {
     (routes, health)
 }
 
-/// Serves `routes` on `listener` until `shutdown` completes, then stops accepting and lets
-/// in-flight requests finish.
+/// Serves `routes` on `listener` until `shutdown` completes; then reports NOT_SERVING (so load
+/// balancers stop sending), stops accepting and lets in-flight requests finish.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
+    health: &Health,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let health = health.clone();
+    let drain = async move {
+        shutdown.await;
+        health.set_not_serving().await;
+    };
     tonic::transport::Server::builder()
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
         .await
 }
 

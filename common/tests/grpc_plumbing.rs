@@ -18,9 +18,13 @@ async fn health_and_reflection_work_over_tcp() {
     let address = format!("http://{}", listener.local_addr().unwrap());
     let (routes, health) = standard_routes(&["osprey.worker.v1.Vision"]).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, routes, async {
-        let _ = stopped.await;
-    }));
+    let server_health = health.clone();
+    let server = tokio::spawn(async move {
+        serve(listener, routes, &server_health, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
 
     let channel = tonic::transport::Channel::from_shared(address).unwrap().connect().await.unwrap();
     let mut client = HealthClient::new(channel.clone());

@@ -112,10 +112,15 @@ pub async fn main(args: LocalArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| args.weights.clone())
         .unwrap_or_else(|| PathBuf::from(FIXTURES).join("vision/tiny/tiny_st"));
-    let llm_weights =
-        args.llm_weights.clone().or_else(|| args.weights.clone()).unwrap_or_else(|| PathBuf::from(FIXTURES).join("llm/tiny"));
+    let llm_weights = args
+        .llm_weights
+        .clone()
+        .or_else(|| args.weights.clone())
+        .unwrap_or_else(|| PathBuf::from(FIXTURES).join("llm/tiny"));
     if demo {
-        println!("Using generated demo weights (random, tiny): the answers are meaningless, the machinery is real.");
+        println!(
+            "Using generated demo weights (random, tiny): the answers are meaningless, the machinery is real."
+        );
         println!("Point --weights at an Osprey checkpoint for real answers.\n");
     }
 
@@ -124,7 +129,8 @@ pub async fn main(args: LocalArgs) -> anyhow::Result<()> {
         spawn_worker("vision-worker", &vision_weights, vision_port)?,
         spawn_worker("llm-worker", &llm_weights, llm_port)?,
     ]);
-    let (vision_url, llm_url) = (format!("http://127.0.0.1:{vision_port}"), format!("http://127.0.0.1:{llm_port}"));
+    let (vision_url, llm_url) =
+        (format!("http://127.0.0.1:{vision_port}"), format!("http://127.0.0.1:{llm_port}"));
     let started = Instant::now();
     wait_serving(&vision_url, &mut children).await?;
     wait_serving(&llm_url, &mut children).await?;
@@ -194,7 +200,11 @@ async fn run_demo(url: &str, args: &LocalArgs) -> anyhow::Result<()> {
     let regions = vec![
         mask_region(
             "ellipse (polygon)",
-            v1::mask::Format::Polygon(v1::PolygonMask { height: h, width: w, polygons: vec![v1::Polygon { xy: ellipse }] }),
+            v1::mask::Format::Polygon(v1::PolygonMask {
+                height: h,
+                width: w,
+                polygons: vec![v1::Polygon { xy: ellipse }],
+            }),
         ),
         mask_region("box (RLE)", v1::mask::Format::Rle(rle_to_proto(&box_mask.to_rle()))),
         mask_region(
@@ -206,10 +216,13 @@ async fn run_demo(url: &str, args: &LocalArgs) -> anyhow::Result<()> {
             }),
         ),
     ];
-    println!("SAM regions (points, boxes, everything) are skipped: this build has no sam-worker route yet.\n");
+    println!(
+        "SAM regions (points, boxes, everything) are skipped: this build has no sam-worker route yet.\n"
+    );
 
     let mut client = OspreyClient::connect(url.to_string()).await?;
-    let parameters = Some(v1::GenerationParameters { max_new_tokens: Some(args.max_new_tokens), ..Default::default() });
+    let parameters =
+        Some(v1::GenerationParameters { max_new_tokens: Some(args.max_new_tokens), ..Default::default() });
     for round in ["first request (cold)", "second request (warm)"] {
         println!("== Describe, {round}");
         let request = v1::DescribeRequest {

@@ -372,8 +372,7 @@ async fn finish_stream<T>(
         Err(_) => Err(ServiceError::DeadlineExceeded(format!("the request ran past {}s", timeout.as_secs()))),
     };
     if let Err(err) = result {
-        metrics::counter!("osprey_request_failure", "err" => err.error_type()).increment(1);
-        let _ = tx.send(Err(err.into())).await;
+        let _ = tx.send(Err(err.into_status())).await;
     }
 }
 
@@ -491,11 +490,6 @@ fn elapsed_ns(start: Instant) -> u64 {
     start.elapsed().as_nanos() as u64
 }
 
-fn fail(err: ServiceError) -> Status {
-    metrics::counter!("osprey_request_failure", "err" => err.error_type()).increment(1);
-    err.into()
-}
-
 type ResultStream<T> = ReceiverStream<Result<T, Status>>;
 
 /// The handlers; shared state lives in `Arc<Gateway>`.
@@ -509,19 +503,20 @@ impl Osprey for OspreyService {
         request: Request<v1::RegisterImageRequest>,
     ) -> Result<Response<v1::RegisterImageResponse>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
-        let _permit = self.0.admit().map_err(fail)?;
+        let _permit = self.0.admit().map_err(ServiceError::into_status)?;
         let start = Instant::now();
         let request = request.into_inner();
         let image = decode_image(&request.encoded, &self.0.image_limits)
-            .map_err(|e| fail(ServiceError::invalid("encoded", e)))?;
+            .map_err(|e| ServiceError::invalid("encoded", e).into_status())?;
         let key = image.key(&self.0.args.model_revision);
         self.0.cache.put(&pixels_key(&key), pixels_to_bytes(&image)).await;
         let mut metadata = Metadata::default();
         if request.warm_features {
-            let prepared =
-                Prepared { image: Arc::new(image.clone()), key: key.clone(), masks: vec![], labels: vec![] };
-            let pooled = self.0.pool(&prepared).await.map_err(fail)?;
-            metadata = self::metadata(&pooled, None, false, start);
+            let (_, tier) = self.0.features(&key, &image).await.map_err(ServiceError::into_status)?;
+            let timing =
+                Timing { encode_ns: elapsed_ns(start), total_ns: elapsed_ns(start), ..Timing::default() };
+            metadata.timing = Some(timing);
+            metadata.cache = Some(CacheHits { vision_features: tier as i32, ..CacheHits::default() });
         }
         Ok(Response::new(v1::RegisterImageResponse {
             key,
@@ -535,9 +530,10 @@ impl Osprey for OspreyService {
         &self,
         _request: Request<v1::SegmentRequest>,
     ) -> Result<Response<v1::SegmentResponse>, Status> {
-        Err(fail(ServiceError::FailedPrecondition(
+        Err(ServiceError::FailedPrecondition(
             "Segment needs sam-workers, which this gateway does not route to yet".into(),
-        )))
+        )
+        .into_status())
     }
 
     type DescribeStream = ResultStream<v1::RegionResult>;
@@ -548,14 +544,14 @@ impl Osprey for OspreyService {
         request: Request<v1::DescribeRequest>,
     ) -> Result<Response<Self::DescribeStream>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
-        let permit = self.0.admit().map_err(fail)?;
+        let permit = self.0.admit().map_err(ServiceError::into_status)?;
         let start = Instant::now();
         let request = request.into_inner();
         // Validate before answering, so that bad input is the RPC's status, not a stream item.
         self.0
             .prepare(request.image.as_ref(), &request.regions, request.everything.is_some())
             .await
-            .map_err(fail)?;
+            .map_err(ServiceError::into_status)?;
         let (tx, rx) = mpsc::channel(64);
         let gateway = self.0.clone();
         tokio::spawn(
@@ -572,7 +568,7 @@ impl Osprey for OspreyService {
     #[instrument(skip_all, fields(regions = request.get_ref().regions.len()))]
     async fn ask(&self, request: Request<v1::AskRequest>) -> Result<Response<v1::AskResponse>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
-        let _permit = self.0.admit().map_err(fail)?;
+        let _permit = self.0.admit().map_err(ServiceError::into_status)?;
         let start = Instant::now();
         let request = request.into_inner();
         let work = async {
@@ -605,8 +601,10 @@ impl Osprey for OspreyService {
             Err(ServiceError::Internal("the LLM worker ended the answer early".into()))
         };
         match tokio::time::timeout(self.0.timeout(), work).await {
-            Ok(result) => result.map(Response::new).map_err(fail),
-            Err(_) => Err(fail(ServiceError::DeadlineExceeded("the request ran past its timeout".into()))),
+            Ok(result) => result.map(Response::new).map_err(ServiceError::into_status),
+            Err(_) => {
+                Err(ServiceError::DeadlineExceeded("the request ran past its timeout".into()).into_status())
+            }
         }
     }
 
@@ -615,7 +613,7 @@ impl Osprey for OspreyService {
     #[instrument(skip_all, fields(regions = request.get_ref().regions.len(), turns = request.get_ref().history.len()))]
     async fn chat(&self, request: Request<v1::ChatRequest>) -> Result<Response<Self::ChatStream>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
-        let permit = self.0.admit().map_err(fail)?;
+        let permit = self.0.admit().map_err(ServiceError::into_status)?;
         let start = Instant::now();
         let request = request.into_inner();
         let (mut stream, pooled) = self
@@ -628,7 +626,7 @@ impl Osprey for OspreyService {
                 request.parameters,
             )
             .await
-            .map_err(fail)?;
+            .map_err(ServiceError::into_status)?;
         let (tx, rx) = mpsc::channel(64);
         let timeout = self.0.timeout();
         tokio::spawn(
@@ -738,8 +736,7 @@ async fn annotate_item(
             }),
         }),
         Ok(Err(err)) => {
-            metrics::counter!("osprey_request_failure", "err" => err.error_type()).increment(1);
-            let status = Status::from(err);
+            let status = err.into_status();
             Event::Error(v1::ItemError { code: status.code() as i32, message: status.message().into() })
         }
         Err(_) => {
@@ -792,12 +789,7 @@ pub async fn run(
         .add_service(tonic::service::interceptor::InterceptedService::new(server, ApiKeyCheck(api_key)));
     health.set_serving().await;
     tracing::info!(address = %listener.local_addr()?, "serving");
-    let drain_health = health.clone();
-    let shutdown = async move {
-        shutdown.await;
-        drain_health.set_not_serving().await;
-    };
-    osprey_common::grpc::serve(listener, routes, shutdown).await?;
+    osprey_common::grpc::serve(listener, routes, &health, shutdown).await?;
     Ok(())
 }
 

@@ -16,7 +16,12 @@ fn local_pipeline_runs_the_sample_and_exits_cleanly() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "exit {:?}\n{stdout}\n{}", output.status, String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "exit {:?}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("Using generated demo weights"), "{stdout}");
     for region in 0..3 {
         assert_eq!(stdout.matches(&format!("region {region} [")).count(), 2, "{stdout}");

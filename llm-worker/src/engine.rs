@@ -333,10 +333,12 @@ impl Engine {
                 done: p.done,
             });
         }
+        metrics::gauge!("osprey_llm_queue_size").set(self.waiting.len() as f64);
         if self.running.is_empty() {
             return Ok(0);
         }
         let n = self.running.len();
+        metrics::histogram!("osprey_llm_batch_size").record(n as f64);
         let rows = match self.forward_running() {
             Ok(rows) => rows,
             Err(e) => {

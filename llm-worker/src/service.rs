@@ -371,10 +371,7 @@ impl Llm for LlmService {
         set_parent_from_metadata(&Span::current(), request.metadata());
         match LlmService::generate(self, request.into_inner()).await {
             Ok(rx) => Ok(Response::new(ReceiverStream::new(rx))),
-            Err(err) => {
-                metrics::counter!("osprey_request_failure", "err" => err.error_type()).increment(1);
-                Err(err.into())
-            }
+            Err(err) => Err(err.into_status()),
         }
     }
 }
@@ -394,12 +391,7 @@ pub async fn run(
         .max_encoding_message_size(args.max_message_bytes);
     health.set_serving().await;
     tracing::info!(address = %listener.local_addr()?, "serving");
-    let drain_health = health.clone();
-    let shutdown = async move {
-        shutdown.await;
-        drain_health.set_not_serving().await;
-    };
-    serve(listener, routes.add_service(llm), shutdown).await?;
+    serve(listener, routes.add_service(llm), &health, shutdown).await?;
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use osprey_common::ServiceError;
+use osprey_common::error::{check_image_key, respond};
 use osprey_common::grpc::{serve, shutdown_signal, standard_routes};
 use osprey_common::image::RgbImage;
 use osprey_common::lru::ByteLru;
@@ -403,7 +404,7 @@ impl VisionService {
 
     async fn handle_encode(&self, request: EncodeRequest) -> Result<EncodeResponse, ServiceError> {
         let start = Instant::now();
-        check_key(&request.image_key)?;
+        check_image_key(&request.image_key)?;
         if let Some(features) = self.resident(&request.image_key) {
             return Ok(EncodeResponse {
                 features: self.blob_if(request.return_features, &features)?,
@@ -439,7 +440,7 @@ impl VisionService {
 
     async fn handle_pool(&self, request: PoolRequest) -> Result<PoolResponse, ServiceError> {
         let start = Instant::now();
-        check_key(&request.image_key)?;
+        check_image_key(&request.image_key)?;
         if request.masks.len() > self.max_masks {
             return Err(ServiceError::invalid(
                 "masks",
@@ -512,23 +513,8 @@ impl VisionService {
     }
 }
 
-fn check_key(key: &str) -> Result<(), ServiceError> {
-    if key.is_empty() || key.len() > 128 {
-        return Err(ServiceError::invalid("image_key", "must be 1 to 128 characters"));
-    }
-    Ok(())
-}
-
 fn elapsed_ns(start: Instant) -> u64 {
     start.elapsed().as_nanos() as u64
-}
-
-/// Counts a failed request by error type and turns it into a status.
-fn answer<T>(result: Result<T, ServiceError>) -> Result<Response<T>, Status> {
-    result.map(Response::new).map_err(|err| {
-        metrics::counter!("osprey_request_failure", "err" => err.error_type()).increment(1);
-        err.into()
-    })
 }
 
 #[tonic::async_trait]
@@ -537,14 +523,14 @@ impl Vision for VisionService {
     async fn encode(&self, request: Request<EncodeRequest>) -> Result<Response<EncodeResponse>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
         let _permit = self.admit()?;
-        answer(self.handle_encode(request.into_inner()).await)
+        respond(self.handle_encode(request.into_inner()).await)
     }
 
     #[instrument(skip_all, fields(image_key = %request.get_ref().image_key, masks = request.get_ref().masks.len()))]
     async fn pool(&self, request: Request<PoolRequest>) -> Result<Response<PoolResponse>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
         let _permit = self.admit()?;
-        answer(self.handle_pool(request.into_inner()).await)
+        respond(self.handle_pool(request.into_inner()).await)
     }
 }
 
@@ -593,12 +579,7 @@ pub async fn run(
     let routes = routes.add_service(vision);
     health.set_serving().await;
     tracing::info!(address = %listener.local_addr()?, "serving");
-    let drain_health = health.clone();
-    let shutdown = async move {
-        shutdown.await;
-        drain_health.set_not_serving().await;
-    };
-    serve(listener, routes, shutdown).await?;
+    serve(listener, routes, &health, shutdown).await?;
     Ok(())
 }
 

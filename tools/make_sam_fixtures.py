@@ -18,7 +18,14 @@ Writes tests/fixtures/sam/:
     expected.safetensors    input_image (resized u8 HWC), image_embeddings, and per prompt i:
                             masks_i (u8 [K,H,W]), iou_predictions_i, low_res_logits_i (+ mask_input_i)
     manifest_vit_{b,l,h}.json  full-size state-dict key names and shapes (built on the meta device)
+    amg.json                SamAutomaticMaskGenerator runs on photo.png (see AMG_CASES): per case the model's
+                            mask_threshold, the generator kwargs and every output record in the reference's own
+                            order, segmentation as uncompressed column-major RLE counts
+
+`--amg-only` rebuilds amg.json alone from the committed tiny_sam.safetensors and photo.png.
 """
+
+import argparse
 
 import json
 import os
@@ -29,7 +36,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from segment_anything import SamPredictor, sam_model_registry
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.modeling.common import LayerNorm2d
 
@@ -164,7 +171,76 @@ def manifest(kind):
     return {k: list(v.shape) for k, v in sam.state_dict().items()}
 
 
+# Automatic mask generation.  The tiny random model's logits are small (median 0.08, 90th percentile 0.27) and
+# its masks speckled, so at the reference defaults (mask_threshold 0, pred_iou 0.88, stability 0.95 at offset 1,
+# box NMS 0.7) nothing or one whole-image mask survives.  Each case therefore raises the model's mask_threshold and
+# relaxes the filters so that a dozen or more masks pass; every other parameter keeps its default.
+AMG_CASES = [
+    dict(
+        name="whole_image",
+        mask_threshold=0.25,
+        kwargs=dict(pred_iou_thresh=0.3, stability_score_thresh=0.6, stability_score_offset=0.02, box_nms_thresh=0.98),
+    ),
+    dict(
+        name="crops",
+        mask_threshold=0.35,
+        kwargs=dict(
+            points_per_side=16,
+            crop_n_layers=1,
+            crop_n_points_downscale_factor=2,
+            pred_iou_thresh=0.2,
+            stability_score_thresh=0.5,
+            stability_score_offset=0.02,
+            box_nms_thresh=0.98,
+            crop_nms_thresh=0.9,
+        ),
+    ),
+]
+
+
+def make_amg(model, image):
+    cases = []
+    for case in AMG_CASES:
+        model.mask_threshold = case["mask_threshold"]
+        gen = SamAutomaticMaskGenerator(model, output_mode="uncompressed_rle", **case["kwargs"])
+        records = gen.generate(image)
+        masks = []
+        for r in records:
+            seg = r["segmentation"]
+            masks.append(
+                dict(
+                    size=list(seg["size"]),
+                    counts=[int(c) for c in seg["counts"]],
+                    area=int(r["area"]),
+                    bbox=[float(v) for v in r["bbox"]],
+                    predicted_iou=float(r["predicted_iou"]),
+                    stability_score=float(r["stability_score"]),
+                    point_coords=[[float(v) for v in p] for p in r["point_coords"]],
+                    crop_box=[float(v) for v in r["crop_box"]],
+                )
+            )
+        print(f"amg {case['name']}: {len(masks)} masks from {len(set(tuple(m['crop_box']) for m in masks))} crops")
+        cases.append(dict(name=case["name"], mask_threshold=case["mask_threshold"], params=case["kwargs"], masks=masks))
+    del model.mask_threshold  # back to the class attribute (0.0)
+    with open(os.path.join(OUT, "amg.json"), "w") as f:
+        json.dump(cases, f)
+        f.write("\n")
+
+
+def amg_only():
+    from safetensors.torch import load_file
+
+    model = build_tiny(TINY)
+    model.load_state_dict(load_file(os.path.join(OUT, "tiny_sam.safetensors")))
+    make_amg(model.eval(), np.array(Image.open(os.path.join(OUT, "photo.png")).convert("RGB")))
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--amg-only", action="store_true", help="rebuild amg.json only")
+    if parser.parse_args().amg_only:
+        amg_only()
+        return
     os.makedirs(OUT, exist_ok=True)
     gen = torch.Generator().manual_seed(SEED)
     torch.manual_seed(SEED)
@@ -245,6 +321,7 @@ def main():
             json.dump(manifest(kind), f, indent=0, sort_keys=True)
             f.write("\n")
     print("image", (h, w), "->", tuple(out["input_image"].shape))
+    make_amg(model, image)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ use osprey_common::resize::ResizeError;
 pub enum SamError {
     #[error("prompt {prompt:?}: field `{field}`: {problem}")]
     InvalidPrompt { prompt: String, field: &'static str, problem: String },
+    #[error("params.{field}: {problem}")]
+    InvalidParams { field: &'static str, problem: String },
     #[error("no image is set: call set_image before predict")]
     NoImage,
     #[error("invalid SAM config: {0}")]
@@ -41,7 +43,10 @@ impl SamError {
     /// Short label for metrics (`osprey_request_failure{err=...}`).
     pub fn error_type(&self) -> &'static str {
         match self {
-            SamError::InvalidPrompt { .. } | SamError::NoImage | SamError::Image(_) => "validation",
+            SamError::InvalidPrompt { .. }
+            | SamError::InvalidParams { .. }
+            | SamError::NoImage
+            | SamError::Image(_) => "validation",
             SamError::Config(_)
             | SamError::Io { .. }
             | SamError::Weights { .. }

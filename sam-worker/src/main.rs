@@ -1,4 +1,4 @@
-//! `sam-worker`: the SAM stage of Osprey. For now only the `dump` debugging command.
+//! `sam-worker`: the SAM stage of Osprey: `serve` (gRPC) and the `dump` debugging command.
 
 use std::path::PathBuf;
 
@@ -13,7 +13,10 @@ struct Args {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)]
 enum Command {
+    /// Serve `osprey.worker.v1.Sam` over gRPC.
+    Serve(sam_worker::service::ServeArgs),
     /// Embed one image, run a list of prompts and write every output to a safetensors file.
     Dump {
         /// Checkpoint with the official key names: `.pth` (torch.save of the state dict) or safetensors.
@@ -40,6 +43,10 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(sam_worker::service::main(args))?,
         Command::Dump { weights, config, image, prompts, out, cuda } => {
             let device = sam_worker::select_device(cuda)?;
             run_dump(&DumpArgs { weights, config, image, prompts, out }, &device)?;

@@ -109,13 +109,22 @@ impl Prediction {
     }
 }
 
-#[derive(Debug)]
-struct ImageState {
-    embeddings: Tensor,
+/// The embedding of one image and the sizes needed to map prompts and masks (what `set_image` keeps).
+#[derive(Debug, Clone)]
+pub struct ImageEmbedding {
+    /// `[1, C, grid, grid]`.
+    pub embeddings: Tensor,
     /// `(h, w)` of the original image.
-    original: (usize, usize),
+    pub original: (usize, usize),
     /// `(h, w)` after ResizeLongestSide.
-    input: (usize, usize),
+    pub input: (usize, usize),
+}
+
+impl ImageEmbedding {
+    /// Bytes held by the embedding tensor (for the resident LRU's budget).
+    pub fn bytes(&self) -> usize {
+        self.embeddings.elem_count() * self.embeddings.dtype().size_in_bytes()
+    }
 }
 
 /// Holds the model and the embedding of the current image. Synchronous: run it on a model thread.
@@ -123,7 +132,7 @@ struct ImageState {
 pub struct SamPredictor {
     model: Sam,
     device: Device,
-    image: Option<ImageState>,
+    image: Option<ImageEmbedding>,
 }
 
 impl SamPredictor {
@@ -143,9 +152,16 @@ impl SamPredictor {
         Ok((pixels, nh, nw))
     }
 
-    /// Computes and keeps the image embedding (`set_image`); returns it, `[1, C, grid, grid]`.
-    pub fn set_image(&mut self, image: &RgbImage) -> Result<&Tensor, SamError> {
-        self.image = None;
+    pub fn model(&self) -> &Sam {
+        &self.model
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Computes the embedding of `image` without keeping it.
+    pub fn embed(&self, image: &RgbImage) -> Result<ImageEmbedding, SamError> {
         let cfg = &self.model.config;
         let s = cfg.image_size;
         let (pixels, nh, nw) = self.resize_image(image)?;
@@ -159,8 +175,14 @@ impl SamPredictor {
         let x = x.pad_with_zeros(2, 0, s - nh)?.pad_with_zeros(3, 0, s - nw)?;
         let embeddings = self.model.embed_image(&x)?;
         let original = (image.height() as usize, image.width() as usize);
-        let state = self.image.insert(ImageState { embeddings, original, input: (nh, nw) });
-        Ok(&state.embeddings)
+        Ok(ImageEmbedding { embeddings, original, input: (nh, nw) })
+    }
+
+    /// Computes and keeps the image embedding (`set_image`); returns it, `[1, C, grid, grid]`.
+    pub fn set_image(&mut self, image: &RgbImage) -> Result<&Tensor, SamError> {
+        self.image = None;
+        let state = self.embed(image)?;
+        Ok(&self.image.insert(state).embeddings)
     }
 
     /// The embedding of the current image (`get_image_embedding`).
@@ -171,6 +193,11 @@ impl SamPredictor {
     /// `predict(point_coords, point_labels, box, mask_input, multimask_output)` for the current image.
     pub fn predict(&self, prompt: &Prompt) -> Result<Prediction, SamError> {
         let state = self.image.as_ref().ok_or(SamError::NoImage)?;
+        self.predict_with(state, prompt)
+    }
+
+    /// `predict` against a given embedding (e.g. one kept in the service's resident LRU).
+    pub fn predict_with(&self, state: &ImageEmbedding, prompt: &Prompt) -> Result<Prediction, SamError> {
         let cfg = &self.model.config;
         let lr = cfg.low_res_size();
         let valid = prompt.validate(lr)?;
@@ -228,10 +255,25 @@ pub fn postprocess_masks(
     k: usize,
     lr: usize,
     image_size: usize,
-    (ih, iw): (usize, usize),
-    (oh, ow): (usize, usize),
+    input: (usize, usize),
+    original: (usize, usize),
     threshold: f64,
 ) -> Result<Vec<u8>, SamError> {
+    let out = postprocess_logits(low_res, k, lr, image_size, input, original)?;
+    let t = threshold as f32;
+    Ok(out.iter().map(|&v| u8::from(v > t)).collect())
+}
+
+/// `Sam.postprocess_masks`: `[K, L, L]` low-res logits → `[K, oh, ow]` logits at the original size
+/// (bilinear to the model input, crop the padding, bilinear to the original size).
+pub fn postprocess_logits(
+    low_res: &[f32],
+    k: usize,
+    lr: usize,
+    image_size: usize,
+    (ih, iw): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> Result<Vec<f32>, SamError> {
     let full = torch_bilinear(low_res, k, lr, lr, image_size, image_size)?;
     let mut cropped = Vec::with_capacity(k * ih * iw);
     for plane in full.chunks_exact(image_size * image_size) {
@@ -239,7 +281,5 @@ pub fn postprocess_masks(
             cropped.extend_from_slice(&row[..iw]);
         }
     }
-    let out = torch_bilinear(&cropped, k, ih, iw, oh, ow)?;
-    let t = threshold as f32;
-    Ok(out.iter().map(|&v| u8::from(v > t)).collect())
+    Ok(torch_bilinear(&cropped, k, ih, iw, oh, ow)?)
 }

@@ -35,6 +35,12 @@ pub struct LocalArgs {
     /// Checkpoint for the LLM stage only (overrides --weights); default: demo weights.
     #[arg(long, env = "OSPREY_LLM_WEIGHTS")]
     pub llm_weights: Option<PathBuf>,
+    /// SAM checkpoint (`.pth` or safetensors; ViT-B/L/H); default: demo weights.
+    #[arg(long, env = "OSPREY_SAM_WEIGHTS")]
+    pub sam_weights: Option<PathBuf>,
+    /// JSON config of a reduced SAM (only for non-official sizes).
+    #[arg(long, env = "OSPREY_SAM_CONFIG")]
+    pub sam_config: Option<PathBuf>,
     /// Image to describe (PNG, JPEG or WebP); default: the bundled sample photo.
     #[arg(long)]
     pub image: Option<PathBuf>,
@@ -69,7 +75,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// Starts a sibling binary (`vision-worker`, `llm-worker`) with `serve`.
-fn spawn_worker(name: &str, weights: &Path, port: u16) -> anyhow::Result<Child> {
+fn spawn_worker(name: &str, weights: &Path, port: u16, extra: &[String]) -> anyhow::Result<Child> {
     let binary = std::env::current_exe()?.with_file_name(name);
     if !binary.exists() {
         anyhow::bail!("{} not found: build the workspace first (cargo build --release)", binary.display());
@@ -78,6 +84,7 @@ fn spawn_worker(name: &str, weights: &Path, port: u16) -> anyhow::Result<Child> 
         .args(["serve", "--weights"])
         .arg(weights)
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .env("LOG_LEVEL", std::env::var("LOG_LEVEL").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
         .spawn()?;
@@ -106,7 +113,8 @@ async fn wait_serving(url: &str, children: &mut Children) -> anyhow::Result<()> 
 
 /// Runs the demo; returns when it is done (or, with `--serve`, at ctrl-c).
 pub async fn main(args: LocalArgs) -> anyhow::Result<()> {
-    let demo = args.weights.is_none() && (args.vision_weights.is_none() || args.llm_weights.is_none());
+    let demo = args.sam_weights.is_none()
+        || args.weights.is_none() && (args.vision_weights.is_none() || args.llm_weights.is_none());
     let vision_weights = args
         .vision_weights
         .clone()
@@ -124,17 +132,33 @@ pub async fn main(args: LocalArgs) -> anyhow::Result<()> {
         println!("Point --weights at an Osprey checkpoint for real answers.\n");
     }
 
-    let (vision_port, llm_port) = (free_port()?, free_port()?);
+    let (sam_weights, sam_config) = match &args.sam_weights {
+        Some(weights) => (weights.clone(), args.sam_config.clone()),
+        None => {
+            let dir = PathBuf::from(FIXTURES).join("sam");
+            (dir.join("tiny_sam.pth"), Some(dir.join("tiny_config.json")))
+        }
+    };
+    let (vision_port, llm_port, sam_port) = (free_port()?, free_port()?, free_port()?);
+    let mut sam_args = vec![];
+    if let Some(config) = &sam_config {
+        sam_args = vec!["--config".into(), config.display().to_string()];
+    }
     let mut children = Children(vec![
-        spawn_worker("vision-worker", &vision_weights, vision_port)?,
-        spawn_worker("llm-worker", &llm_weights, llm_port)?,
+        spawn_worker("vision-worker", &vision_weights, vision_port, &[])?,
+        spawn_worker("llm-worker", &llm_weights, llm_port, &[])?,
+        spawn_worker("sam-worker", &sam_weights, sam_port, &sam_args)?,
     ]);
-    let (vision_url, llm_url) =
-        (format!("http://127.0.0.1:{vision_port}"), format!("http://127.0.0.1:{llm_port}"));
+    let url = |port: u16| format!("http://127.0.0.1:{port}");
+    let (vision_url, llm_url, sam_url) = (url(vision_port), url(llm_port), url(sam_port));
     let started = Instant::now();
-    wait_serving(&vision_url, &mut children).await?;
-    wait_serving(&llm_url, &mut children).await?;
-    println!("workers ready in {:.1}s (vision {vision_url}, llm {llm_url})", started.elapsed().as_secs_f64());
+    for worker in [&vision_url, &llm_url, &sam_url] {
+        wait_serving(worker, &mut children).await?;
+    }
+    println!(
+        "workers ready in {:.1}s (vision {vision_url}, llm {llm_url}, sam {sam_url})",
+        started.elapsed().as_secs_f64()
+    );
 
     let mut argv = vec![
         "gateway".to_string(),
@@ -144,6 +168,8 @@ pub async fn main(args: LocalArgs) -> anyhow::Result<()> {
         vision_url,
         "--llm-workers".into(),
         llm_url,
+        "--sam-workers".into(),
+        sam_url,
     ];
     if let Some(url) = &args.redis_url {
         argv.extend(["--redis-url".to_string(), url.clone()]);
@@ -207,6 +233,29 @@ async fn run_demo(url: &str, args: &LocalArgs) -> anyhow::Result<()> {
             }),
         ),
         mask_region("box (RLE)", v1::mask::Format::Rle(rle_to_proto(&box_mask.to_rle()))),
+        v1::Region {
+            source: Some(v1::region::Source::Prompt(v1::SamPrompt {
+                points: vec![v1::Point {
+                    x: w as f32 / 2.0,
+                    y: h as f32 / 2.0,
+                    label: v1::PointLabel::Foreground as i32,
+                }],
+                ..Default::default()
+            })),
+            label: "SAM point prompt".into(),
+        },
+        v1::Region {
+            source: Some(v1::region::Source::Prompt(v1::SamPrompt {
+                r#box: Some(v1::Box {
+                    x0: fw as f32 * 0.55,
+                    y0: fh as f32 * 0.2,
+                    x1: fw as f32 * 0.95,
+                    y1: fh as f32 * 0.9,
+                }),
+                ..Default::default()
+            })),
+            label: "SAM box prompt".into(),
+        },
         mask_region(
             "whole image (RLE counts)",
             v1::mask::Format::Rle(v1::RleMask {
@@ -216,9 +265,6 @@ async fn run_demo(url: &str, args: &LocalArgs) -> anyhow::Result<()> {
             }),
         ),
     ];
-    println!(
-        "SAM regions (points, boxes, everything) are skipped: this build has no sam-worker route yet.\n"
-    );
 
     let mut client = OspreyClient::connect(url.to_string()).await?;
     let parameters =
@@ -254,6 +300,33 @@ async fn run_demo(url: &str, args: &LocalArgs) -> anyhow::Result<()> {
         }
         println!();
     }
+    println!("== Describe everything SAM finds (category)");
+    let request = v1::DescribeRequest {
+        image: Some(v1::Image { source: Some(v1::image::Source::Encoded(bytes.clone())) }),
+        regions: vec![],
+        // Loose thresholds: the random demo SAM is not confident about anything.
+        everything: Some(v1::EverythingParams {
+            points_per_side: Some(8),
+            pred_iou_thresh: Some(0.0),
+            stability_score_thresh: Some(0.0),
+            max_masks: Some(5),
+            ..Default::default()
+        }),
+        task: DescribeTask::Category as i32,
+        parameters: parameters.clone(),
+    };
+    let mut stream = client.describe(request).await?.into_inner();
+    let mut found = 0;
+    while let Some(result) = stream.message().await? {
+        found += 1;
+        let sam_ms = result.metadata.and_then(|m| m.timing).map_or(0.0, |t| ms(t.sam_ns));
+        println!(
+            "region {} [{}]: area {} px, bbox {:?}, answer {:?}, sam {:.1} ms",
+            result.region_index, result.label, result.area, result.bbox, result.text, sam_ms
+        );
+    }
+    println!("everything mode: {found} regions\n");
+
     println!("== Ask about region1 and region2");
     let answer = client
         .ask(v1::AskRequest {

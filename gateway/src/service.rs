@@ -8,13 +8,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use osprey_common::ServiceError;
+use osprey_common::error::respond;
 use osprey_common::image::{ImageLimits, RgbImage, decode_image};
-use osprey_common::mask::{Mask, mask_from_proto, rle_to_proto};
+use osprey_common::mask::{Mask, mask_from_proto, rle_from_proto, rle_to_proto};
 use osprey_common::telemetry::{TelemetryArgs, inject_trace_context, set_parent_from_metadata};
 use osprey_proto::v1::osprey_server::Osprey;
 use osprey_proto::v1::{self, CacheHits, CacheTier, Metadata, Timing};
 use osprey_proto::worker::v1 as worker;
 use osprey_proto::worker::v1::llm_client::LlmClient;
+use osprey_proto::worker::v1::sam_client::SamClient;
 use osprey_proto::worker::v1::vision_client::VisionClient;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,6 +38,10 @@ pub struct GatewayArgs {
     /// LLM worker replicas, comma-separated URLs.
     #[arg(long, env, value_delimiter = ',', required = true)]
     pub llm_workers: Vec<String>,
+    /// SAM worker replicas, comma-separated URLs; needed for Segment, prompt regions and
+    /// everything mode.
+    #[arg(long, env, value_delimiter = ',')]
+    pub sam_workers: Vec<String>,
     /// Clients must send this key as `authorization: Bearer KEY` or `x-api-key: KEY`. Open when unset.
     #[arg(long, env)]
     pub api_key: Option<String>,
@@ -73,18 +79,23 @@ pub struct GatewayArgs {
 pub struct Gateway {
     vision: Replicas,
     llm: Replicas,
+    sam: Replicas,
     cache: FeatureCache,
     admission: Arc<Semaphore>,
     image_limits: ImageLimits,
     args: GatewayArgs,
 }
 
-/// A validated request: the image, its key and the regions' masks.
+/// A validated request: the image, its key and the regions' masks (SAM's RLE kept for masks it
+/// made, to send back).
 struct Prepared {
     image: Arc<RgbImage>,
     key: String,
     masks: Vec<Mask>,
     labels: Vec<String>,
+    sam_masks: Vec<Option<v1::RleMask>>,
+    sam_ns: u64,
+    sam_tier: CacheTier,
 }
 
 /// Region tokens and image tokens for one request's regions.
@@ -100,6 +111,7 @@ impl Gateway {
         Ok(Self {
             vision: Replicas::new("vision", args.vision_workers.clone()).map_err(anyhow::Error::msg)?,
             llm: Replicas::new("llm", args.llm_workers.clone()).map_err(anyhow::Error::msg)?,
+            sam: Replicas::new("sam", args.sam_workers.clone()).map_err(anyhow::Error::msg)?,
             cache: FeatureCache::from_args(&args.cache)?,
             admission: Arc::new(Semaphore::new(args.max_concurrent_requests.max(1))),
             image_limits: ImageLimits {
@@ -138,43 +150,117 @@ impl Gateway {
         }
     }
 
-    /// Validates the image and regions of a request.
+    /// Validates the image and regions of a request; SAM prompts and everything mode become
+    /// masks through the routed SAM replica.
     async fn prepare(
         &self,
         image: Option<&v1::Image>,
         regions: &[v1::Region],
-        everything: bool,
+        everything: Option<&v1::EverythingParams>,
     ) -> Result<Prepared, ServiceError> {
-        if everything {
-            return Err(ServiceError::FailedPrecondition(
-                "everything: SAM automatic masks are not served by this gateway yet; send masks".into(),
-            ));
-        }
         if regions.len() > self.args.max_regions {
             return Err(ServiceError::invalid(
                 "regions",
                 format!("{} regions, over the limit of {}", regions.len(), self.args.max_regions),
             ));
         }
+        if everything.is_some() && !regions.is_empty() {
+            return Err(ServiceError::invalid("everything", "send either regions or everything, not both"));
+        }
         let (image, key) = self.image(image).await?;
-        let mut masks = Vec::with_capacity(regions.len());
+        let mut masks: Vec<Option<Mask>> = Vec::with_capacity(regions.len());
+        let mut prompts: Vec<(usize, v1::SamPrompt)> = Vec::new();
         for (i, region) in regions.iter().enumerate() {
             match &region.source {
                 Some(v1::region::Source::Mask(mask)) => {
                     let mask = mask_from_proto(mask, image.height(), image.width(), &self.image_limits)
                         .map_err(|e| ServiceError::invalid(format!("regions[{i}].mask"), e))?;
-                    masks.push(mask);
+                    masks.push(Some(mask));
                 }
-                Some(v1::region::Source::Prompt(_)) => {
-                    return Err(ServiceError::FailedPrecondition(format!(
-                        "regions[{i}].prompt: SAM prompts are not served by this gateway yet; send a mask"
-                    )));
+                Some(v1::region::Source::Prompt(prompt)) => {
+                    prompts.push((i, prompt.clone()));
+                    masks.push(None);
                 }
                 None => return Err(ServiceError::invalid(format!("regions[{i}]"), "set `mask` or `prompt`")),
             }
         }
-        let labels = regions.iter().map(|r| r.label.clone()).collect();
-        Ok(Prepared { image, key, masks, labels })
+        let mut labels: Vec<String> = regions.iter().map(|r| r.label.clone()).collect();
+        let mut sam_masks: Vec<Option<v1::RleMask>> = vec![None; regions.len()];
+        let start = Instant::now();
+        let mut sam_tier = CacheTier::Unspecified;
+        if !prompts.is_empty() {
+            let sent: Vec<v1::SamPrompt> = prompts.iter().map(|(_, p)| p.clone()).collect();
+            let response =
+                self.sam_predict(&key, &image, sent).await.map_err(|e| prompt_field(e, &prompts))?;
+            sam_tier = if response.was_resident { CacheTier::Resident } else { CacheTier::Computed };
+            for ((i, _), result) in prompts.iter().zip(response.prompts) {
+                let best = result
+                    .masks
+                    .into_iter()
+                    .max_by(|a, b| a.predicted_iou.total_cmp(&b.predicted_iou))
+                    .and_then(|m| m.mask)
+                    .ok_or_else(|| ServiceError::Internal("SAM returned no mask for a prompt".into()))?;
+                masks[*i] = Some(sam_mask(&best)?);
+                sam_masks[*i] = Some(best);
+            }
+        }
+        if let Some(params) = everything {
+            let response = self.sam_everything(&key, &image, params.clone()).await?;
+            sam_tier = if response.was_resident { CacheTier::Resident } else { CacheTier::Computed };
+            for (k, proposed) in response.masks.into_iter().enumerate() {
+                let rle = proposed
+                    .mask
+                    .ok_or_else(|| ServiceError::Internal("SAM sent a mask without RLE".into()))?;
+                masks.push(Some(sam_mask(&rle)?));
+                labels.push(format!("everything {k}"));
+                sam_masks.push(Some(rle));
+            }
+        }
+        let masks =
+            masks.into_iter().map(|m| m.expect("every region has a mask by now. This is a bug.")).collect();
+        let sam_ns = if sam_tier == CacheTier::Unspecified { 0 } else { elapsed_ns(start) };
+        Ok(Prepared { image, key, masks, labels, sam_masks, sam_ns, sam_tier })
+    }
+
+    /// SAM prompt decoding on the routed replica: without pixels first (the embedding is usually
+    /// resident there), then with them.
+    async fn sam_predict(
+        &self,
+        key: &str,
+        image: &RgbImage,
+        prompts: Vec<v1::SamPrompt>,
+    ) -> Result<worker::PredictResponse, ServiceError> {
+        let request = |image: Option<worker::RgbImage>| worker::PredictRequest {
+            image_key: key.to_string(),
+            image,
+            prompts: prompts.clone(),
+        };
+        match self.sam.call(key, |channel| predict_call(channel, request(None))).await {
+            Err(ServiceError::FailedPrecondition(_)) => {
+                self.sam.call(key, |channel| predict_call(channel, request(Some(wire_image(image))))).await
+            }
+            other => other,
+        }
+    }
+
+    /// SAM's automatic masks for the whole image, as [`Self::sam_predict`].
+    async fn sam_everything(
+        &self,
+        key: &str,
+        image: &RgbImage,
+        params: v1::EverythingParams,
+    ) -> Result<worker::EverythingResponse, ServiceError> {
+        let request = |image: Option<worker::RgbImage>| worker::EverythingRequest {
+            image_key: key.to_string(),
+            image,
+            params: Some(params.clone()),
+        };
+        match self.sam.call(key, |channel| everything_call(channel, request(None))).await {
+            Err(ServiceError::FailedPrecondition(_)) => {
+                self.sam.call(key, |channel| everything_call(channel, request(Some(wire_image(image))))).await
+            }
+            other => other,
+        }
     }
 
     /// Region and image tokens, from the routed vision replica's resident features, the shared
@@ -218,11 +304,7 @@ impl Gateway {
         }
         let encode = worker::EncodeRequest {
             image_key: key.to_string(),
-            image: Some(worker::RgbImage {
-                width: image.width(),
-                height: image.height(),
-                rgb: image.pixels().to_vec(),
-            }),
+            image: Some(wire_image(image)),
             return_features: true,
         };
         let response = self.vision.call(key, |channel| encode_call(channel, encode.clone())).await?;
@@ -266,21 +348,15 @@ impl Gateway {
     /// Describe: one question per region, results streamed as each finishes.
     async fn describe_stream(
         self: &Arc<Self>,
-        request: v1::DescribeRequest,
+        prepared: Prepared,
+        task: worker::RegionTask,
+        parameters: Option<v1::GenerationParameters>,
         start: Instant,
         tx: mpsc::Sender<Result<v1::RegionResult, Status>>,
     ) -> Result<(), ServiceError> {
-        let prepared =
-            self.prepare(request.image.as_ref(), &request.regions, request.everything.is_some()).await?;
         if prepared.masks.is_empty() {
-            return Err(ServiceError::invalid("regions", "at least one region is needed"));
+            return Ok(()); // everything mode found nothing
         }
-        let task = match v1::DescribeTask::try_from(request.task) {
-            Ok(v1::DescribeTask::Short) => worker::RegionTask::Short,
-            Ok(v1::DescribeTask::Detailed) => worker::RegionTask::Detailed,
-            Ok(v1::DescribeTask::Category) => worker::RegionTask::Category,
-            Err(_) => return Err(ServiceError::invalid("task", format!("unknown task {}", request.task))),
-        };
         let pooled = self.pool(&prepared).await?;
         let questions = (0..prepared.masks.len())
             .map(|i| {
@@ -293,7 +369,7 @@ impl Gateway {
                 })
             })
             .collect::<Result<Vec<_>, ServiceError>>()?;
-        let mut stream = self.generate(&prepared.key, &pooled, questions, request.parameters).await?;
+        let mut stream = self.generate(&prepared.key, &pooled, questions, parameters).await?;
         while let Some(response) = stream.message().await.map_err(ServiceError::from)? {
             if !response.finished {
                 continue;
@@ -308,10 +384,16 @@ impl Gateway {
                 raw_text: response.raw_text,
                 area: rle.area(),
                 bbox: rle.bbox().iter().map(|&v| v as f32).collect(),
-                mask: None,
+                mask: prepared.sam_masks[i].clone(),
                 generated_tokens: response.generated_tokens,
                 finish_reason: response.finish_reason,
-                metadata: Some(metadata(&pooled, response.timing.as_ref(), response.prefix_cache_hit, start)),
+                metadata: Some(metadata(
+                    &prepared,
+                    &pooled,
+                    response.timing.as_ref(),
+                    response.prefix_cache_hit,
+                    start,
+                )),
             };
             metrics::counter!("osprey_gateway_regions_total").increment(1);
             if tx.send(Ok(result)).await.is_err() {
@@ -329,7 +411,7 @@ impl Gateway {
         history: &[v1::Turn],
         question: &str,
         parameters: Option<v1::GenerationParameters>,
-    ) -> Result<(Streaming<worker::GenerateResponse>, Pooled), ServiceError> {
+    ) -> Result<(Streaming<worker::GenerateResponse>, Prepared, Pooled), ServiceError> {
         if question.trim().is_empty() {
             return Err(ServiceError::invalid("question", "must not be empty"));
         }
@@ -339,7 +421,7 @@ impl Gateway {
                 format!("{} bytes, over the limit of {}", question.len(), self.args.max_question_bytes),
             ));
         }
-        let prepared = self.prepare(image, regions, false).await?;
+        let prepared = self.prepare(image, regions, None).await?;
         let pooled = self.pool(&prepared).await?;
         let n = prepared.masks.len();
         let question = worker::Question {
@@ -353,7 +435,7 @@ impl Gateway {
             pos_tokens: (n > 0).then(|| rows(&pooled.response.pos_tokens, 0..n)).transpose()?,
         };
         let stream = self.generate(&prepared.key, &pooled, vec![question], parameters).await?;
-        Ok((stream, pooled))
+        Ok((stream, prepared, pooled))
     }
 
     fn timeout(&self) -> Duration {
@@ -376,10 +458,17 @@ async fn finish_stream<T>(
     }
 }
 
-fn metadata(pooled: &Pooled, llm: Option<&Timing>, prefix_hit: bool, start: Instant) -> Metadata {
+fn metadata(
+    prepared: &Prepared,
+    pooled: &Pooled,
+    llm: Option<&Timing>,
+    prefix_hit: bool,
+    start: Instant,
+) -> Metadata {
     let llm = llm.cloned().unwrap_or_default();
     Metadata {
         timing: Some(Timing {
+            sam_ns: prepared.sam_ns,
             encode_ns: pooled.encode_ns,
             pool_ns: pooled.pool_ns,
             prefill_ns: llm.prefill_ns,
@@ -388,9 +477,10 @@ fn metadata(pooled: &Pooled, llm: Option<&Timing>, prefix_hit: bool, start: Inst
             ..Timing::default()
         }),
         cache: Some(CacheHits {
+            sam_embedding: prepared.sam_tier as i32,
             vision_features: pooled.tier as i32,
             llm_prefix: prefix_hit,
-            ..CacheHits::default()
+            result: false,
         }),
     }
 }
@@ -412,6 +502,15 @@ fn rows(tensor: &Option<v1::Tensor>, range: std::ops::Range<usize>) -> Result<v1
         dtype: tensor.dtype,
         data: bytes.to_vec(),
     })
+}
+
+fn describe_task(task: i32) -> Result<worker::RegionTask, ServiceError> {
+    match v1::DescribeTask::try_from(task) {
+        Ok(v1::DescribeTask::Short) => Ok(worker::RegionTask::Short),
+        Ok(v1::DescribeTask::Detailed) => Ok(worker::RegionTask::Detailed),
+        Ok(v1::DescribeTask::Category) => Ok(worker::RegionTask::Category),
+        Err(_) => Err(ServiceError::invalid("task", format!("unknown task {task}"))),
+    }
 }
 
 fn check_parameters(p: &v1::GenerationParameters) -> Result<(), ServiceError> {
@@ -526,14 +625,51 @@ impl Osprey for OspreyService {
         }))
     }
 
+    #[instrument(skip_all, fields(prompts = request.get_ref().prompts.len()))]
     async fn segment(
         &self,
-        _request: Request<v1::SegmentRequest>,
+        request: Request<v1::SegmentRequest>,
     ) -> Result<Response<v1::SegmentResponse>, Status> {
-        Err(ServiceError::FailedPrecondition(
-            "Segment needs sam-workers, which this gateway does not route to yet".into(),
-        )
-        .into_status())
+        set_parent_from_metadata(&Span::current(), request.metadata());
+        let _permit = self.0.admit().map_err(ServiceError::into_status)?;
+        let start = Instant::now();
+        let request = request.into_inner();
+        let work = async {
+            let (image, key) = self.0.image(request.image.as_ref()).await?;
+            let (prompts, everything, was_resident) = match (&request.everything, request.prompts.is_empty())
+            {
+                (Some(_), false) => {
+                    return Err(ServiceError::invalid("everything", "send either prompts or everything"));
+                }
+                (None, true) => {
+                    return Err(ServiceError::invalid(
+                        "prompts",
+                        "at least one prompt (or everything) is needed",
+                    ));
+                }
+                (None, false) => {
+                    let response = self.0.sam_predict(&key, &image, request.prompts.clone()).await?;
+                    let prompts =
+                        response.prompts.into_iter().map(|p| v1::PromptResult { masks: p.masks }).collect();
+                    (prompts, vec![], response.was_resident)
+                }
+                (Some(params), true) => {
+                    let response = self.0.sam_everything(&key, &image, params.clone()).await?;
+                    (vec![], response.masks, response.was_resident)
+                }
+            };
+            let tier = if was_resident { CacheTier::Resident } else { CacheTier::Computed };
+            let metadata = Metadata {
+                timing: Some(Timing {
+                    sam_ns: elapsed_ns(start),
+                    total_ns: elapsed_ns(start),
+                    ..Timing::default()
+                }),
+                cache: Some(CacheHits { sam_embedding: tier as i32, ..CacheHits::default() }),
+            };
+            Ok(v1::SegmentResponse { prompts, everything, metadata: Some(metadata) })
+        };
+        respond(work.await)
     }
 
     type DescribeStream = ResultStream<v1::RegionResult>;
@@ -547,9 +683,15 @@ impl Osprey for OspreyService {
         let permit = self.0.admit().map_err(ServiceError::into_status)?;
         let start = Instant::now();
         let request = request.into_inner();
-        // Validate before answering, so that bad input is the RPC's status, not a stream item.
-        self.0
-            .prepare(request.image.as_ref(), &request.regions, request.everything.is_some())
+        // Validate (and run SAM) before answering, so that bad input is the RPC's status, not a
+        // stream item.
+        let task = describe_task(request.task).map_err(ServiceError::into_status)?;
+        if request.regions.is_empty() && request.everything.is_none() {
+            return Err(ServiceError::invalid("regions", "at least one region is needed").into_status());
+        }
+        let prepared = self
+            .0
+            .prepare(request.image.as_ref(), &request.regions, request.everything.as_ref())
             .await
             .map_err(ServiceError::into_status)?;
         let (tx, rx) = mpsc::channel(64);
@@ -557,7 +699,7 @@ impl Osprey for OspreyService {
         tokio::spawn(
             async move {
                 let _permit = permit;
-                let work = gateway.describe_stream(request, start, tx.clone());
+                let work = gateway.describe_stream(prepared, task, request.parameters, start, tx.clone());
                 finish_stream(work, gateway.timeout(), tx).await;
             }
             .instrument(Span::current()),
@@ -572,7 +714,7 @@ impl Osprey for OspreyService {
         let start = Instant::now();
         let request = request.into_inner();
         let work = async {
-            let (mut stream, pooled) = self
+            let (mut stream, prepared, pooled) = self
                 .0
                 .ask_stream(
                     request.image.as_ref(),
@@ -590,6 +732,7 @@ impl Osprey for OspreyService {
                         generated_tokens: response.generated_tokens,
                         finish_reason: response.finish_reason,
                         metadata: Some(metadata(
+                            &prepared,
                             &pooled,
                             response.timing.as_ref(),
                             response.prefix_cache_hit,
@@ -616,7 +759,7 @@ impl Osprey for OspreyService {
         let permit = self.0.admit().map_err(ServiceError::into_status)?;
         let start = Instant::now();
         let request = request.into_inner();
-        let (mut stream, pooled) = self
+        let (mut stream, prepared, pooled) = self
             .0
             .ask_stream(
                 request.image.as_ref(),
@@ -639,7 +782,13 @@ impl Osprey for OspreyService {
                             finished: response.finished,
                             finish_reason: response.finish_reason,
                             metadata: response.finished.then(|| {
-                                metadata(&pooled, response.timing.as_ref(), response.prefix_cache_hit, start)
+                                metadata(
+                                    &prepared,
+                                    &pooled,
+                                    response.timing.as_ref(),
+                                    response.prefix_cache_hit,
+                                    start,
+                                )
                             }),
                         };
                         if tx.send(Ok(chunk)).await.is_err() {
@@ -691,19 +840,20 @@ async fn annotate_item(
     use v1::annotate_response::Event;
     let start = Instant::now();
     let item_id = item.item_id.clone();
-    let request = v1::DescribeRequest {
-        image: item.image,
-        regions: item.regions,
-        everything: item.everything,
-        task: item.task,
-        parameters: item.parameters,
-    };
     let (results_tx, mut results) = mpsc::channel(64);
     let run = {
         let gateway = gateway.clone();
         tokio::spawn(async move {
             let permit = gateway.admit()?;
-            let work = gateway.describe_stream(request, start, results_tx);
+            let work = async {
+                let task = describe_task(item.task)?;
+                if item.regions.is_empty() && item.everything.is_none() {
+                    return Err(ServiceError::invalid("regions", "at least one region is needed"));
+                }
+                let prepared =
+                    gateway.prepare(item.image.as_ref(), &item.regions, item.everything.as_ref()).await?;
+                gateway.describe_stream(prepared, task, item.parameters, start, results_tx).await
+            };
             let result = tokio::time::timeout(gateway.timeout(), work).await.unwrap_or_else(|_| {
                 Err(ServiceError::DeadlineExceeded("the item ran past its timeout".into()))
             });
@@ -799,4 +949,49 @@ pub async fn main(args: GatewayArgs) -> anyhow::Result<()> {
     tracing::info!(?args, "starting");
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     run(args, listener, osprey_common::grpc::shutdown_signal()).await
+}
+
+async fn predict_call(
+    channel: tonic::transport::Channel,
+    request: worker::PredictRequest,
+) -> Result<worker::PredictResponse, Status> {
+    let mut client =
+        SamClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    Ok(client.predict(inject_trace_context(Request::new(request))).await?.into_inner())
+}
+
+async fn everything_call(
+    channel: tonic::transport::Channel,
+    request: worker::EverythingRequest,
+) -> Result<worker::EverythingResponse, Status> {
+    let mut client =
+        SamClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    Ok(client.everything(inject_trace_context(Request::new(request))).await?.into_inner())
+}
+
+fn wire_image(image: &RgbImage) -> worker::RgbImage {
+    worker::RgbImage { width: image.width(), height: image.height(), rgb: image.pixels().to_vec() }
+}
+
+/// A mask SAM made, decoded (its size is the image's by construction).
+fn sam_mask(rle: &v1::RleMask) -> Result<Mask, ServiceError> {
+    rle_from_proto(rle)
+        .map(|r| r.to_mask())
+        .map_err(|e| ServiceError::Internal(format!("SAM sent a malformed mask: {e}")))
+}
+
+/// The SAM worker names prompts by their index in its request (`prompts[j]...`); the client knows
+/// them as `regions[i].prompt...`.
+fn prompt_field(err: ServiceError, prompts: &[(usize, v1::SamPrompt)]) -> ServiceError {
+    match err {
+        ServiceError::InvalidArgument(message) => {
+            let renamed = message.strip_prefix("prompts[").and_then(|rest| {
+                let (j, tail) = rest.split_once(']')?;
+                let (i, _) = prompts.get(j.parse::<usize>().ok()?)?;
+                Some(format!("regions[{i}].prompt{tail}"))
+            });
+            ServiceError::InvalidArgument(renamed.unwrap_or(message))
+        }
+        other => other,
+    }
 }

@@ -1,5 +1,5 @@
-//! The README's first command, `gateway local`, as real processes: it starts the vision and LLM
-//! worker binaries, serves the public API, sends the sample image through it, prints the answers
+//! The README's first command, `gateway local`, as real processes: it starts the vision, LLM and
+//! SAM worker binaries, serves the public API, sends the sample image through it, prints the answers
 //! and timings, and exits 0. (`cargo test --workspace` builds the worker binaries next to this
 //! package's.)
 
@@ -23,10 +23,13 @@ fn local_pipeline_runs_the_sample_and_exits_cleanly() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("Using generated demo weights"), "{stdout}");
-    for region in 0..3 {
+    for region in 1..5 {
         assert_eq!(stdout.matches(&format!("region {region} [")).count(), 2, "{stdout}");
     }
-    assert_eq!(stdout.matches("features Computed").count(), 3, "{stdout}");
-    assert_eq!(stdout.matches("features Resident").count(), 3, "{stdout}");
+    assert_eq!(stdout.matches("features Computed").count(), 5, "{stdout}");
+    assert_eq!(stdout.matches("features Resident").count(), 5, "{stdout}");
+    assert_eq!(stdout.matches("[SAM point prompt]").count(), 2, "{stdout}");
+    assert_eq!(stdout.matches("[SAM box prompt]").count(), 2, "{stdout}");
+    assert!(stdout.contains("== Describe everything SAM finds"), "{stdout}");
     assert!(stdout.contains("== Ask about region1 and region2"), "{stdout}");
 }

@@ -41,7 +41,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SAM_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to serve gRPC on.
-    #[arg(long, env, default_value = "0.0.0.0:50051")]
+    #[arg(long, env, default_value = "0.0.0.0:50054")]
     pub listen: SocketAddr,
     /// Compute device: `cpu`, or `cuda:N` in a build with `--features cuda`.
     #[arg(long, env, default_value = "cpu")]

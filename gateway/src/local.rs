@@ -276,7 +276,7 @@ async fn run_demo(url: &str, args: &LocalArgs) -> anyhow::Result<()> {
             regions: regions.clone(),
             everything: None,
             task: DescribeTask::Short as i32,
-            parameters: parameters.clone(),
+            parameters,
         };
         let mut stream = client.describe(request).await?.into_inner();
         while let Some(result) = stream.message().await? {
@@ -313,7 +313,7 @@ async fn run_demo(url: &str, args: &LocalArgs) -> anyhow::Result<()> {
             ..Default::default()
         }),
         task: DescribeTask::Category as i32,
-        parameters: parameters.clone(),
+        parameters,
     };
     let mut stream = client.describe(request).await?.into_inner();
     let mut found = 0;

@@ -205,7 +205,7 @@ impl Gateway {
             }
         }
         if let Some(params) = everything {
-            let response = self.sam_everything(&key, &image, params.clone()).await?;
+            let response = self.sam_everything(&key, &image, *params).await?;
             sam_tier = if response.was_resident { CacheTier::Resident } else { CacheTier::Computed };
             for (k, proposed) in response.masks.into_iter().enumerate() {
                 let rle = proposed
@@ -253,7 +253,7 @@ impl Gateway {
         let request = |image: Option<worker::RgbImage>| worker::EverythingRequest {
             image_key: key.to_string(),
             image,
-            params: Some(params.clone()),
+            params: Some(params),
         };
         match self.sam.call(key, |channel| everything_call(channel, request(None))).await {
             Err(ServiceError::FailedPrecondition(_)) => {
@@ -654,7 +654,7 @@ impl Osprey for OspreyService {
                     (prompts, vec![], response.was_resident)
                 }
                 (Some(params), true) => {
-                    let response = self.0.sam_everything(&key, &image, params.clone()).await?;
+                    let response = self.0.sam_everything(&key, &image, *params).await?;
                     (vec![], response.masks, response.was_resident)
                 }
             };

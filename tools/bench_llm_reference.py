@@ -6,17 +6,31 @@ call splices the projected image tokens and the region tokens into the prompt an
 prefix (no prefix/KV sharing between questions about the same image), then decodes.  This script times exactly that
 loop on a reduced LLaMA that fits a CPU, with random weights:
     vocab 32000, hidden 512, intermediate 1376, 8 layers, 8 heads (head_dim 64), mm_projector 768 -> 512 -> 512,
-    prefix = 1024 image tokens + ~60 text tokens (one <mask><pos> region), greedy, exactly 32 new tokens.
-For N = 1, 4, 16 questions (one image, N different questions) it prints JSON to stdout with the median seconds
+    prompt = 1024 image tokens + ~70 text ids (one <mask><pos> region, see --prompt), greedy, exactly 32 new tokens.
+For N = 1, 4, 16, 64 questions (one image, N different questions) it prints JSON to stdout with the median seconds
 per question.  Ratios between our server and this baseline, not absolute numbers, are what transfer to the
 real 7B model.
 
+Prompt (--prompt): `osprey-short` (default) is the Osprey demo's short-description prompt in the osprey_v1 template,
+"{system} USER: <image>\n\nThis provides an overview of the picture.\nPlease give me a short description of
+<mask><pos>. Using a short phrase. ASSISTANT:", as ids of the real LLaMA-2 tokenizer (OSPREY_SHORT_IDS below: the
+ids of transformers 4.31 LlamaTokenizerFast on tests/fixtures/llm/tokenizer through tokenizer_image_token, identical
+to llm-worker's tokenizer): 70 ids = 1093 positions with the image; every question has the same ids and its own
+region tokens, exactly what llm-worker/benches/llm.rs sends.  `random` is the original prompt: BOS, ~60 random ids,
+the <mask><pos> pair at a per-question offset.
+The loop is sequential, so the time per question does not depend on N: at most --max-questions questions are timed
+per N (the JSON says how many: measured_questions).
+
 Run (model venv, pins in tools/requirements-llm.txt):
-    /work/.venv-llm/bin/python tools/bench_llm_reference.py [--threads 1] [--budget-s 170] [--ns 1,4,16]
-The run stops starting new questions once --budget-s seconds have passed (N values not reached are reported as
-skipped), so it stays within about 3 minutes on 2 cores.  One thread by default: on a shared 2-core machine with a
-cargo build running, 2 torch threads were 2-7x slower per question than 1 (OpenMP threads wait for a busy core).
-Measured here with 1 thread (other builds running): about 2.2 s (N=1), 2.3 s (N=4), 2.4 s (N=16) per question.
+    /work/.venv-llm/bin/python tools/bench_llm_reference.py [--threads 1] [--budget-s 170] [--ns 1,4,16,64] \
+        [--max-questions 16] [--prompt osprey-short|random]
+(any venv with torch and transformers works, e.g. /work/.venv-vision; tools/run_benchmarks.sh passes --threads 2,
+the Rust bench's thread count.)
+The run stops starting new questions once --budget-s seconds have passed (an N cut short reports the median of the
+questions it timed; one with none is reported as skipped), so it stays within about 3 minutes on 2 cores.
+One thread by default: on a shared 2-core machine with a cargo build running, 2 torch threads were 2-7x slower
+per question than 1 (OpenMP threads wait for a busy core).  Measured here with 1 thread (other builds running,
+`random` prompt): about 2.2 s (N=1), 2.3 s (N=4), 2.4 s (N=16) per question.
 """
 
 import argparse
@@ -42,6 +56,12 @@ N_NEW = 32
 MASK_ID, POS_ID = 32000, 32001      # placeholders, never embedded (as in the real vocabulary)
 IMAGE_TOKEN_INDEX = -200
 SEED = 1234
+# tokenizer_image_token(osprey_v1 prompt of the demo's short-description question); -200 = the image.
+OSPREY_SHORT_IDS = [
+    1, 319, 13563, 1546, 263, 12758, 5199, 322, 385, 23116, 21082, 20255, 29889, 450, 20255, 4076, 8444, 29892,
+    13173, 29892, 322, 1248, 568, 6089, 304, 278, 5199, 29915, 29879, 5155, 29889, 3148, 1001, 29901, 29871,
+    IMAGE_TOKEN_INDEX, 29871, 13, 13, 4013, 8128, 385, 975, 1493, 310, 278, 7623, 29889, 13, 12148, 2367, 592, 263,
+    3273, 6139, 310, 29871, MASK_ID, POS_ID, 869, 5293, 263, 3273, 16549, 29889, 319, 1799, 9047, 13566, 29901]
 
 
 def build(gen):
@@ -60,8 +80,11 @@ def build(gen):
     return model, proj
 
 
-def prompt_ids(gen, q):
-    """BOS, ~10 system ids, -200, overview ids, question ids with one <mask><pos>, 'ASSISTANT:'-like tail."""
+def prompt_ids(gen, q, kind="random"):
+    """`osprey-short`: OSPREY_SHORT_IDS.  `random`: BOS, ~10 system ids, -200, overview ids, question ids with one
+    <mask><pos>, 'ASSISTANT:'-like tail."""
+    if kind == "osprey-short":
+        return list(OSPREY_SHORT_IDS)
     body = torch.randint(3, VOCAB, (N_TEXT,), generator=gen).tolist()
     cut = 12 + q % 5
     ids = [1] + body[:10] + [IMAGE_TOKEN_INDEX] + body[10:cut] + [MASK_ID, POS_ID] + body[cut:]
@@ -77,11 +100,34 @@ def answer(model, proj, ids, image_features, mask_tok, pos_tok):
     return emb.shape[0]
 
 
+@torch.no_grad()
+def phases(model, proj, ids, image_features, mask_tok, pos_tok, reps=3, steps=8):
+    """Prefill of the whole spliced prompt (last-position logits only, as generate asks for) and single-token
+    decode steps on its KV cache (the cost split llm-worker/benches/llm.rs prints next to its own)."""
+    emb = splice(model, proj, ids, image_features, mask_tok, pos_tok, mask_id=MASK_ID, pos_id=POS_ID)[None]
+    prefill = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = model(inputs_embeds=emb, use_cache=True, logits_to_keep=1)
+        prefill.append(time.perf_counter() - t)
+    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    decode = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        out = model(input_ids=tok, past_key_values=past, use_cache=True, logits_to_keep=1)
+        decode.append(time.perf_counter() - t)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return {"prefill_s": round(statistics.median(prefill), 4), "prefill_positions": emb.shape[1],
+            "decode_step_ms": round(1e3 * statistics.median(decode), 3), "prefill_runs": reps, "decode_steps": steps}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=170.0)
-    ap.add_argument("--ns", default="1,4,16")
+    ap.add_argument("--ns", default="1,4,16,64")
+    ap.add_argument("--max-questions", type=int, default=16, help="questions timed per N at most")
+    ap.add_argument("--prompt", choices=["osprey-short", "random"], default="osprey-short")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)  # make_llm_fixtures pins 1 thread and deterministic kernels on import
     torch.use_deterministic_algorithms(False)
@@ -91,38 +137,42 @@ def main():
     gen = torch.Generator().manual_seed(SEED)
     model, proj = build(gen)
     image_features = torch.randn(N_IMAGE_TOKENS, MM_HIDDEN, generator=gen)
-    mask_tok = torch.randn(1, HIDDEN, generator=gen) * 0.5
-    pos_tok = torch.randn(1, HIDDEN, generator=gen) * 0.5
+    # One region per question; every question gets its own region tokens.
+    regions = [(torch.randn(1, HIDDEN, generator=gen) * 0.5, torch.randn(1, HIDDEN, generator=gen) * 0.5)
+               for _ in range(args.max_questions)]
+    mask_tok, pos_tok = regions[0]
 
     t0 = time.perf_counter()
-    prefix_len = answer(model, proj, prompt_ids(gen, 0), image_features, mask_tok, pos_tok)  # warm-up
+    prefix_len = answer(model, proj, prompt_ids(gen, 0, args.prompt), image_features, mask_tok, pos_tok)  # warm-up
     warmup_s = time.perf_counter() - t0
+
+    phase_times = phases(model, proj, prompt_ids(gen, 0, args.prompt), image_features, mask_tok, pos_tok)
 
     results = {}
     for n in [int(x) for x in args.ns.split(",")]:
         times = []
         t_n = time.perf_counter()
-        for q in range(n):
+        for q in range(min(n, args.max_questions)):
             if time.perf_counter() - start > args.budget_s:
                 break
-            ids = prompt_ids(gen, q)
+            ids = prompt_ids(gen, q, args.prompt)
+            mask_tok, pos_tok = regions[q]
             t = time.perf_counter()
             answer(model, proj, ids, image_features, mask_tok, pos_tok)
             times.append(time.perf_counter() - t)
-        if len(times) == n:
+        if times:
             results[str(n)] = {"median_s_per_question": round(statistics.median(times), 4),
+                               "measured_questions": len(times), "questions": n,
                                "total_s": round(time.perf_counter() - t_n, 3)}
         else:
-            results[str(n)] = {"skipped": f"time budget reached after {len(times)} of {n} questions",
-                               "median_s_per_question_so_far": (round(statistics.median(times), 4) if times
-                                                                else None)}
+            results[str(n)] = {"skipped": f"time budget reached before question 1 of {n}"}
     print(json.dumps({
         "what": "official one-question-per-generate loop (full prefix forward per question), transformers, CPU",
         "config": {"vocab": VOCAB, "hidden": HIDDEN, "intermediate": INTER, "layers": LAYERS, "heads": HEADS,
                    "mm_hidden": MM_HIDDEN, "attn": "sdpa", "dtype": "float32"},
-        "prefix_tokens": prefix_len, "image_tokens": N_IMAGE_TOKENS, "new_tokens": N_NEW,
+        "prompt": args.prompt, "prefix_tokens": prefix_len, "image_tokens": N_IMAGE_TOKENS, "new_tokens": N_NEW,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "warmup_s": round(warmup_s, 3), "results": results,
+        "warmup_s": round(warmup_s, 3), "phases": phase_times, "results": results,
         "total_wall_s": round(time.perf_counter() - start, 1),
     }, indent=1))
 

@@ -1,0 +1,572 @@
+//! Vision-stage benchmarks (CPU, f32), a `harness = false` binary:
+//!
+//! ```text
+//! cargo bench -p vision-worker --bench vision -- [--reference FILE.json] [--sizes 512,800,1024]
+//!     [--masks 1,16,128,1024] [--no-trunk] [--no-pool] [--no-blocks] [--budget-s 60]
+//! ```
+//!
+//! a) The full-size ConvNeXt-L trunk (`[3,3,27,3]` x `[192,384,768,1536]`, random weights) at each
+//!    size: seconds per image (median; a few iterations, capped by `--budget-s` per size). With
+//!    `--reference` (the JSON of `tools/bench_vision_reference.py`: torch + timm, same thread
+//!    count) the ratio candle / torch.
+//! b) One block of each stage split into its depthwise 7x7 conv and the rest (layer norm, MLP, layer
+//!    scale, residual), to show where the trunk's time goes (and against torch with `--reference`).
+//! c) Mask pooling of all four levels of a 512 image's features for N masks at 640x480 (u8): our
+//!    custom op `mask_pool` against `mask_pool_naive` (plain candle ops) and against the memory-traffic
+//!    floor: the four feature maps and the masks read once, at the copy bandwidth measured here.
+//!
+//! Markdown goes to stdout, progress to stderr. Speed is reported, never asserted.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Module, Shape, Tensor};
+use candle_nn::{Init, LayerNorm, Linear, VarBuilder, var_builder::SimpleBackend};
+use vision_worker::VisionConfig;
+use vision_worker::models::clip_convnext::ConvNeXt;
+use vision_worker::pooling::{mask_pool, mask_pool_naive};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Original-image mask resolution of part (c) (H, W).
+const MASK_HW: (usize, usize) = (480, 640);
+/// Tower input of part (c): the four levels of a 512 image.
+const POOL_IMAGE: usize = 512;
+
+struct Args {
+    reference: Option<String>,
+    sizes: Vec<usize>,
+    masks: Vec<usize>,
+    trunk: bool,
+    blocks: bool,
+    pool: bool,
+    budget_s: f64,
+}
+
+fn parse_list(s: &str) -> Res<Vec<usize>> {
+    Ok(s.split(',').filter(|x| !x.is_empty()).map(str::parse).collect::<Result<_, _>>()?)
+}
+
+fn parse_args() -> Res<Args> {
+    let mut a = Args {
+        reference: None,
+        sizes: vec![512, 800, 1024],
+        masks: vec![1, 16, 128, 1024],
+        trunk: true,
+        blocks: true,
+        pool: true,
+        budget_s: 60.0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--reference" => a.reference = Some(value()?),
+            "--sizes" => a.sizes = parse_list(&value()?)?,
+            "--masks" => a.masks = parse_list(&value()?)?,
+            "--budget-s" => a.budget_s = value()?.parse()?,
+            "--no-trunk" => a.trunk = false,
+            "--no-blocks" => a.blocks = false,
+            "--no-pool" => a.pool = false,
+            // `cargo bench` passes --bench to harness = false binaries.
+            "--bench" => {}
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    Ok(a)
+}
+
+/// Runs `f` at least `min` and at most `max` times, stopping once `budget_s` seconds have been
+/// spent (after `min`); returns each run's seconds.
+fn time_runs(min: usize, max: usize, budget_s: f64, mut f: impl FnMut() -> Res<()>) -> Res<Vec<f64>> {
+    let start = Instant::now();
+    let mut times = Vec::new();
+    while times.len() < max && (times.len() < min || start.elapsed().as_secs_f64() < budget_s) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
+fn median(times: &[f64]) -> f64 {
+    let mut v = times.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Random weights by name and shape: layer-norm weights 1, biases 0, layer scale `gamma` 0.1,
+/// convolution and linear weights N(0, 1/fan_in). `tools/bench_vision_reference.py` initialises
+/// torch the same way (values only matter in keeping activations finite and normal).
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let dims = s.dims().to_vec();
+        let t = if dims.len() == 1 {
+            if name.ends_with("gamma") {
+                Tensor::full(0.1_f32, s, dev)?
+            } else if name.ends_with("bias") {
+                Tensor::zeros(s, DType::F32, dev)?
+            } else {
+                Tensor::ones(s, DType::F32, dev)?
+            }
+        } else {
+            let fan_in: usize = dims[1..].iter().product();
+            Tensor::randn(0_f32, (fan_in as f32).powf(-0.5), s, dev)?
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("{name}: random weights need a shape")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+fn uptime() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The torch numbers of `tools/bench_vision_reference.py`.
+#[derive(Default)]
+struct Reference {
+    trunk: BTreeMap<usize, f64>,
+    /// stage -> (dwconv ms, rest ms)
+    blocks: BTreeMap<usize, (f64, f64)>,
+    label: String,
+}
+
+fn read_reference(path: &str) -> Res<Reference> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let mut r = Reference {
+        label: format!(
+            "torch {} (timm {}), {} threads",
+            v["torch"].as_str().unwrap_or("?"),
+            v["timm"].as_str().unwrap_or("?"),
+            v["threads"]
+        ),
+        ..Default::default()
+    };
+    if let Some(trunk) = v["trunk"].as_object() {
+        for (size, entry) in trunk {
+            if let Some(m) = entry["median_s"].as_f64() {
+                r.trunk.insert(size.parse()?, m);
+            }
+        }
+    }
+    if let Some(blocks) = v["blocks"].as_object() {
+        for (stage, entry) in blocks {
+            if let (Some(dw), Some(rest)) = (entry["dwconv_ms"].as_f64(), entry["rest_ms"].as_f64()) {
+                r.blocks.insert(stage.parse()?, (dw, rest));
+            }
+        }
+    }
+    Ok(r)
+}
+
+fn bench_trunk(args: &Args, cfg: &VisionConfig, reference: Option<&Reference>) -> Res<()> {
+    let dev = Device::Cpu;
+    eprintln!("trunk: building ConvNeXt-L with random weights ...");
+    let t = Instant::now();
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, dev.clone());
+    let trunk = ConvNeXt::load(vb, cfg)?;
+    eprintln!("trunk: built in {:.1} s", t.elapsed().as_secs_f64());
+
+    let mut rows = Vec::new();
+    for (i, &size) in args.sizes.iter().enumerate() {
+        let x = Tensor::randn(0_f32, 1.0, (1, 3, size, size), &dev)?;
+        if i == 0 {
+            // Warm-up: first-touch allocations, thread pool start.
+            let t = Instant::now();
+            trunk.forward(&x)?;
+            eprintln!("trunk: warm-up at {size}: {:.2} s", t.elapsed().as_secs_f64());
+        }
+        let (min, max) = if size <= 512 { (3, 3) } else { (1, 3) };
+        let times = time_runs(min, max, args.budget_s, || {
+            let f = trunk.forward(&x)?;
+            // The values are computed eagerly on the CPU; touch the last level anyway.
+            f.levels[3].dims4()?;
+            Ok(())
+        })?;
+        eprintln!("trunk {size}: {times:.3?}");
+        rows.push((size, times));
+    }
+
+    println!("### (a) ConvNeXt-L trunk, random weights, f32, batch 1\n");
+    println!("Seconds per image (res2..res5, no head); median of the runs listed.\n");
+    match reference {
+        Some(r) => {
+            println!(
+                "| input | runs | candle median s | candle min s | {} median s | candle / torch |",
+                r.label
+            );
+            println!("|---|---|---|---|---|---|");
+        }
+        None => {
+            println!("| input | runs | candle median s | candle min s |");
+            println!("|---|---|---|---|");
+        }
+    }
+    for (size, times) in &rows {
+        let m = median(times);
+        let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let base = format!("| {size}x{size} | {} | {m:.2} | {min:.2} |", times.len());
+        match reference {
+            Some(r) => match r.trunk.get(size) {
+                Some(t) => println!("{base} {t:.2} | {:.2}x |", m / t),
+                None => println!("{base} not measured | - |"),
+            },
+            None => println!("{base}"),
+        }
+    }
+    let measured: Vec<usize> = rows.iter().map(|r| r.0).collect();
+    for size in [512, 800, 1024] {
+        if !measured.contains(&size) {
+            println!("\n{size}x{size}: not run (not in --sizes).");
+        }
+    }
+    println!();
+    Ok(())
+}
+
+/// The operations of one ConvNeXt block (as `clip_convnext::Block` runs them), on random weights.
+struct BlockOps {
+    taps: Vec<Tensor>,
+    dw_bias: Tensor,
+    norm: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    gamma: Tensor,
+}
+
+impl BlockOps {
+    fn new(c: usize, dev: &Device) -> Res<Self> {
+        let taps =
+            (0..49).map(|_| Tensor::randn(0_f32, 1.0 / 7.0, (1, c, 1, 1), dev)).collect::<Result<_, _>>()?;
+        let lin = |i: usize, o: usize| -> Res<Linear> {
+            Ok(Linear::new(
+                Tensor::randn(0_f32, (i as f32).powf(-0.5), (o, i), dev)?,
+                Some(Tensor::zeros(o, DType::F32, dev)?),
+            ))
+        };
+        Ok(Self {
+            taps,
+            dw_bias: Tensor::zeros((1, c, 1, 1), DType::F32, dev)?,
+            norm: LayerNorm::new(Tensor::ones(c, DType::F32, dev)?, Tensor::zeros(c, DType::F32, dev)?, 1e-6),
+            fc1: lin(c, 4 * c)?,
+            fc2: lin(4 * c, c)?,
+            gamma: Tensor::full(0.1_f32, c, dev)?,
+        })
+    }
+
+    /// The depthwise 7x7 conv as 49 shifted multiply-adds (what `DepthwiseConv` does).
+    fn dwconv(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let padded = x.pad_with_zeros(2, 3, 3)?.pad_with_zeros(3, 3, 3)?;
+        let mut acc = self.dw_bias.clone();
+        for (t, tap) in self.taps.iter().enumerate() {
+            let window = padded.narrow(2, t / 7, h)?.narrow(3, t % 7, w)?;
+            acc = acc.broadcast_add(&window.broadcast_mul(tap)?)?;
+        }
+        Ok(acc)
+    }
+
+    /// Everything after the depthwise conv: to NHWC, LN, fc1, GELU, fc2, gamma, back, residual.
+    fn rest(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let y = y.permute((0, 2, 3, 1))?.contiguous()?.reshape((b * h * w, c))?;
+        let y = self.norm.forward(&y)?;
+        let y = self.fc1.forward(&y)?.gelu_erf()?;
+        let y = self.fc2.forward(&y)?.broadcast_mul(&self.gamma)?;
+        let y = y.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
+        x + y
+    }
+}
+
+fn bench_blocks(cfg: &VisionConfig, reference: Option<&Reference>) -> Res<()> {
+    let dev = Device::Cpu;
+    let mut rows = Vec::new();
+    for stage in 0..4 {
+        let c = cfg.dims[stage];
+        let s = 512 / (4 << stage);
+        let ops = BlockOps::new(c, &dev)?;
+        let x = Tensor::randn(0_f32, 1.0, (1, c, s, s), &dev)?;
+        let y = ops.dwconv(&x)?;
+        ops.rest(&x, &y)?;
+        let dw = median(&time_runs(3, 5, 5.0, || {
+            ops.dwconv(&x)?;
+            Ok(())
+        })?);
+        let rest = median(&time_runs(3, 5, 5.0, || {
+            ops.rest(&x, &y)?;
+            Ok(())
+        })?);
+        eprintln!("block stage {stage}: dwconv {:.1} ms, rest {:.1} ms", dw * 1e3, rest * 1e3);
+        rows.push((stage, c, s, dw * 1e3, rest * 1e3));
+    }
+    println!("### (b) Where the trunk's time goes: one block per stage at 512\n");
+    println!(
+        "Median ms of one block's depthwise 7x7 conv (candle: 49 shifted multiply-adds, as in \
+         `clip_convnext.rs`) and of the rest of the block (NHWC permute, LayerNorm, fc1, GELU, fc2, \
+         layer scale, residual); x depth = the stage's share of a forward.\n"
+    );
+    let depths = cfg.depths;
+    let with_ref = reference.is_some_and(|r| !r.blocks.is_empty());
+    if with_ref {
+        println!(
+            "| stage | C x H x W | depth | candle dwconv ms | torch dwconv ms | ratio | candle rest ms | torch rest ms | ratio | candle stage s (est.) | torch stage s (est.) |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    } else {
+        println!("| stage | C x H x W | depth | candle dwconv ms | candle rest ms | candle stage s (est.) |");
+        println!("|---|---|---|---|---|---|");
+    }
+    let (mut tot_dw, mut tot_rest, mut tot_tdw, mut tot_trest) = (0.0, 0.0, 0.0, 0.0);
+    for (stage, c, s, dw, rest) in rows {
+        let d = depths[stage] as f64;
+        tot_dw += d * dw;
+        tot_rest += d * rest;
+        let est = d * (dw + rest) / 1e3;
+        match reference.and_then(|r| r.blocks.get(&stage)) {
+            Some(&(tdw, trest)) if with_ref => {
+                tot_tdw += d * tdw;
+                tot_trest += d * trest;
+                println!(
+                    "| {stage} | {c}x{s}x{s} | {} | {dw:.1} | {tdw:.1} | {:.1}x | {rest:.1} | {trest:.1} | {:.1}x | {est:.2} | {:.2} |",
+                    depths[stage],
+                    dw / tdw,
+                    rest / trest,
+                    d * (tdw + trest) / 1e3
+                );
+            }
+            _ if with_ref => println!(
+                "| {stage} | {c}x{s}x{s} | {} | {dw:.1} | - | - | {rest:.1} | - | - | {est:.2} | - |",
+                depths[stage]
+            ),
+            _ => println!("| {stage} | {c}x{s}x{s} | {} | {dw:.1} | {rest:.1} | {est:.2} |", depths[stage]),
+        }
+    }
+    println!();
+    println!(
+        "Sum over the 36 blocks (candle): depthwise convs {:.2} s, rest {:.2} s ({:.0}% in the depthwise convs).",
+        tot_dw / 1e3,
+        tot_rest / 1e3,
+        100.0 * tot_dw / (tot_dw + tot_rest)
+    );
+    if with_ref {
+        println!(
+            "Sum over the 36 blocks (torch): depthwise convs {:.2} s, rest {:.2} s ({:.0}% in the depthwise convs).",
+            tot_tdw / 1e3,
+            tot_trest / 1e3,
+            100.0 * tot_tdw / (tot_tdw + tot_trest)
+        );
+    }
+    println!();
+    Ok(())
+}
+
+/// Copy bandwidth ((bytes read + bytes written) / s) of a `size`-byte memcpy on `threads` threads
+/// (the buffer split evenly); best of `reps`.
+fn copy_bandwidth(size: usize, threads: usize, reps: usize) -> f64 {
+    let src = vec![1_u8; size];
+    let mut dst = vec![0_u8; size];
+    let chunk = size.div_ceil(threads);
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for (d, sr) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
+                s.spawn(move || d.copy_from_slice(sr));
+            }
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    2.0 * size as f64 / best
+}
+
+/// Deterministic xorshift64* generator for the masks.
+struct Rng(u64);
+
+impl Rng {
+    fn next_f64(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1_u64 << 53) as f64
+    }
+}
+
+/// `n` filled ellipses `[n, H, W]` u8 (0/1), radii log-uniform from 8 to 256 px (what SAM's
+/// "segment everything" gives, roughly: many small masks, a few large ones).
+fn ellipse_masks(n: usize, (h, w): (usize, usize)) -> (Vec<u8>, f64) {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut data = vec![0_u8; n * h * w];
+    let mut on = 0_usize;
+    for plane in data.chunks_exact_mut(h * w) {
+        let cx = rng.next_f64() * w as f64;
+        let cy = rng.next_f64() * h as f64;
+        let rx = 8.0 * 32_f64.powf(rng.next_f64());
+        let ry = 8.0 * 32_f64.powf(rng.next_f64());
+        let y0 = (cy - ry).floor().max(0.0) as usize;
+        let y1 = ((cy + ry).ceil() as usize).min(h - 1);
+        for y in y0..=y1 {
+            let dy = (y as f64 + 0.5 - cy) / ry;
+            if dy.abs() > 1.0 {
+                continue;
+            }
+            let half = rx * (1.0 - dy * dy).sqrt();
+            let x0 = (cx - half).round().max(0.0) as usize;
+            let x1 = ((cx + half).round().max(0.0) as usize).min(w);
+            if x0 < x1 {
+                plane[y * w + x0..y * w + x1].fill(1);
+                on += x1 - x0;
+            }
+        }
+    }
+    (data, on as f64 / (n * h * w).max(1) as f64)
+}
+
+fn bench_pool(args: &Args, cfg: &VisionConfig) -> Res<()> {
+    let dev = Device::Cpu;
+    let (h, w) = MASK_HW;
+    eprintln!("pool: measuring copy bandwidth ...");
+    let size = 512 << 20;
+    let bw1 = copy_bandwidth(size, 1, 5);
+    let bw2 = copy_bandwidth(size, 2, 5);
+    let bw = bw1.max(bw2);
+    eprintln!("pool: copy bandwidth {:.1} GB/s (1 thread), {:.1} GB/s (2 threads)", bw1 / 1e9, bw2 / 1e9);
+
+    let levels: Vec<Tensor> = (0..4)
+        .map(|l| {
+            let s = POOL_IMAGE / (4 << l);
+            Tensor::randn(0_f32, 1.0, (cfg.dims[l], s, s), &dev)
+        })
+        .collect::<Result<_, _>>()?;
+    let feature_bytes: usize = levels.iter().map(|t| t.elem_count() * 4).sum();
+    let max_n = args.masks.iter().copied().max().unwrap_or(0);
+    let (data, fill) = ellipse_masks(max_n, MASK_HW);
+    let all_masks = Tensor::from_vec(data, (max_n, h, w), &dev)?;
+    eprintln!("pool: {max_n} masks, {:.1}% of pixels on", 100.0 * fill);
+
+    let pool_all =
+        |masks: &Tensor, f: fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| -> Res<Vec<Tensor>> {
+            Ok(levels.iter().map(|l| f(masks, l)).collect::<Result<_, _>>()?)
+        };
+    let mut rows = Vec::new();
+    for &n in &args.masks {
+        let masks = all_masks.narrow(0, 0, n)?;
+        // Same results (checked once per N; relative to the largest pooled value).
+        let fast = pool_all(&masks, mask_pool)?;
+        let naive = pool_all(&masks, mask_pool_naive)?;
+        let mut err = 0_f32;
+        for (a, b) in fast.iter().zip(&naive) {
+            let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let s = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-6);
+            err = err.max(d / s);
+        }
+        let (min_fast, max_fast) = if n <= 16 { (10, 50) } else { (3, 10) };
+        let fast_t = time_runs(min_fast, max_fast, 10.0, || {
+            pool_all(&masks, mask_pool)?;
+            Ok(())
+        })?;
+        let (min_naive, max_naive) = if n >= 1024 {
+            (1, 2)
+        } else if n >= 128 {
+            (2, 5)
+        } else {
+            (3, 10)
+        };
+        let naive_t = time_runs(min_naive, max_naive, 15.0, || {
+            pool_all(&masks, mask_pool_naive)?;
+            Ok(())
+        })?;
+        let bytes = feature_bytes + n * h * w;
+        let floor = bytes as f64 / bw;
+        eprintln!(
+            "pool N={n}: custom {:.4} s ({} runs), naive {:.4} s ({} runs), floor {:.5} s, max rel err {err:.1e}",
+            median(&fast_t),
+            fast_t.len(),
+            median(&naive_t),
+            naive_t.len(),
+            floor
+        );
+        rows.push((n, fast_t, naive_t, bytes, floor, err));
+    }
+
+    println!("### (c) Mask pooling, all four levels of a 512 image, masks 640x480 u8\n");
+    println!(
+        "Features res2..res5 = {:.1} MB f32; masks: filled ellipses (radii log-uniform 8-256 px, {:.1}% of pixels on). \
+         Memory-traffic floor = (feature bytes + N x 640 x 480 mask bytes) / copy bandwidth, the \
+         bandwidth of a 512 MiB memcpy measured in this run: {:.1} GB/s on 1 thread, {:.1} GB/s on 2 \
+         threads ((bytes read + bytes written) / s; the larger is used). `mask_pool` runs on one \
+         thread; the naive version's matmuls use all threads.\n",
+        feature_bytes as f64 / 1e6,
+        100.0 * fill,
+        bw1 / 1e9,
+        bw2 / 1e9
+    );
+    println!(
+        "| N masks | bytes read once | floor ms | `mask_pool` median ms (runs) | `mask_pool_naive` median ms (runs) | naive / custom | custom / floor | max rel. diff |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (n, fast_t, naive_t, bytes, floor, err) in rows {
+        let (f, nv) = (median(&fast_t), median(&naive_t));
+        println!(
+            "| {n} | {:.1} MB | {:.2} | {:.2} ({}) | {:.1} ({}) | {:.1}x | {:.1}x | {err:.1e} |",
+            bytes as f64 / 1e6,
+            floor * 1e3,
+            f * 1e3,
+            fast_t.len(),
+            nv * 1e3,
+            naive_t.len(),
+            nv / f,
+            f / floor
+        );
+    }
+    println!();
+    Ok(())
+}
+
+fn main() -> Res<()> {
+    let args = parse_args()?;
+    let reference = args.reference.as_deref().map(read_reference).transpose()?;
+    let cfg = VisionConfig::from_json(r#"{"hidden_size": 4096}"#)?;
+    assert_eq!((cfg.depths, cfg.dims), ([3, 3, 27, 3], [192, 384, 768, 1536]));
+    let threads = candle_core::utils::get_num_threads();
+    let load_before = uptime();
+    let start = Instant::now();
+    println!("## Vision worker (`cargo bench -p vision-worker --bench vision`)\n");
+    println!(
+        "candle 0.11.1 CPU, f32, {threads} threads (RAYON_NUM_THREADS={}); load average before: {load_before}.\n",
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
+    );
+    if args.trunk {
+        bench_trunk(&args, &cfg, reference.as_ref())?;
+    }
+    if args.blocks {
+        bench_blocks(&cfg, reference.as_ref())?;
+    }
+    if args.pool {
+        bench_pool(&args, &cfg)?;
+    }
+    println!(
+        "Vision bench wall time {:.0} s; load average after: {}.\n",
+        start.elapsed().as_secs_f64(),
+        uptime()
+    );
+    Ok(())
+}

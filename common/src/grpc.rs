@@ -3,11 +3,38 @@
 
 use std::future::Future;
 
+use std::sync::Arc;
+
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+
+/// Fail-fast admission control: at most `limit` requests in flight; more are refused with
+/// RESOURCE_EXHAUSTED instead of queueing without bound.
+#[derive(Clone)]
+pub struct Admission {
+    permits: Arc<Semaphore>,
+    server: &'static str,
+}
+
+impl Admission {
+    pub fn new(server: &'static str, limit: usize) -> Self {
+        Self { permits: Arc::new(Semaphore::new(limit.max(1))), server }
+    }
+
+    /// A permit held for the life of the request.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, crate::ServiceError> {
+        self.permits.clone().try_acquire_owned().map_err(|_| {
+            crate::ServiceError::Overloaded(format!(
+                "the {} is at its concurrency limit; retry later",
+                self.server
+            ))
+        })
+    }
+}
 
 /// Health status of a server, reported for the whole server (`""`) and for each named service.
 #[derive(Clone)]

@@ -81,6 +81,32 @@ impl<K: Eq + Hash + Clone, V: Clone> ByteLru<K, V> {
     }
 }
 
+/// A byte-bounded LRU shared by request handlers (a worker's resident features or embeddings),
+/// reporting hits in `lookups_metric{hit}` and its size in `bytes_metric`.
+pub struct ResidentCache<V> {
+    entries: std::sync::Mutex<ByteLru<String, V>>,
+    lookups_metric: &'static str,
+    bytes_metric: &'static str,
+}
+
+impl<V: Clone> ResidentCache<V> {
+    pub fn new(capacity_bytes: usize, lookups_metric: &'static str, bytes_metric: &'static str) -> Self {
+        Self { entries: std::sync::Mutex::new(ByteLru::new(capacity_bytes)), lookups_metric, bytes_metric }
+    }
+
+    pub fn get(&self, key: &str) -> Option<V> {
+        let hit = self.entries.lock().expect("LRU lock poisoned. This is a bug.").get(&key.to_string());
+        metrics::counter!(self.lookups_metric, "hit" => hit.is_some().to_string()).increment(1);
+        hit
+    }
+
+    pub fn insert(&self, key: &str, value: V, bytes: usize) {
+        let mut entries = self.entries.lock().expect("LRU lock poisoned. This is a bug.");
+        entries.insert(key.to_string(), value, bytes);
+        metrics::gauge!(self.bytes_metric).set(entries.used_bytes() as f64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use osprey_common::ServiceError;
 use osprey_common::error::respond;
+use osprey_common::grpc::Admission;
 use osprey_common::image::{ImageLimits, RgbImage, decode_image};
 use osprey_common::mask::{Mask, mask_from_proto, rle_from_proto, rle_to_proto};
 use osprey_common::telemetry::{TelemetryArgs, inject_trace_context, set_parent_from_metadata};
@@ -18,7 +19,7 @@ use osprey_proto::worker::v1 as worker;
 use osprey_proto::worker::v1::llm_client::LlmClient;
 use osprey_proto::worker::v1::sam_client::SamClient;
 use osprey_proto::worker::v1::vision_client::VisionClient;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{Instrument, Span, instrument};
@@ -81,7 +82,7 @@ pub struct Gateway {
     llm: Replicas,
     sam: Replicas,
     cache: FeatureCache,
-    admission: Arc<Semaphore>,
+    admission: Admission,
     image_limits: ImageLimits,
     args: GatewayArgs,
 }
@@ -113,7 +114,7 @@ impl Gateway {
             llm: Replicas::new("llm", args.llm_workers.clone()).map_err(anyhow::Error::msg)?,
             sam: Replicas::new("sam", args.sam_workers.clone()).map_err(anyhow::Error::msg)?,
             cache: FeatureCache::from_args(&args.cache)?,
-            admission: Arc::new(Semaphore::new(args.max_concurrent_requests.max(1))),
+            admission: Admission::new("gateway", args.max_concurrent_requests),
             image_limits: ImageLimits {
                 max_bytes: args.max_image_bytes,
                 max_pixels: args.max_image_pixels,
@@ -124,9 +125,7 @@ impl Gateway {
     }
 
     fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
-        self.admission.clone().try_acquire_owned().map_err(|_| {
-            ServiceError::Overloaded("the gateway is at its concurrency limit; retry later".into())
-        })
+        self.admission.admit()
     }
 
     /// The image of a request: decoded from its bytes, or read back by key.

@@ -5,14 +5,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Device;
 use osprey_common::ServiceError;
+use osprey_common::error::{check_image_key, respond};
+use osprey_common::grpc::Admission;
 use osprey_common::grpc::{serve, shutdown_signal, standard_routes};
 use osprey_common::image::RgbImage;
-use osprey_common::lru::ByteLru;
+use osprey_common::lru::ResidentCache;
 use osprey_common::mask::rle_to_proto;
 use osprey_common::telemetry::{TelemetryArgs, set_parent_from_metadata};
 use osprey_proto::v1::{self, LowResLogits, ProposedMask, SamPrompt, Timing};
@@ -21,7 +23,7 @@ use osprey_proto::worker::v1::{
     EmbedRequest, EmbedResponse, EverythingRequest, EverythingResponse, PredictRequest, PredictResponse,
     PromptMasks,
 };
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span, instrument};
 
@@ -193,8 +195,8 @@ impl From<SamError> for ServiceError {
 /// The gRPC handlers: admission, the resident LRU, and hand-off to the model thread.
 pub struct SamService {
     commands: mpsc::Sender<Command>,
-    resident: Mutex<ByteLru<String, Arc<ImageEmbedding>>>,
-    admission: Arc<Semaphore>,
+    resident: ResidentCache<Arc<ImageEmbedding>>,
+    admission: Admission,
     low_res_size: usize,
     max_prompts: usize,
     max_points_per_prompt: usize,
@@ -213,34 +215,17 @@ impl SamService {
             .expect("spawning the model thread");
         Self {
             commands,
-            resident: Mutex::new(ByteLru::new(args.max_resident_bytes)),
-            admission: Arc::new(Semaphore::new(args.max_concurrent_requests.max(1))),
+            resident: ResidentCache::new(
+                args.max_resident_bytes,
+                "osprey_sam_resident_lookups_total",
+                "osprey_sam_resident_bytes",
+            ),
+            admission: Admission::new("sam worker", args.max_concurrent_requests),
             low_res_size,
             max_prompts: args.max_prompts,
             max_points_per_prompt: args.max_points_per_prompt,
             max_pixels: args.max_pixels,
         }
-    }
-
-    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
-        self.admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ServiceError::Overloaded("sam worker is at its concurrency limit".into()))
-    }
-
-    fn resident(&self, key: &str) -> Option<Arc<ImageEmbedding>> {
-        let hit = self.resident.lock().expect("LRU lock poisoned. This is a bug.").get(&key.to_string());
-        metrics::counter!("osprey_sam_resident_lookups_total", "hit" => hit.is_some().to_string())
-            .increment(1);
-        hit
-    }
-
-    fn keep(&self, key: &str, embedding: Arc<ImageEmbedding>) {
-        let bytes = embedding.bytes();
-        let mut lru = self.resident.lock().expect("LRU lock poisoned. This is a bug.");
-        lru.insert(key.to_string(), embedding, bytes);
-        metrics::gauge!("osprey_sam_resident_bytes").set(lru.used_bytes() as f64);
     }
 
     async fn ask<T>(
@@ -275,7 +260,7 @@ impl SamService {
         key: &str,
         image: Option<osprey_proto::worker::v1::RgbImage>,
     ) -> Result<(Arc<ImageEmbedding>, bool), ServiceError> {
-        if let Some(embedding) = self.resident(key) {
+        if let Some(embedding) = self.resident.get(key) {
             return Ok((embedding, true));
         }
         let Some(image) = image else {
@@ -289,13 +274,13 @@ impl SamService {
         let embedding =
             self.ask(Command::Embed(EmbedJob { image, span: Span::current(), reply }), receiver).await?;
         metrics::histogram!("osprey_sam_embed_duration").record(start.elapsed().as_secs_f64());
-        self.keep(key, embedding.clone());
+        self.resident.insert(key, embedding.clone(), embedding.bytes());
         Ok((embedding, false))
     }
 
     async fn handle_embed(&self, request: EmbedRequest) -> Result<EmbedResponse, ServiceError> {
         let start = Instant::now();
-        check_key(&request.image_key)?;
+        check_image_key(&request.image_key)?;
         let image = Some(request.image.ok_or_else(|| ServiceError::invalid("image", "required"))?);
         let (_, was_resident) = self.embedding(&request.image_key, image).await?;
         let ns = elapsed_ns(start);
@@ -307,7 +292,7 @@ impl SamService {
 
     async fn handle_predict(&self, request: PredictRequest) -> Result<PredictResponse, ServiceError> {
         let start = Instant::now();
-        check_key(&request.image_key)?;
+        check_image_key(&request.image_key)?;
         if request.prompts.len() > self.max_prompts {
             return Err(ServiceError::invalid(
                 "prompts",
@@ -340,10 +325,10 @@ impl SamService {
         request: EverythingRequest,
     ) -> Result<EverythingResponse, ServiceError> {
         let start = Instant::now();
-        check_key(&request.image_key)?;
+        check_image_key(&request.image_key)?;
         let params = params_from_proto(request.params.unwrap_or_default());
         params.validate()?;
-        let embedding = self.resident(&request.image_key);
+        let embedding = self.resident.get(&request.image_key);
         let was_resident = embedding.is_some();
         let image = request.image.map(|i| self.check_image(i)).transpose()?;
         if image.is_none() && (embedding.is_none() || params.crop_n_layers > 0) {
@@ -356,7 +341,8 @@ impl SamService {
         let job = EverythingJob { image, embedding, params, span: Span::current(), reply };
         let (masks, whole) = self.ask(Command::Everything(job), receiver).await?;
         if let (false, Some(whole)) = (was_resident, whole) {
-            self.keep(&request.image_key, whole);
+            let bytes = whole.bytes();
+            self.resident.insert(&request.image_key, whole, bytes);
         }
         metrics::histogram!("osprey_sam_everything_duration").record(start.elapsed().as_secs_f64());
         let ns = elapsed_ns(start);
@@ -527,23 +513,8 @@ fn generated_to_proto(m: &GeneratedMask) -> ProposedMask {
     }
 }
 
-fn check_key(key: &str) -> Result<(), ServiceError> {
-    if key.is_empty() || key.len() > 128 {
-        return Err(ServiceError::invalid("image_key", "must be 1 to 128 characters"));
-    }
-    Ok(())
-}
-
 fn elapsed_ns(start: Instant) -> u64 {
     start.elapsed().as_nanos() as u64
-}
-
-/// Counts a failed request by error type and turns it into a status.
-fn answer<T>(result: Result<T, ServiceError>) -> Result<Response<T>, Status> {
-    result.map(Response::new).map_err(|err| {
-        metrics::counter!("osprey_request_failure", "err" => err.error_type()).increment(1);
-        err.into()
-    })
 }
 
 #[tonic::async_trait]
@@ -551,15 +522,15 @@ impl Sam for SamService {
     #[instrument(skip_all, fields(image_key = %request.get_ref().image_key))]
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
-        let _permit = self.admit()?;
-        answer(self.handle_embed(request.into_inner()).await)
+        let _permit = self.admission.admit()?;
+        respond(self.handle_embed(request.into_inner()).await)
     }
 
     #[instrument(skip_all, fields(image_key = %request.get_ref().image_key, prompts = request.get_ref().prompts.len()))]
     async fn predict(&self, request: Request<PredictRequest>) -> Result<Response<PredictResponse>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
-        let _permit = self.admit()?;
-        answer(self.handle_predict(request.into_inner()).await)
+        let _permit = self.admission.admit()?;
+        respond(self.handle_predict(request.into_inner()).await)
     }
 
     #[instrument(skip_all, fields(image_key = %request.get_ref().image_key))]
@@ -568,8 +539,8 @@ impl Sam for SamService {
         request: Request<EverythingRequest>,
     ) -> Result<Response<EverythingResponse>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
-        let _permit = self.admit()?;
-        answer(self.handle_everything(request.into_inner()).await)
+        let _permit = self.admission.admit()?;
+        respond(self.handle_everything(request.into_inner()).await)
     }
 }
 

@@ -4,22 +4,23 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use osprey_common::ServiceError;
 use osprey_common::error::{check_image_key, respond};
+use osprey_common::grpc::Admission;
 use osprey_common::grpc::{serve, shutdown_signal, standard_routes};
 use osprey_common::image::RgbImage;
-use osprey_common::lru::ByteLru;
+use osprey_common::lru::ResidentCache;
 use osprey_common::mask::{Mask, rle_from_proto};
 use osprey_common::telemetry::{TelemetryArgs, set_parent_from_metadata};
 use osprey_common::tensor::f32_to_proto;
 use osprey_proto::v1::Timing;
 use osprey_proto::worker::v1::vision_server::{Vision, VisionServer};
 use osprey_proto::worker::v1::{EncodeRequest, EncodeResponse, FeatureBlob, PoolRequest, PoolResponse};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span, instrument};
 
@@ -334,11 +335,11 @@ impl From<VisionError> for ServiceError {
 /// The gRPC handlers: admission, the resident LRU, and hand-off to the model thread.
 pub struct VisionService {
     commands: mpsc::Sender<Command>,
-    resident: Mutex<ByteLru<String, Arc<ImageFeatures>>>,
+    resident: ResidentCache<Arc<ImageFeatures>>,
     level_shapes: [[usize; 4]; 4],
     feature_dtype: DType,
     model_revision: String,
-    admission: Arc<Semaphore>,
+    admission: Admission,
     max_masks: usize,
     max_pixels: u64,
 }
@@ -356,35 +357,18 @@ impl VisionService {
             .expect("spawning the model thread");
         Self {
             commands,
-            resident: Mutex::new(ByteLru::new(args.max_resident_bytes)),
+            resident: ResidentCache::new(
+                args.max_resident_bytes,
+                "osprey_vision_resident_lookups_total",
+                "osprey_vision_resident_bytes",
+            ),
             level_shapes,
             feature_dtype,
             model_revision,
-            admission: Arc::new(Semaphore::new(args.max_concurrent_requests.max(1))),
+            admission: Admission::new("vision worker", args.max_concurrent_requests),
             max_masks: args.max_masks,
             max_pixels: args.max_pixels,
         }
-    }
-
-    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
-        self.admission
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ServiceError::Overloaded("vision worker is at its concurrency limit".into()))
-    }
-
-    fn resident(&self, key: &str) -> Option<Arc<ImageFeatures>> {
-        let hit = self.resident.lock().expect("LRU lock poisoned. This is a bug.").get(&key.to_string());
-        metrics::counter!("osprey_vision_resident_lookups_total", "hit" => hit.is_some().to_string())
-            .increment(1);
-        hit
-    }
-
-    fn keep(&self, key: &str, features: Arc<ImageFeatures>) {
-        let bytes = features.bytes();
-        let mut lru = self.resident.lock().expect("LRU lock poisoned. This is a bug.");
-        lru.insert(key.to_string(), features, bytes);
-        metrics::gauge!("osprey_vision_resident_bytes").set(lru.used_bytes() as f64);
     }
 
     async fn ask<T>(
@@ -405,7 +389,7 @@ impl VisionService {
     async fn handle_encode(&self, request: EncodeRequest) -> Result<EncodeResponse, ServiceError> {
         let start = Instant::now();
         check_image_key(&request.image_key)?;
-        if let Some(features) = self.resident(&request.image_key) {
+        if let Some(features) = self.resident.get(&request.image_key) {
             return Ok(EncodeResponse {
                 features: self.blob_if(request.return_features, &features)?,
                 was_resident: true,
@@ -426,7 +410,7 @@ impl VisionService {
             self.ask(Command::Encode(EncodeJob { image, span: Span::current(), reply }), receiver).await?;
         let encode_ns = elapsed_ns(start);
         metrics::histogram!("osprey_vision_encode_duration").record(encode_ns as f64 / 1e9);
-        self.keep(&request.image_key, features.clone());
+        self.resident.insert(&request.image_key, features.clone(), features.bytes());
         Ok(EncodeResponse {
             features: self.blob_if(request.return_features, &features)?,
             was_resident: false,
@@ -447,7 +431,7 @@ impl VisionService {
                 format!("{} masks, over the limit of {}", request.masks.len(), self.max_masks),
             ));
         }
-        let (features, was_resident) = match (self.resident(&request.image_key), &request.features) {
+        let (features, was_resident) = match (self.resident.get(&request.image_key), &request.features) {
             (Some(features), _) => (features, true),
             (None, Some(blob)) => {
                 if blob.model_revision != self.model_revision {
@@ -460,7 +444,7 @@ impl VisionService {
                     ImageFeatures::from_blob(blob, &self.level_shapes, self.feature_dtype, &Device::Cpu)
                         .map_err(|e| ServiceError::invalid("features", e))?;
                 let features = Arc::new(features);
-                self.keep(&request.image_key, features.clone());
+                self.resident.insert(&request.image_key, features.clone(), features.bytes());
                 (features, false)
             }
             (None, None) => {
@@ -522,14 +506,14 @@ impl Vision for VisionService {
     #[instrument(skip_all, fields(image_key = %request.get_ref().image_key))]
     async fn encode(&self, request: Request<EncodeRequest>) -> Result<Response<EncodeResponse>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
-        let _permit = self.admit()?;
+        let _permit = self.admission.admit()?;
         respond(self.handle_encode(request.into_inner()).await)
     }
 
     #[instrument(skip_all, fields(image_key = %request.get_ref().image_key, masks = request.get_ref().masks.len()))]
     async fn pool(&self, request: Request<PoolRequest>) -> Result<Response<PoolResponse>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
-        let _permit = self.admit()?;
+        let _permit = self.admission.admit()?;
         respond(self.handle_pool(request.into_inner()).await)
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Differences from `candle_transformers::models::segment_anything::image_encoder`: sizes, MLP ratio,
 //! window and eps come from [`SamConfig`]; a rel-pos table of the wrong length is an error instead of a
-//! `todo!()` panic (the reference interpolates, which never happens with checkpoint-consistent configs).
+//! panic in an unimplemented branch (the reference interpolates, which never happens with checkpoint-consistent configs).
 
 use candle_core::{D, DType, IndexOp, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};

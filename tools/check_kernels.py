@@ -1,10 +1,10 @@
 """Compile every CUDA kernel source of the workspace with NVRTC, as the `cuda` build does at run
 time, so that CI (which has no GPU and no CUDA toolkit) still catches kernels that do not compile.
 
-NVRTC comes from PyPI's `nvidia-cuda-nvrtc` wheel (see requirements-kernels.txt); no driver or GPU
+NVRTC comes from PyPI's `nvidia-cuda-nvrtc` wheel (see requirements-ci.txt); no driver or GPU
 is needed to compile. Usage:
-    python3 -m venv .venv-kernels && .venv-kernels/bin/pip install -r tools/requirements-kernels.txt
-    .venv-kernels/bin/python tools/check_kernels.py [--arch compute_90]
+    python3 -m venv .venv-ci && .venv-ci/bin/pip install -r tools/requirements-ci.txt
+    .venv-ci/bin/python tools/check_kernels.py [--arch compute_90]
 """
 
 import argparse
@@ -20,7 +20,7 @@ def load_nvrtc():
     candidates = sorted(glob.glob(os.path.join(site, "nvidia", "**", "libnvrtc.so*"), recursive=True))
     candidates = [c for c in candidates if "builtins" not in c]
     if not candidates:
-        sys.exit("libnvrtc not found: install tools/requirements-kernels.txt into this Python")
+        sys.exit("libnvrtc not found: install tools/requirements-ci.txt into this Python")
     return ctypes.CDLL(candidates[0])
 
 

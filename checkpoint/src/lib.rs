@@ -21,6 +21,9 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
+mod device;
+pub use device::{parse_device, parse_dtype};
+
 /// Why weights could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use osprey_common::ServiceError;
 use osprey_common::grpc::{serve, shutdown_signal, standard_routes};
 use osprey_common::telemetry::{TelemetryArgs, set_parent_from_metadata};
@@ -41,9 +41,12 @@ pub struct ServeArgs {
     /// Address to serve gRPC on.
     #[arg(long, env, default_value = "0.0.0.0:50053")]
     pub listen: SocketAddr,
-    /// Compute device: `cpu` (f32). GPU decoding needs a build with `--features cuda`.
+    /// Compute device: `cpu` or `cuda:N` (a build with `--features cuda`).
     #[arg(long, env, default_value = "cpu")]
     pub device: String,
+    /// Weights and activations dtype: `auto` (f32 on the CPU, bf16 on a GPU), `f32`, `bf16`, `f16`.
+    #[arg(long, env, default_value = "auto")]
+    pub dtype: String,
     /// Most sequences decoded together in one forward pass.
     #[arg(long, env, default_value_t = 32)]
     pub max_batch_size: usize,
@@ -98,11 +101,11 @@ impl From<LlmError> for ServiceError {
 impl LlmService {
     /// Loads config, weights and tokenizer and starts the engine thread.
     pub fn load(args: &ServeArgs) -> Result<Self, anyhow::Error> {
-        if args.device != "cpu" {
-            anyhow::bail!("--device {}: only `cpu` is supported by this build", args.device);
-        }
+        let device = osprey_checkpoint::parse_device(&args.device).map_err(anyhow::Error::msg)?;
+        let dtype = osprey_checkpoint::parse_dtype(&args.dtype, &device).map_err(anyhow::Error::msg)?;
         let cfg = load_config(&args.weights)?;
-        let model = OspreyLlama::load(load_checkpoint(&args.weights, DType::F32, &Device::Cpu)?, &cfg)?;
+        let model = OspreyLlama::load(load_checkpoint(&args.weights, dtype, &device)?, &cfg)?;
+        tracing::info!(device = args.device, ?dtype, "model loaded");
         let tokenizer = OspreyTokenizer::from_dir(&args.weights)?;
         let cfg = model.config();
         if (tokenizer.mask_id(), tokenizer.pos_id()) != (cfg.mask_token_id, cfg.pos_token_id) {

@@ -111,6 +111,25 @@ fn tiny_gqa_matches_transformers() {
     check_single_model("tiny_gqa", "expected_gqa.safetensors");
 }
 
+/// The GPU serving dtypes, run on the CPU: the same code path as `--dtype bf16|f16` (weights cast
+/// at load, activations in the low dtype, attention softmax in f32) stays within the rounding of
+/// a 8- or 11-bit mantissa of the f32 reference.
+#[test]
+fn half_precision_stays_close_to_transformers_f32() {
+    let dir = fixtures().join("tiny");
+    let cfg = load_config(&dir).unwrap();
+    let e = expected("expected.safetensors");
+    for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 5e-3)] {
+        let model = OspreyLlama::load(load_checkpoint(&dir, dtype, &Device::Cpu).unwrap(), &cfg).unwrap();
+        assert_eq!(model.dtype(), dtype);
+        let logits = model.prompt_logits(&spliced(&model, &e, "")).unwrap().to_dtype(DType::F32).unwrap();
+        let err = rel_l2(&logits, &e["spliced_logits"]);
+        println!("{dtype:?} spliced_logits: relative L2 error {err:.3e}");
+        assert!(err <= tol, "{dtype:?}: relative L2 error {err} > {tol}");
+        assert!(err > 1e-6, "{dtype:?}: suspiciously exact, was the model really run in {dtype:?}?");
+    }
+}
+
 /// Both fixture prompts (lengths 22 and 16) prefilled in one forward, then decoded together:
 /// each must give its single-prompt reference tokens and logits.
 fn check_batched(model_dir: &str, expected_file: &str) {

@@ -28,15 +28,19 @@ struct Cli {
 }
 
 async fn start_worker() -> LlmClient<Channel> {
+    start_worker_with(&[]).await
+}
+
+fn serve_args(extra: &[&str]) -> ServeArgs {
     let weights = fixtures().join("tiny");
-    let args = Cli::parse_from([
-        "llm-worker",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--default-max-new-tokens",
-        "6",
-    ])
-    .serve;
+    let mut argv =
+        vec!["llm-worker", "--weights", weights.to_str().unwrap(), "--default-max-new-tokens", "6"];
+    argv.extend_from_slice(extra);
+    Cli::parse_from(argv).serve
+}
+
+async fn start_worker_with(extra: &[&str]) -> LlmClient<Channel> {
+    let args = serve_args(extra);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { run(args, listener, std::future::pending()).await.unwrap() });
@@ -142,6 +146,31 @@ async fn streams_answers_invariant_to_batching_and_prefix_cache() {
     sampled.parameters =
         Some(GenerationParameters { temperature: Some(0.7), seed: Some(7), ..Default::default() });
     assert_eq!(answers(&mut client, sampled).await.len(), 2);
+}
+
+/// `--dtype bf16` (the GPU default) serves the same way on the CPU: batched and single answers
+/// agree, and a GPU device on a CPU-only build is refused at load with a clear message.
+#[tokio::test]
+async fn half_precision_serves_and_gpu_device_needs_the_cuda_build() {
+    let mut client = start_worker_with(&["--dtype", "bf16"]).await;
+    let short = || question(0, Prompt::Task(RegionTask::Short as i32), 0..1);
+    let ask = || question(1, Prompt::Text("what is region1 doing with region2?".into()), 0..2);
+    let together = answers(&mut client, request("image-a", vec![short(), ask()])).await;
+    let alone = answers(&mut client, request("image-b", vec![ask()])).await;
+    assert_eq!(alone[&1].1, together[&1].1);
+    assert!((1..=6).contains(&together[&0].2));
+
+    for (flag, value, message) in [
+        ("--dtype", "fp8", "--dtype fp8: expected"),
+        ("--device", "gpu", "--device gpu: expected `cpu` or `cuda:N`"),
+    ] {
+        let err = llm_worker::service::LlmService::load(&serve_args(&[flag, value])).err().unwrap();
+        assert!(err.to_string().contains(message), "{err}");
+    }
+    if !candle_core::utils::cuda_is_available() {
+        let err = llm_worker::service::LlmService::load(&serve_args(&["--device", "cuda:0"])).err().unwrap();
+        assert!(err.to_string().contains("built without the `cuda` feature"), "{err}");
+    }
 }
 
 #[tokio::test]

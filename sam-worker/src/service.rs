@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Device;
 use osprey_common::ServiceError;
 use osprey_common::error::{check_image_key, respond};
 use osprey_common::grpc::Admission;
@@ -73,20 +72,6 @@ pub struct ServeArgs {
     pub max_message_bytes: usize,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
-}
-
-/// The compute device named by `--device`.
-pub fn parse_device(name: &str) -> Result<Device, String> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
-            #[cfg(feature = "cuda")]
-            Some(Ok(ordinal)) => Device::new_cuda(ordinal).map_err(|e| format!("{name}: {e}")),
-            #[cfg(not(feature = "cuda"))]
-            Some(Ok(_)) => Err(format!("--device {name}: this binary was built without the `cuda` feature")),
-            _ => Err(format!("--device {name}: expected `cpu` or `cuda:N`")),
-        },
-    }
 }
 
 /// What the model thread is asked to do.
@@ -572,7 +557,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     describe_metrics();
     let (routes, health) = standard_routes(&["osprey.worker.v1.Sam"]).await;
-    let device = parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    let device = osprey_checkpoint::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let (weights, config) = (args.weights.clone(), args.config.clone());
     let predictor = tokio::task::spawn_blocking(move || -> Result<SamPredictor, SamError> {
         let cfg = read_config(config.as_deref())?;

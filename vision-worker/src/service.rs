@@ -87,20 +87,6 @@ impl FeatureDtype {
     }
 }
 
-/// The compute device named by `--device`.
-pub fn parse_device(name: &str) -> Result<Device, String> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
-            #[cfg(feature = "cuda")]
-            Some(Ok(ordinal)) => Device::new_cuda(ordinal).map_err(|e| format!("{name}: {e}")),
-            #[cfg(not(feature = "cuda"))]
-            Some(Ok(_)) => Err(format!("--device {name}: this binary was built without the `cuda` feature")),
-            _ => Err(format!("--device {name}: expected `cpu` or `cuda:N`")),
-        },
-    }
-}
-
 /// Features of one image, as kept resident and shipped: res2..res5 `[1, C, h, w]` in the feature
 /// dtype, and the original image size (masks must match it).
 #[derive(Debug)]
@@ -546,7 +532,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (routes, health) = standard_routes(&["osprey.worker.v1.Vision"]).await;
-    let device = parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    let device = osprey_checkpoint::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let weights = args.weights.clone();
     let model = tokio::task::spawn_blocking(move || VisionModel::from_dir(&weights, &device)).await??;
     let revision = match &args.model_revision {

@@ -33,16 +33,25 @@ pub struct GatewayArgs {
     /// Address to serve the public gRPC API on.
     #[arg(long, env, default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
-    /// Vision worker replicas, comma-separated URLs (e.g. `http://vision-0:50052,http://vision-1:50052`).
+    /// Vision workers, comma-separated `host:port` names (an `http://` prefix is accepted). Each
+    /// name is re-resolved every `--resolve-interval` and every address it resolves to is a
+    /// replica (a Kubernetes headless Service gives one per pod), e.g. `vision.osprey.svc:50052`.
     #[arg(long, env, value_delimiter = ',', required = true)]
     pub vision_workers: Vec<String>,
-    /// LLM worker replicas, comma-separated URLs.
+    /// LLM workers, comma-separated `host:port` names, as `--vision-workers`.
     #[arg(long, env, value_delimiter = ',', required = true)]
     pub llm_workers: Vec<String>,
-    /// SAM worker replicas, comma-separated URLs; needed for Segment, prompt regions and
-    /// everything mode.
+    /// SAM workers, comma-separated `host:port` names, as `--vision-workers`; needed for Segment,
+    /// prompt regions and everything mode.
     #[arg(long, env, value_delimiter = ',')]
     pub sam_workers: Vec<String>,
+    /// Seconds between re-resolutions of the worker names (new addresses join, vanished ones leave).
+    #[arg(long, env, default_value_t = 10.0, value_parser = positive_seconds)]
+    pub resolve_interval: f64,
+    /// Seconds between `grpc.health.v1` checks of every replica; one that is not SERVING is
+    /// skipped until a check passes again.
+    #[arg(long, env, default_value_t = 2.0, value_parser = positive_seconds)]
+    pub health_interval: f64,
     /// Clients must send this key as `authorization: Bearer KEY` or `x-api-key: KEY`. Open when unset.
     #[arg(long, env)]
     pub api_key: Option<String>,
@@ -78,9 +87,9 @@ pub struct GatewayArgs {
 
 /// The gateway's state: worker replicas, the feature cache and limits.
 pub struct Gateway {
-    vision: Replicas,
-    llm: Replicas,
-    sam: Replicas,
+    vision: Arc<Replicas>,
+    llm: Arc<Replicas>,
+    sam: Arc<Replicas>,
     cache: FeatureCache,
     admission: Admission,
     image_limits: ImageLimits,
@@ -110,9 +119,9 @@ struct Pooled {
 impl Gateway {
     pub fn new(args: GatewayArgs) -> anyhow::Result<Self> {
         Ok(Self {
-            vision: Replicas::new("vision", args.vision_workers.clone()).map_err(anyhow::Error::msg)?,
-            llm: Replicas::new("llm", args.llm_workers.clone()).map_err(anyhow::Error::msg)?,
-            sam: Replicas::new("sam", args.sam_workers.clone()).map_err(anyhow::Error::msg)?,
+            vision: Arc::new(Replicas::new("vision", &args.vision_workers).map_err(anyhow::Error::msg)?),
+            llm: Arc::new(Replicas::new("llm", &args.llm_workers).map_err(anyhow::Error::msg)?),
+            sam: Arc::new(Replicas::new("sam", &args.sam_workers).map_err(anyhow::Error::msg)?),
             cache: FeatureCache::from_args(&args.cache)?,
             admission: Admission::new("gateway", args.max_concurrent_requests),
             image_limits: ImageLimits {
@@ -122,6 +131,24 @@ impl Gateway {
             },
             args,
         })
+    }
+
+    /// Resolves the worker names and checks the replicas once, then keeps doing so in the
+    /// background for as long as the gateway lives.
+    pub async fn discover_workers(&self) {
+        let resolve_every = Duration::from_secs_f64(self.args.resolve_interval);
+        let health_every = Duration::from_secs_f64(self.args.health_interval);
+        let first = |replicas: Arc<Replicas>| async move {
+            replicas.resolve().await;
+            replicas.check_health(health_every).await;
+            replicas.maintain(resolve_every, health_every);
+        };
+        tokio::join!(first(self.vision.clone()), first(self.llm.clone()), first(self.sam.clone()));
+    }
+
+    /// Every known replica of each worker kind and whether it is healthy.
+    pub fn worker_replicas(&self) -> [(&'static str, Vec<(String, bool)>); 3] {
+        [("vision", self.vision.replicas()), ("llm", self.llm.replicas()), ("sam", self.sam.replicas())]
     }
 
     fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
@@ -584,6 +611,13 @@ fn pixels_from_bytes(bytes: &[u8]) -> Result<RgbImage, ServiceError> {
     RgbImage::from_raw(width, height, bytes[8..].to_vec()).map_err(|_| corrupt())
 }
 
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
+        _ => Err(format!("expected a positive number of seconds, got {text:?}")),
+    }
+}
+
 fn elapsed_ns(start: Instant) -> u64 {
     start.elapsed().as_nanos() as u64
 }
@@ -931,6 +965,7 @@ pub async fn run(
     let api_key = args.api_key.clone().map(Arc::from);
     let max_message_bytes = args.max_message_bytes;
     let gateway = Arc::new(Gateway::new(args)?);
+    gateway.discover_workers().await;
     let server = osprey_proto::v1::osprey_server::OspreyServer::new(OspreyService(gateway))
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);

@@ -1,0 +1,11 @@
+//! Osprey's evaluation protocols (`osprey/eval/` upstream, docs/osprey-model.md §6) run through the
+//! public gateway API, and the metrics the paper reports.
+
+pub mod answers;
+pub mod coco_ap;
+pub mod data;
+pub mod embed;
+pub mod panoptic;
+pub mod pope;
+pub mod protocols;
+pub mod text;

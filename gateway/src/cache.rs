@@ -2,12 +2,15 @@
 //! the pixels of registered images) keyed by image key, so that an image is encoded once however
 //! many regions, requests and replicas ask about it.
 //!
+//! The same store also keeps answers to deterministic (greedy) questions, so that asking again
+//! about the same region skips vision and the LLM (the result cache, `--result-cache-ttl-seconds`).
+//!
 //! Two backends, one interface: Redis when `--redis-url` is given, process memory otherwise. A
 //! cache failure never fails a request: it is logged, counted in
 //! `osprey_feature_cache_errors_total`, and the caller recomputes.
 
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use osprey_common::lru::ByteLru;
 use redis::AsyncCommands;
@@ -33,51 +36,99 @@ pub struct CacheArgs {
     /// Redis connect and response timeout, in milliseconds; a slower Redis counts as a miss.
     #[arg(long, env, default_value_t = 2000)]
     pub redis_timeout_ms: u64,
+    /// How long answers to greedy (deterministic) questions are kept, in seconds; a repeated
+    /// question about the same region skips vision and the LLM. 0 turns the result cache off.
+    /// Answers are keyed by `--model-revision`: change it when the LLM workers' weights or
+    /// defaults (e.g. their default `max_new_tokens`) change.
+    #[arg(long, env, default_value_t = 24 * 3600)]
+    pub result_cache_ttl_seconds: u64,
 }
 
 /// Where cached features live.
-pub enum FeatureCache {
+pub struct FeatureCache {
+    store: Store,
+    ttl: Duration,
+    result_ttl: Duration,
+}
+
+enum Store {
     Memory(MemoryCache),
     Redis(RedisCache),
 }
 
 impl FeatureCache {
     pub fn from_args(args: &CacheArgs) -> Result<Self, redis::RedisError> {
-        Ok(match &args.redis_url {
-            Some(url) => Self::Redis(RedisCache::new(
+        let store = match &args.redis_url {
+            Some(url) => Store::Redis(RedisCache::new(
                 url,
-                Duration::from_secs(args.cache_ttl_seconds),
                 Duration::from_millis(args.redis_timeout_ms),
                 args.cache_max_entry_bytes,
             )?),
-            None => Self::Memory(MemoryCache::new(args.memory_cache_bytes, args.cache_max_entry_bytes)),
+            None => Store::Memory(MemoryCache::new(args.memory_cache_bytes, args.cache_max_entry_bytes)),
+        };
+        Ok(Self {
+            store,
+            ttl: Duration::from_secs(args.cache_ttl_seconds),
+            result_ttl: Duration::from_secs(args.result_cache_ttl_seconds),
         })
     }
 
     /// Which tier this is, for metrics and logs.
     pub fn tier(&self) -> &'static str {
-        match self {
-            Self::Memory(_) => "memory",
-            Self::Redis(_) => "redis",
+        match self.store {
+            Store::Memory(_) => "memory",
+            Store::Redis(_) => "redis",
         }
     }
 
     /// The cached bytes for `key`, or `None` on a miss or a cache failure.
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let found = match self {
-            Self::Memory(cache) => cache.get(key),
-            Self::Redis(cache) => cache.get(key).await,
-        };
+        let found = self.fetch(key).await;
         metrics::counter!("osprey_feature_cache_lookups_total", "tier" => self.tier(), "hit" => found.is_some().to_string())
             .increment(1);
         found
     }
 
-    /// Stores `value` under `key` (best effort).
+    /// Stores `value` under `key` for the cache TTL (best effort).
     pub async fn put(&self, key: &str, value: Vec<u8>) {
-        match self {
-            Self::Memory(cache) => cache.put(key, value),
-            Self::Redis(cache) => cache.put(key, value).await,
+        self.store(key, value, self.ttl).await;
+    }
+
+    /// Whether answers are cached at all.
+    pub fn caches_results(&self) -> bool {
+        !self.result_ttl.is_zero()
+    }
+
+    /// A cached answer (see [`result_key`]), or `None` on a miss, a cache failure, or when the
+    /// result cache is off. Counted in `osprey_result_cache_lookups_total{tier,hit}`.
+    pub async fn get_result(&self, key: &str) -> Option<Vec<u8>> {
+        if !self.caches_results() {
+            return None;
+        }
+        let found = self.fetch(key).await;
+        metrics::counter!("osprey_result_cache_lookups_total", "tier" => self.tier(), "hit" => found.is_some().to_string())
+            .increment(1);
+        found
+    }
+
+    /// Stores an answer for the result-cache TTL (best effort).
+    pub async fn put_result(&self, key: &str, value: Vec<u8>) {
+        if self.caches_results() {
+            self.store(key, value, self.result_ttl).await;
+        }
+    }
+
+    async fn fetch(&self, key: &str) -> Option<Vec<u8>> {
+        match &self.store {
+            Store::Memory(cache) => cache.get(key),
+            Store::Redis(cache) => cache.get(key).await,
+        }
+    }
+
+    async fn store(&self, key: &str, value: Vec<u8>, ttl: Duration) {
+        match &self.store {
+            Store::Memory(cache) => cache.put(key, value, ttl),
+            Store::Redis(cache) => cache.put(key, value, ttl).await,
         }
     }
 }
@@ -97,9 +148,25 @@ pub fn pixels_key(image_key: &str) -> String {
     format!("pixels:{image_key}")
 }
 
-/// Features in this process's memory, least recently used evicted first.
+/// The cache key of one answer: a digest of everything the answer depends on (the image key,
+/// which includes the model revision, the masks, the question, earlier turns and the generation
+/// parameters), written by the caller as `parts`.
+pub fn result_key(parts: &[&[u8]]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for part in parts {
+        // Length-prefixed, so that parts cannot run into each other.
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    format!("result:{}", hasher.finalize().to_hex())
+}
+
+/// A value and when it expires.
+type Entry = (Instant, Vec<u8>);
+
+/// Entries in this process's memory, least recently used evicted first, expired ones ignored.
 pub struct MemoryCache {
-    entries: Mutex<ByteLru<String, std::sync::Arc<Vec<u8>>>>,
+    entries: Mutex<ByteLru<String, Arc<Entry>>>,
     max_entry_bytes: usize,
 }
 
@@ -110,14 +177,15 @@ impl MemoryCache {
 
     fn get(&self, key: &str) -> Option<Vec<u8>> {
         let hit = self.entries.lock().expect("cache lock poisoned. This is a bug.").get(&key.to_string());
-        hit.map(|value| value.as_ref().clone())
+        hit.filter(|entry| entry.0 > Instant::now()).map(|entry| entry.1.clone())
     }
 
-    fn put(&self, key: &str, value: Vec<u8>) {
+    fn put(&self, key: &str, value: Vec<u8>, ttl: Duration) {
         if value.len() <= self.max_entry_bytes {
             let bytes = value.len();
+            let expires = Instant::now() + ttl;
             let mut entries = self.entries.lock().expect("cache lock poisoned. This is a bug.");
-            entries.insert(key.to_string(), std::sync::Arc::new(value), bytes);
+            entries.insert(key.to_string(), Arc::new((expires, value)), bytes);
         }
     }
 }
@@ -127,22 +195,15 @@ impl MemoryCache {
 pub struct RedisCache {
     client: redis::Client,
     connection: AsyncMutex<Option<ConnectionManager>>,
-    ttl: Duration,
     timeout: Duration,
     max_entry_bytes: usize,
 }
 
 impl RedisCache {
-    pub fn new(
-        url: &str,
-        ttl: Duration,
-        timeout: Duration,
-        max_entry_bytes: usize,
-    ) -> Result<Self, redis::RedisError> {
+    pub fn new(url: &str, timeout: Duration, max_entry_bytes: usize) -> Result<Self, redis::RedisError> {
         Ok(Self {
             client: redis::Client::open(url)?,
             connection: AsyncMutex::new(None),
-            ttl,
             timeout,
             max_entry_bytes,
         })
@@ -183,11 +244,11 @@ impl RedisCache {
         }
     }
 
-    async fn put(&self, key: &str, value: Vec<u8>) {
+    async fn put(&self, key: &str, value: Vec<u8>, ttl: Duration) {
         if value.len() > self.max_entry_bytes {
             return;
         }
-        let ttl = self.ttl.as_secs().max(1);
+        let ttl = ttl.as_secs().max(1);
         let result =
             async { self.connection().await?.set_ex::<_, _, ()>(redis_key(key), value, ttl).await }.await;
         if let Err(err) = result {

@@ -24,7 +24,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{Instrument, Span, instrument};
 
-use crate::cache::{CacheArgs, FeatureCache, features_key, pixels_key};
+use prost::Message;
+
+use crate::cache::{CacheArgs, FeatureCache, features_key, pixels_key, result_key};
 use crate::workers::Replicas;
 
 /// `gateway serve` flags.
@@ -289,11 +291,12 @@ impl Gateway {
         }
     }
 
-    /// Region and image tokens, from the routed vision replica's resident features, the shared
-    /// cache, or a fresh encoding (in that order).
-    async fn pool(&self, prepared: &Prepared) -> Result<Pooled, ServiceError> {
+    /// Region and image tokens of the regions `indices` (rows in that order), from the routed
+    /// vision replica's resident features, the shared cache, or a fresh encoding (in that order).
+    async fn pool(&self, prepared: &Prepared, indices: &[usize]) -> Result<Pooled, ServiceError> {
         let key = prepared.key.clone();
-        let masks: Vec<v1::RleMask> = prepared.masks.iter().map(|m| rle_to_proto(&m.to_rle())).collect();
+        let masks: Vec<v1::RleMask> =
+            indices.iter().map(|&i| rle_to_proto(&prepared.masks[i].to_rle())).collect();
         let request = |features: Option<worker::FeatureBlob>| worker::PoolRequest {
             image_key: key.clone(),
             features,
@@ -349,9 +352,6 @@ impl Gateway {
         questions: Vec<worker::Question>,
         parameters: Option<v1::GenerationParameters>,
     ) -> Result<Streaming<worker::GenerateResponse>, ServiceError> {
-        if let Some(p) = &parameters {
-            check_parameters(p)?;
-        }
         let request = worker::GenerateRequest {
             image_key: key.to_string(),
             image_tokens: pooled.response.image_tokens.clone(),
@@ -371,7 +371,8 @@ impl Gateway {
             .await
     }
 
-    /// Describe: one question per region, results streamed as each finishes.
+    /// Describe: one question per region, results streamed as each finishes. Regions whose
+    /// answer is in the result cache are answered first, without vision or the LLM.
     async fn describe_stream(
         self: &Arc<Self>,
         prepared: Prepared,
@@ -380,18 +381,37 @@ impl Gateway {
         start: Instant,
         tx: mpsc::Sender<Result<v1::RegionResult, Status>>,
     ) -> Result<(), ServiceError> {
-        if prepared.masks.is_empty() {
-            return Ok(()); // everything mode found nothing
+        let n = prepared.masks.len();
+        let question = format!("task:{}", task as i32);
+        let keys: Vec<Option<String>> =
+            (0..n).map(|i| self.answer_key(&prepared, &[i], &question, &[], parameters.as_ref())).collect();
+        let mut missing = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            match self.cached_answer(key.as_deref()).await {
+                Some(answer) => {
+                    let result = region_result(&prepared, i, answer, cached_metadata(&prepared, start));
+                    metrics::counter!("osprey_gateway_regions_total").increment(1);
+                    if tx.send(Ok(result)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                None => missing.push(i),
+            }
         }
-        let pooled = self.pool(&prepared).await?;
-        let questions = (0..prepared.masks.len())
-            .map(|i| {
+        if missing.is_empty() {
+            return Ok(()); // every answer was cached, or everything mode found nothing
+        }
+        let pooled = self.pool(&prepared, &missing).await?;
+        let questions = missing
+            .iter()
+            .enumerate()
+            .map(|(row, &i)| {
                 Ok(worker::Question {
                     index: i as u32,
                     prompt: Some(worker::question::Prompt::Task(task as i32)),
                     history: vec![],
-                    mask_tokens: Some(rows(&pooled.response.mask_tokens, i..i + 1)?),
-                    pos_tokens: Some(rows(&pooled.response.pos_tokens, i..i + 1)?),
+                    mask_tokens: Some(rows(&pooled.response.mask_tokens, row..row + 1)?),
+                    pos_tokens: Some(rows(&pooled.response.pos_tokens, row..row + 1)?),
                 })
             })
             .collect::<Result<Vec<_>, ServiceError>>()?;
@@ -401,43 +421,81 @@ impl Gateway {
                 continue;
             }
             let i = response.question_index as usize;
-            let mask = &prepared.masks[i];
-            let rle = mask.to_rle();
-            let result = v1::RegionResult {
-                region_index: i as u32,
-                label: prepared.labels[i].clone(),
-                text: response.answer,
-                raw_text: response.raw_text,
-                area: rle.area(),
-                bbox: rle.bbox().iter().map(|&v| v as f32).collect(),
-                mask: prepared.sam_masks[i].clone(),
-                generated_tokens: response.generated_tokens,
-                finish_reason: response.finish_reason,
-                metadata: Some(metadata(
-                    &prepared,
-                    &pooled,
-                    response.timing.as_ref(),
-                    response.prefix_cache_hit,
-                    start,
-                )),
-            };
+            if !missing.contains(&i) {
+                return Err(ServiceError::Internal(format!("the LLM worker answered unknown question {i}")));
+            }
+            let metadata =
+                metadata(&prepared, &pooled, response.timing.as_ref(), response.prefix_cache_hit, start);
+            let stored = keys[i].as_ref().map(|key| (key.clone(), stored_answer(&response)));
             metrics::counter!("osprey_gateway_regions_total").increment(1);
-            if tx.send(Ok(result)).await.is_err() {
+            if tx.send(Ok(region_result(&prepared, i, response, metadata))).await.is_err() {
                 return Ok(()); // the client has gone; dropping `stream` cancels the rest downstream
+            }
+            if let Some((key, answer)) = stored {
+                self.cache.put_result(&key, answer).await;
             }
         }
         Ok(())
     }
 
-    /// One free-form question about the regions (Ask and Chat); yields the LLM's stream.
-    async fn ask_stream(
+    /// The result-cache key of a question about `regions` of `prepared`, or `None` when the
+    /// answer is not deterministic (sampling) or the result cache is off.
+    fn answer_key(
+        &self,
+        prepared: &Prepared,
+        regions: &[usize],
+        question: &str,
+        history: &[v1::Turn],
+        parameters: Option<&v1::GenerationParameters>,
+    ) -> Option<String> {
+        let greedy = parameters.and_then(|p| p.temperature).unwrap_or(0.0) == 0.0;
+        if !greedy || !self.cache.caches_results() {
+            return None;
+        }
+        let mask_digests: Vec<[u8; 32]> = regions
+            .iter()
+            .map(|&i| {
+                let mask = &prepared.masks[i];
+                let mut hasher = blake3::Hasher::new();
+                hasher.update(&mask.height().to_le_bytes());
+                hasher.update(&mask.width().to_le_bytes());
+                hasher.update(mask.data());
+                *hasher.finalize().as_bytes()
+            })
+            .collect();
+        let counts = [regions.len() as u64, history.len() as u64].map(u64::to_le_bytes);
+        let parameters = parameters.map(Message::encode_to_vec).unwrap_or_default();
+        let mut parts: Vec<&[u8]> = vec![
+            b"osprey-answer-v1",
+            self.args.model_revision.as_bytes(),
+            prepared.key.as_bytes(),
+            &counts[0],
+            &counts[1],
+        ];
+        parts.extend(mask_digests.iter().map(|d| d.as_slice()));
+        parts.push(question.as_bytes());
+        for turn in history {
+            parts.push(turn.question.as_bytes());
+            parts.push(turn.answer.as_bytes());
+        }
+        parts.push(&parameters);
+        Some(result_key(&parts))
+    }
+
+    /// The LLM's final response stored under `key`, if any.
+    async fn cached_answer(&self, key: Option<&str>) -> Option<worker::GenerateResponse> {
+        let bytes = self.cache.get_result(key?).await?;
+        worker::GenerateResponse::decode(bytes.as_slice()).ok()
+    }
+
+    /// Validates a free-form question (Ask and Chat) and prepares its image and regions.
+    async fn prepare_question(
         &self,
         image: Option<&v1::Image>,
         regions: &[v1::Region],
-        history: &[v1::Turn],
         question: &str,
-        parameters: Option<v1::GenerationParameters>,
-    ) -> Result<(Streaming<worker::GenerateResponse>, Prepared, Pooled), ServiceError> {
+        parameters: Option<&v1::GenerationParameters>,
+    ) -> Result<Prepared, ServiceError> {
         if question.trim().is_empty() {
             return Err(ServiceError::invalid("question", "must not be empty"));
         }
@@ -447,9 +505,26 @@ impl Gateway {
                 format!("{} bytes, over the limit of {}", question.len(), self.args.max_question_bytes),
             ));
         }
-        let prepared = self.prepare(image, regions, None).await?;
-        let pooled = self.pool(&prepared).await?;
+        check_parameters(parameters)?;
+        self.prepare(image, regions, None).await
+    }
+
+    /// The answer to a prepared free-form question: from the result cache (with its key), or
+    /// the LLM's stream.
+    async fn question_answer(
+        &self,
+        prepared: &Prepared,
+        history: &[v1::Turn],
+        question: &str,
+        parameters: Option<v1::GenerationParameters>,
+    ) -> Result<(Answer, Option<String>), ServiceError> {
         let n = prepared.masks.len();
+        let all: Vec<usize> = (0..n).collect();
+        let key = self.answer_key(prepared, &all, &format!("text:{question}"), history, parameters.as_ref());
+        if let Some(answer) = self.cached_answer(key.as_deref()).await {
+            return Ok((Answer::Cached(answer), key));
+        }
+        let pooled = self.pool(prepared, &all).await?;
         let question = worker::Question {
             index: 0,
             prompt: Some(worker::question::Prompt::Text(question.to_string())),
@@ -461,7 +536,7 @@ impl Gateway {
             pos_tokens: (n > 0).then(|| rows(&pooled.response.pos_tokens, 0..n)).transpose()?,
         };
         let stream = self.generate(&prepared.key, &pooled, vec![question], parameters).await?;
-        Ok((stream, prepared, pooled))
+        Ok((Answer::Streaming(stream, Box::new(pooled)), key))
     }
 
     fn timeout(&self) -> Duration {
@@ -481,6 +556,60 @@ async fn finish_stream<T>(
     };
     if let Err(err) = result {
         let _ = tx.send(Err(err.into_status())).await;
+    }
+}
+
+/// The answer to a free-form question.
+enum Answer {
+    /// From the result cache: the LLM's final response, as stored.
+    Cached(worker::GenerateResponse),
+    Streaming(Streaming<worker::GenerateResponse>, Box<Pooled>),
+}
+
+/// What the result cache keeps of an answer: the LLM's final response without its timings.
+fn stored_answer(response: &worker::GenerateResponse) -> Vec<u8> {
+    worker::GenerateResponse {
+        question_index: 0,
+        text: String::new(),
+        finished: true,
+        timing: None,
+        prefix_cache_hit: false,
+        ..response.clone()
+    }
+    .encode_to_vec()
+}
+
+/// Region `i`'s result from the LLM's final response about it.
+fn region_result(
+    prepared: &Prepared,
+    i: usize,
+    answer: worker::GenerateResponse,
+    metadata: Metadata,
+) -> v1::RegionResult {
+    let rle = prepared.masks[i].to_rle();
+    v1::RegionResult {
+        region_index: i as u32,
+        label: prepared.labels[i].clone(),
+        text: answer.answer,
+        raw_text: answer.raw_text,
+        area: rle.area(),
+        bbox: rle.bbox().iter().map(|&v| v as f32).collect(),
+        mask: prepared.sam_masks[i].clone(),
+        generated_tokens: answer.generated_tokens,
+        finish_reason: answer.finish_reason,
+        metadata: Some(metadata),
+    }
+}
+
+/// Metadata of an answer served from the result cache: only SAM (if any) ran.
+fn cached_metadata(prepared: &Prepared, start: Instant) -> Metadata {
+    Metadata {
+        timing: Some(Timing { sam_ns: prepared.sam_ns, total_ns: elapsed_ns(start), ..Timing::default() }),
+        cache: Some(CacheHits {
+            sam_embedding: prepared.sam_tier as i32,
+            result: true,
+            ..CacheHits::default()
+        }),
     }
 }
 
@@ -539,7 +668,8 @@ fn describe_task(task: i32) -> Result<worker::RegionTask, ServiceError> {
     }
 }
 
-fn check_parameters(p: &v1::GenerationParameters) -> Result<(), ServiceError> {
+fn check_parameters(p: Option<&v1::GenerationParameters>) -> Result<(), ServiceError> {
+    let Some(p) = p else { return Ok(()) };
     if let Some(t) = p.temperature
         && !(t.is_finite() && t >= 0.0)
     {
@@ -719,6 +849,7 @@ impl Osprey for OspreyService {
         // Validate (and run SAM) before answering, so that bad input is the RPC's status, not a
         // stream item.
         let task = describe_task(request.task).map_err(ServiceError::into_status)?;
+        check_parameters(request.parameters.as_ref()).map_err(ServiceError::into_status)?;
         if request.regions.is_empty() && request.everything.is_none() {
             return Err(ServiceError::invalid("regions", "at least one region is needed").into_status());
         }
@@ -747,31 +878,39 @@ impl Osprey for OspreyService {
         let start = Instant::now();
         let request = request.into_inner();
         let work = async {
-            let (mut stream, prepared, pooled) = self
+            let parameters = request.parameters;
+            let prepared = self
                 .0
-                .ask_stream(
+                .prepare_question(
                     request.image.as_ref(),
                     &request.regions,
-                    &[],
                     &request.question,
-                    request.parameters,
+                    parameters.as_ref(),
                 )
                 .await?;
+            let ask = |response: worker::GenerateResponse, metadata| v1::AskResponse {
+                text: response.answer,
+                raw_text: response.raw_text,
+                generated_tokens: response.generated_tokens,
+                finish_reason: response.finish_reason,
+                metadata: Some(metadata),
+            };
+            let (mut stream, pooled, key) =
+                match self.0.question_answer(&prepared, &[], &request.question, parameters).await? {
+                    (Answer::Cached(response), _) => {
+                        return Ok(ask(response, cached_metadata(&prepared, start)));
+                    }
+                    (Answer::Streaming(stream, pooled), key) => (stream, pooled, key),
+                };
             while let Some(response) = stream.message().await.map_err(ServiceError::from)? {
                 if response.finished {
-                    return Ok(v1::AskResponse {
-                        text: response.answer,
-                        raw_text: response.raw_text,
-                        generated_tokens: response.generated_tokens,
-                        finish_reason: response.finish_reason,
-                        metadata: Some(metadata(
-                            &prepared,
-                            &pooled,
-                            response.timing.as_ref(),
-                            response.prefix_cache_hit,
-                            start,
-                        )),
-                    });
+                    if let Some(key) = key {
+                        self.0.cache.put_result(&key, stored_answer(&response)).await;
+                    }
+                    let timing = response.timing;
+                    let metadata =
+                        metadata(&prepared, &pooled, timing.as_ref(), response.prefix_cache_hit, start);
+                    return Ok(ask(response, metadata));
                 }
             }
             Err(ServiceError::Internal("the LLM worker ended the answer early".into()))
@@ -792,24 +931,47 @@ impl Osprey for OspreyService {
         let permit = self.0.admit().map_err(ServiceError::into_status)?;
         let start = Instant::now();
         let request = request.into_inner();
-        let (mut stream, prepared, pooled) = self
-            .0
-            .ask_stream(
-                request.image.as_ref(),
-                &request.regions,
-                &request.history,
-                &request.question,
-                request.parameters,
-            )
-            .await
-            .map_err(ServiceError::into_status)?;
+        let parameters = request.parameters;
+        let work = async {
+            let prepared = self
+                .0
+                .prepare_question(
+                    request.image.as_ref(),
+                    &request.regions,
+                    &request.question,
+                    parameters.as_ref(),
+                )
+                .await?;
+            let answer =
+                self.0.question_answer(&prepared, &request.history, &request.question, parameters).await?;
+            Ok::<_, ServiceError>((prepared, answer))
+        };
+        let (prepared, (answer, key)) = work.await.map_err(ServiceError::into_status)?;
         let (tx, rx) = mpsc::channel(64);
-        let timeout = self.0.timeout();
+        let gateway = self.0.clone();
         tokio::spawn(
             async move {
                 let _permit = permit;
                 let work = async {
+                    let (mut stream, pooled) = match answer {
+                        Answer::Cached(response) => {
+                            let chunk = v1::ChatChunk {
+                                text: response.raw_text,
+                                finished: true,
+                                finish_reason: response.finish_reason,
+                                metadata: Some(cached_metadata(&prepared, start)),
+                            };
+                            let _ = tx.send(Ok(chunk)).await;
+                            return Ok(());
+                        }
+                        Answer::Streaming(stream, pooled) => (stream, pooled),
+                    };
                     while let Some(response) = stream.message().await.map_err(ServiceError::from)? {
+                        if response.finished
+                            && let Some(key) = &key
+                        {
+                            gateway.cache.put_result(key, stored_answer(&response)).await;
+                        }
                         let chunk = v1::ChatChunk {
                             text: response.text,
                             finished: response.finished,
@@ -830,7 +992,7 @@ impl Osprey for OspreyService {
                     }
                     Ok(())
                 };
-                finish_stream(work, timeout, tx.clone()).await;
+                finish_stream(work, gateway.timeout(), tx.clone()).await;
             }
             .instrument(Span::current()),
         );
@@ -880,6 +1042,7 @@ async fn annotate_item(
             let permit = gateway.admit()?;
             let work = async {
                 let task = describe_task(item.task)?;
+                check_parameters(item.parameters.as_ref())?;
                 if item.regions.is_empty() && item.everything.is_none() {
                     return Err(ServiceError::invalid("regions", "at least one region is needed"));
                 }

@@ -129,3 +129,39 @@ async fn memory_cache_is_bounded() {
     cache.put("c", vec![2; 9]).await; // over the entry limit
     assert_eq!(cache.get("c").await, None);
 }
+
+#[tokio::test]
+async fn entries_expire_after_their_ttl_in_both_backends() {
+    let port = free_port();
+    let _redis = RedisServer::start(port);
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let ttls = ["--cache-ttl-seconds", "1", "--result-cache-ttl-seconds", "3"];
+    let memory = cache(&ttls);
+    let redis = cache(&[&["--redis-url", url.as_str()][..], &ttls[..]].concat());
+    for cache in [&memory, &redis] {
+        cache.put("features:x", vec![1]).await;
+        cache.put_result("result:x", vec![2]).await;
+        assert_eq!(cache.get("features:x").await, Some(vec![1]));
+        assert_eq!(cache.get_result("result:x").await, Some(vec![2]));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    for cache in [&memory, &redis] {
+        assert_eq!(cache.get("features:x").await, None, "{} features outlived their TTL", cache.tier());
+        assert_eq!(
+            cache.get_result("result:x").await,
+            Some(vec![2]),
+            "{} results have their own TTL",
+            cache.tier()
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    for cache in [&memory, &redis] {
+        assert_eq!(cache.get_result("result:x").await, None, "{} result outlived its TTL", cache.tier());
+    }
+
+    // A zero result TTL turns the result cache off.
+    let off = cache(&["--result-cache-ttl-seconds", "0"]);
+    off.put_result("result:y", vec![3]).await;
+    assert!(!off.caches_results());
+    assert_eq!(off.get_result("result:y").await, None);
+}

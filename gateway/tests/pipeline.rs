@@ -198,7 +198,9 @@ fn tier(result: &v1::RegionResult) -> CacheTier {
 #[tokio::test]
 async fn describe_many_regions_with_cache_tiers_and_failover() {
     let (vision_a, mut vision_b, llm) = (vision().await, vision().await, llm().await);
-    let (_gateway, mut client) = gateway(&[&vision_a, &vision_b], &llm, &[]).await;
+    // The result cache is off so that repeated questions reach vision and the LLM.
+    let (_gateway, mut client) =
+        gateway(&[&vision_a, &vision_b], &llm, &["--result-cache-ttl-seconds", "0"]).await;
     let image = v1::image::Source::Encoded(photo());
 
     let first = describe(&mut client, describe_request(image.clone(), masks(&[1, 4, 8]))).await;
@@ -246,6 +248,89 @@ async fn describe_many_regions_with_cache_tiers_and_failover() {
     }
 }
 
+fn result_hit(result: &v1::RegionResult) -> bool {
+    result.metadata.as_ref().unwrap().cache.as_ref().unwrap().result
+}
+
+#[tokio::test]
+async fn result_cache_answers_repeated_greedy_questions_without_vision_or_llm() {
+    let (mut vision, mut llm) = (vision().await, llm().await);
+    let (_gateway, mut client) = gateway(&[&vision], &llm, &[]).await;
+    let image = v1::image::Source::Encoded(photo());
+    let ask = |question: &str, parameters: Option<v1::GenerationParameters>| v1::AskRequest {
+        image: Some(v1::Image { source: Some(image.clone()) }),
+        regions: masks(&[1, 4]),
+        question: question.into(),
+        parameters,
+    };
+
+    let first = describe(&mut client, describe_request(image.clone(), masks(&[1, 4]))).await;
+    assert!(first.iter().all(|r| !result_hit(r)));
+    // Two regions asked before, one new: only the new one goes to vision and the LLM.
+    let mixed = describe(&mut client, describe_request(image.clone(), masks(&[1, 4, 8]))).await;
+    assert_eq!(mixed.iter().map(result_hit).collect::<Vec<_>>(), [true, true, false]);
+    assert_eq!(tier(&mixed[2]), CacheTier::Resident);
+    for (cached, fresh) in mixed.iter().zip(&first) {
+        assert_eq!(cached.raw_text, fresh.raw_text);
+        assert_eq!(cached.text, fresh.text);
+        assert_eq!(cached.label, fresh.label);
+        assert_eq!(cached.area, fresh.area);
+        let timing = cached.metadata.as_ref().unwrap().timing.as_ref().unwrap();
+        assert_eq!((timing.encode_ns, timing.pool_ns, timing.prefill_ns), (0, 0, 0));
+    }
+    let asked = client.ask(ask("What is region1 doing?", None)).await.unwrap().into_inner();
+    assert!(!asked.metadata.as_ref().unwrap().cache.as_ref().unwrap().result);
+
+    // With vision and the LLM gone, cached answers are still served...
+    vision.stop();
+    llm.stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cached = describe(&mut client, describe_request(image.clone(), masks(&[8, 1]))).await;
+    assert!(cached.iter().all(result_hit));
+    assert_eq!((cached[0].label.as_str(), &cached[0].raw_text), ("mask-8", &mixed[2].raw_text));
+    let again = client.ask(ask("What is region1 doing?", None)).await.unwrap().into_inner();
+    assert!(again.metadata.as_ref().unwrap().cache.as_ref().unwrap().result);
+    assert_eq!((&again.text, &again.raw_text), (&asked.text, &asked.raw_text));
+    let chat = v1::ChatRequest {
+        image: Some(v1::Image { source: Some(image.clone()) }),
+        regions: masks(&[1, 4]),
+        history: vec![],
+        question: "What is region1 doing?".into(),
+        parameters: None,
+    };
+    let mut chunks = client.chat(chat).await.unwrap().into_inner();
+    let chunk = chunks.message().await.unwrap().unwrap();
+    assert!(chunk.finished && chunk.metadata.unwrap().cache.unwrap().result);
+    assert_eq!(chunk.text, asked.raw_text);
+
+    // ...but anything not asked before, or not deterministic, needs the workers.
+    let other_task = v1::DescribeRequest {
+        task: DescribeTask::Category as i32,
+        ..describe_request(image.clone(), masks(&[1]))
+    };
+    let sampled = v1::DescribeRequest {
+        parameters: Some(v1::GenerationParameters { temperature: Some(0.7), ..Default::default() }),
+        ..describe_request(image.clone(), masks(&[1]))
+    };
+    let longer = v1::DescribeRequest {
+        parameters: Some(v1::GenerationParameters { max_new_tokens: Some(3), ..Default::default() }),
+        ..describe_request(image.clone(), masks(&[1]))
+    };
+    for request in [other_task, sampled, longer] {
+        let status = match client.describe(request).await {
+            Err(status) => status,
+            Ok(response) => response.into_inner().message().await.unwrap_err(),
+        };
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    let status = client.ask(ask("What is region2 doing?", None)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    // Bad parameters are refused even when the answer would be cached.
+    let bad = v1::GenerationParameters { top_p: Some(2.0), ..Default::default() };
+    let status = client.ask(ask("What is region1 doing?", Some(bad))).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
 struct RedisServer(Child);
 
 impl Drop for RedisServer {
@@ -290,6 +375,12 @@ async fn gateways_share_features_through_redis_and_registered_images() {
     let results = describe(&mut second, describe_request(by_key.clone(), masks(&[1, 4]))).await;
     assert_eq!(results.len(), 2);
     assert!(results.iter().all(|r| tier(r) == CacheTier::Shared));
+    // The answers are shared too: the first gateway finds them in Redis's result cache.
+    let again = describe(&mut first, describe_request(by_key.clone(), masks(&[1, 4]))).await;
+    assert!(again.iter().all(result_hit), "answers come from the shared result cache");
+    for (a, b) in again.iter().zip(&results) {
+        assert_eq!((&a.raw_text, &a.text, a.generated_tokens), (&b.raw_text, &b.text, b.generated_tokens));
+    }
 
     let answer = second
         .ask(v1::AskRequest {

@@ -22,6 +22,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
 mod device;
+pub mod hub;
 pub use device::{parse_device, parse_dtype};
 
 /// Why weights could not be read.

@@ -19,7 +19,8 @@ enum Command {
     /// Run one spliced prompt from a safetensors file and write every position's logits and a
     /// greedy continuation (no EOS stop), for parity checks. CPU, f32.
     Dump {
-        /// Checkpoint directory: config.json plus model.safetensors[.index.json].
+        /// Checkpoint directory: config.json plus model.safetensors[.index.json], or a Hugging
+        /// Face repo id.
         #[arg(long)]
         weights: PathBuf,
         /// Safetensors input: input_ids i64 [L] (one -200, <mask><pos> id pairs), image_features
@@ -38,11 +39,16 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
-        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(llm_worker::service::main(args))?,
+        Command::Serve(mut args) => {
+            // A repo id (`sunshine-lwt/Osprey-7b`) is fetched into the Hugging Face cache first.
+            args.weights = osprey_checkpoint::hub::resolve_dir(&args.weights)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(llm_worker::service::main(args))?
+        }
         Command::Dump { weights, inputs, out, max_new_tokens } => {
+            let weights = osprey_checkpoint::hub::resolve_dir(&weights)?;
             llm_worker::dump::run(&weights, &inputs, &out, max_new_tokens)?
         }
     }

@@ -43,11 +43,19 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
-        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(sam_worker::service::main(args))?,
+        Command::Serve(mut args) => {
+            // A repo id (`ybelkada/segment-anything:checkpoints/sam_vit_b_01ec64.pth`) is fetched
+            // into the Hugging Face cache first.
+            args.weights = osprey_checkpoint::hub::resolve_file(&args.weights)?;
+            args.config = args.config.as_deref().map(osprey_checkpoint::hub::resolve_file).transpose()?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(sam_worker::service::main(args))?
+        }
         Command::Dump { weights, config, image, prompts, out, cuda } => {
+            let weights = osprey_checkpoint::hub::resolve_file(&weights)?;
+            let config = config.as_deref().map(osprey_checkpoint::hub::resolve_file).transpose()?;
             let device = sam_worker::select_device(cuda)?;
             run_dump(&DumpArgs { weights, config, image, prompts, out }, &device)?;
         }

@@ -21,7 +21,7 @@ enum Command {
     Dump {
         /// Checkpoint directory: config.json plus model.safetensors[.index.json] or
         /// pytorch_model.bin[.index.json] (and the Open-CLIP file named by mm_vision_tower when the
-        /// checkpoint lacks the vision trunk).
+        /// checkpoint lacks the vision trunk), or a Hugging Face repo id.
         #[arg(long)]
         weights: PathBuf,
         /// Image file (PNG, JPEG or WebP).
@@ -39,11 +39,16 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
-        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(vision_worker::service::main(args))?,
+        Command::Serve(mut args) => {
+            // A repo id (`sunshine-lwt/Osprey-7b`) is fetched into the Hugging Face cache first.
+            args.weights = osprey_checkpoint::hub::resolve_dir(&args.weights)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(vision_worker::service::main(args))?
+        }
         Command::Dump { weights, image, masks, out } => {
+            let weights = osprey_checkpoint::hub::resolve_dir(&weights)?;
             vision_worker::dump::run(&weights, &image, &masks, &out)?
         }
     }

@@ -1,0 +1,413 @@
+//! deploy/ against the binaries: the Kubernetes overlays render and validate against the
+//! Kubernetes schemas (tools/deploy_manifests.py, through the CI Python environment), and every
+//! invocation in the Dockerfiles, the compose file and the manifests parses with the binary's own
+//! `serve` argument parser (flags and environment variables), agrees on ports (listen, probes,
+//! Services, worker addresses, metrics), and autoscales on metrics the code really emits.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use clap::{Args, FromArgMatches};
+use osprey_deploy::{MetricKind, emitted_metrics};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn python() -> PathBuf {
+    std::env::var_os("OSPREY_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv-ci/bin/python"))
+}
+
+fn run_tool(command: &str) -> std::process::Output {
+    let python = python();
+    assert!(
+        python.exists(),
+        "{} missing: run .ci/run's Python step (tools/requirements-ci.txt)",
+        python.display()
+    );
+    Command::new(&python)
+        .arg(root().join("tools/deploy_manifests.py"))
+        .arg(command)
+        .output()
+        .expect("run tools/deploy_manifests.py")
+}
+
+#[test]
+fn every_overlay_validates_against_the_kubernetes_schemas() {
+    let out = run_tool("validate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for overlay in ["cpu", "cuda"] {
+        for object in [
+            "Deployment/vision-worker",
+            "Deployment/llm-worker",
+            "Deployment/sam-worker",
+            "Deployment/gateway",
+        ] {
+            assert!(
+                stdout.contains(&format!("valid {overlay}: {object}")),
+                "{overlay} {object} not rendered:\n{stdout}"
+            );
+        }
+    }
+    assert!(stdout.contains("\n0 invalid"), "{stdout}");
+}
+
+/// What parsing an invocation with the binary's parser tells us.
+struct Parsed {
+    listen_port: u16,
+    prometheus_port: Option<u16>,
+    /// `--request-timeout-seconds` of the gateway: the longest a request may drain.
+    request_timeout: Option<u64>,
+    /// The gateway's worker addresses by kind.
+    workers: BTreeMap<&'static str, Vec<String>>,
+}
+
+/// The `serve` parser of `binary`; flags given as environment variables are turned into flags
+/// (clap reads `--flag` and its `env` name the same way). Returns the parse and the environment
+/// names the parser does not know.
+fn parse(
+    binary: &str,
+    flags: &[(String, Option<String>)],
+    env: &BTreeMap<String, Option<String>>,
+) -> Result<(Parsed, Vec<String>), String> {
+    let command = clap::Command::new("serve").no_binary_name(false);
+    let command = match binary {
+        "gateway" => gateway::service::GatewayArgs::augment_args(command),
+        "vision-worker" => vision_worker::service::ServeArgs::augment_args(command),
+        "llm-worker" => llm_worker::service::ServeArgs::augment_args(command),
+        "sam-worker" => sam_worker::service::ServeArgs::augment_args(command),
+        other => return Err(format!("unknown binary {other}")),
+    };
+    let by_env: BTreeMap<String, String> = command
+        .get_arguments()
+        .filter_map(|a| Some((a.get_env()?.to_str()?.to_string(), a.get_long()?.to_string())))
+        .collect();
+    let mut argv = vec!["serve".to_string()];
+    let mut unknown_env = Vec::new();
+    for (name, value) in env {
+        match (by_env.get(name), value) {
+            (Some(long), Some(value)) => argv.push(format!("--{long}={value}")),
+            (Some(_), None) => {} // from a Secret: the name is known, the value is the operator's
+            (None, _) => unknown_env.push(name.clone()),
+        }
+    }
+    for (flag, value) in flags {
+        argv.push(match value {
+            Some(value) => format!("{flag}={value}"),
+            None => flag.clone(),
+        });
+    }
+    let matches = command.try_get_matches_from(&argv).map_err(|e| format!("{argv:?}: {e}"))?;
+    let parsed = match binary {
+        "gateway" => {
+            let a = gateway::service::GatewayArgs::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+            Parsed {
+                listen_port: a.listen.port(),
+                prometheus_port: a.telemetry.prometheus_port,
+                request_timeout: Some(a.request_timeout_seconds),
+                workers: BTreeMap::from([
+                    ("vision-worker", a.vision_workers.clone()),
+                    ("llm-worker", a.llm_workers.clone()),
+                    ("sam-worker", a.sam_workers.clone()),
+                ]),
+            }
+        }
+        "vision-worker" => {
+            let a =
+                vision_worker::service::ServeArgs::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+            Parsed {
+                listen_port: a.listen.port(),
+                prometheus_port: a.telemetry.prometheus_port,
+                request_timeout: None,
+                workers: BTreeMap::new(),
+            }
+        }
+        "llm-worker" => {
+            let a = llm_worker::service::ServeArgs::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+            Parsed {
+                listen_port: a.listen.port(),
+                prometheus_port: a.telemetry.prometheus_port,
+                request_timeout: None,
+                workers: BTreeMap::new(),
+            }
+        }
+        _ => {
+            let a = sam_worker::service::ServeArgs::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+            Parsed {
+                listen_port: a.listen.port(),
+                prometheus_port: a.telemetry.prometheus_port,
+                request_timeout: None,
+                workers: BTreeMap::new(),
+            }
+        }
+    };
+    Ok((parsed, unknown_env))
+}
+
+fn expect(failures: &mut Vec<String>, at: &str, what: &str, got: Option<u64>, want: Option<u64>) {
+    if got != want {
+        failures.push(format!("{at}: {what} is {got:?}, the binary says {want:?}"));
+    }
+}
+
+/// An invocation's flags as (name, value) pairs.
+fn flags_of(invocation: &Value) -> Vec<(String, Option<String>)> {
+    invocation["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f[0].as_str().unwrap().to_string(), f[1].as_str().map(str::to_string)))
+        .collect()
+}
+
+fn crate_dir(binary: &str) -> PathBuf {
+    root().join(binary)
+}
+
+/// Every Rust source file of the workspace's crates, concatenated (to check that an environment
+/// variable deploy/ sets is read somewhere).
+fn workspace_source() -> String {
+    let mut text = String::new();
+    for dir in ["common", "checkpoint", "gateway", "vision-worker", "llm-worker", "sam-worker"] {
+        let mut stack = vec![root().join(dir).join("src")];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    text.push_str(&std::fs::read_to_string(&path).unwrap());
+                }
+            }
+        }
+    }
+    text
+}
+
+fn host_port(address: &str) -> (String, u16) {
+    let address = address.trim_start_matches("http://");
+    let (host, port) = address.rsplit_once(':').expect("host:port");
+    (host.to_string(), port.parse().expect("port"))
+}
+
+#[test]
+fn deploy_matches_the_binaries() {
+    let out = run_tool("references");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let refs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let source = workspace_source();
+    let invocations = refs["invocations"].as_array().unwrap();
+    let mut seen = BTreeSet::new();
+    let mut listen_ports: BTreeMap<String, u16> = BTreeMap::new();
+    let mut failures = Vec::new();
+
+    for inv in invocations {
+        let at = inv["source"].as_str().unwrap().to_string();
+        let binary = inv["binary"].as_str().unwrap();
+        seen.insert((at.split(':').next().unwrap().to_string(), binary.to_string()));
+        assert_eq!(inv["subcommand"], "serve", "{at}");
+        let flags = flags_of(inv);
+        let env: BTreeMap<String, Option<String>> = inv["env"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string)))
+            .collect();
+        let (parsed, unknown_env) = match parse(binary, &flags, &env) {
+            Ok(p) => p,
+            Err(e) => {
+                failures.push(format!("{at}: {binary} serve rejects the invocation: {e}"));
+                continue;
+            }
+        };
+        // Variables that are no flag of the binary must be read by our code (LOG_LEVEL, HF_*)
+        // or by the NVIDIA container runtime.
+        for name in unknown_env {
+            if !name.starts_with("NVIDIA_") && !source.contains(&format!("\"{name}\"")) {
+                failures.push(format!("{at}: environment variable {name} is read by nothing"));
+            }
+        }
+        let listen = parsed.listen_port;
+        if let Some(previous) = listen_ports.insert(binary.to_string(), listen)
+            && previous != listen
+        {
+            failures.push(format!("{at}: {binary} listens on {listen} here and on {previous} elsewhere"));
+        }
+        let prometheus = parsed.prometheus_port;
+        if prometheus.is_none() {
+            failures.push(format!("{at}: no --prometheus-port / PROMETHEUS_PORT, so no metrics to scale on"));
+        }
+        if !std::fs::read_to_string(crate_dir(binary).join("src/service.rs"))
+            .unwrap()
+            .contains("standard_routes(")
+        {
+            failures.push(format!("{at}: {binary} does not serve grpc.health.v1 (standard_routes)"));
+        }
+        // Kubernetes: container ports, probes, Service, scrape annotation, graceful termination.
+        if at.starts_with("kubernetes/") {
+            expect(
+                &mut failures,
+                &at,
+                "the grpc containerPort",
+                inv["grpc_port"].as_u64(),
+                Some(listen.into()),
+            );
+            expect(
+                &mut failures,
+                &at,
+                "the metrics containerPort",
+                inv["metrics_port"].as_u64(),
+                prometheus.map(u64::from),
+            );
+            expect(
+                &mut failures,
+                &at,
+                "prometheus.io/port",
+                inv["scrape_port"].as_u64(),
+                prometheus.map(u64::from),
+            );
+            let probes = inv["probes"].as_array().unwrap();
+            if probes.len() < 2 {
+                failures.push(format!("{at}: readiness and liveness probes are required"));
+            }
+            for probe in probes {
+                expect(
+                    &mut failures,
+                    &at,
+                    &format!("the {} port", probe["kind"]),
+                    probe["port"].as_u64(),
+                    Some(listen.into()),
+                );
+                // The whole-server status ("") is what standard_routes reports for every server.
+                if !probe["service"].is_null() {
+                    failures.push(format!("{at}: probe service {} is not reported", probe["service"]));
+                }
+            }
+            let service = &inv["service"];
+            let ports = service["ports"].as_array().unwrap();
+            if ports.len() != 1
+                || ports[0]["port"].as_u64() != Some(listen.into())
+                || ports[0]["targetPort"] != "grpc"
+            {
+                failures
+                    .push(format!("{at}: Service ports {ports:?} must expose {listen} as targetPort grpc"));
+            }
+            if binary != "gateway" && service["headless"] != true {
+                failures.push(format!("{at}: worker Services must be headless (one address per pod)"));
+            }
+            let grace = inv["termination_grace_seconds"].as_u64().unwrap();
+            let pre_stop = inv["prestop_sleep_seconds"].as_u64().unwrap();
+            let drain = parsed.request_timeout.unwrap_or(60);
+            if pre_stop == 0 || grace < pre_stop + drain {
+                failures.push(format!("{at}: grace {grace}s < preStop {pre_stop}s + drain {drain}s"));
+            }
+        }
+        if at.starts_with("Dockerfile") {
+            let expose: Vec<u64> =
+                inv["expose"].as_array().unwrap().iter().filter_map(Value::as_u64).collect();
+            for port in [Some(listen), prometheus].into_iter().flatten() {
+                if !expose.contains(&port.into()) {
+                    failures.push(format!("{at}: EXPOSE {expose:?} lacks {port}"));
+                }
+            }
+            let health = inv["health_addr"].as_str().map(host_port);
+            expect(
+                &mut failures,
+                &at,
+                "the HEALTHCHECK port",
+                health.map(|(_, p)| p.into()),
+                Some(listen.into()),
+            );
+        }
+        // The gateway's worker addresses name a Service (Kubernetes) or a service/alias (compose)
+        // of the right binary, on that binary's port; the image's defaults must hold in both.
+        let place = at.split(':').next().unwrap();
+        let places: Vec<&str> = if place.starts_with("Dockerfile") {
+            vec!["compose", "kubernetes/cpu", "kubernetes/cuda"]
+        } else {
+            vec![place]
+        };
+        for (kind, addresses) in &parsed.workers {
+            for address in addresses {
+                let (host, port) = host_port(address);
+                for place in &places {
+                    let target = invocations.iter().find(|other| {
+                        other["source"].as_str().unwrap().split(':').next() == Some(place)
+                            && (other["service"]["name"] == host.as_str()
+                                || other["names"]
+                                    .as_array()
+                                    .is_some_and(|n| n.iter().any(|n| n == host.as_str())))
+                    });
+                    let Some(target) = target.filter(|t| t["binary"] == *kind) else {
+                        failures.push(format!("{at}: {address} names no {kind} service in {place}"));
+                        continue;
+                    };
+                    let flags = flags_of(target);
+                    let (target_parsed, _) = parse(kind, &flags, &BTreeMap::new()).unwrap();
+                    if target_parsed.listen_port != port {
+                        failures.push(format!(
+                            "{at}: {address} but {kind} listens on {} in {place}",
+                            target_parsed.listen_port
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    for place in ["kubernetes/cpu", "kubernetes/cuda", "compose", "Dockerfile", "Dockerfile.cuda"] {
+        for binary in ["vision-worker", "llm-worker", "sam-worker"] {
+            if !seen.contains(&(place.to_string(), binary.to_string())) {
+                failures.push(format!("{place}: no {binary}"));
+            }
+        }
+    }
+
+    // Autoscaling: each HPA metric is published by an adapter rule whose series the binary emits.
+    let rules = refs["adapter_rules"].as_array().unwrap();
+    for inv in invocations.iter().filter(|i| i["hpa_metrics"].is_array()) {
+        let binary = inv["binary"].as_str().unwrap();
+        let mut emitted = emitted_metrics(&crate_dir(binary).join("src")).unwrap();
+        emitted.extend(emitted_metrics(&root().join("common/src")).unwrap());
+        for metric in inv["hpa_metrics"].as_array().unwrap() {
+            let Some(rule) = rules.iter().find(|r| r["published_as"] == *metric) else {
+                failures
+                    .push(format!("{}: HPA metric {metric} is published by no adapter rule", inv["source"]));
+                continue;
+            };
+            let series = rule["series"].as_str().unwrap();
+            let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| series.strip_suffix(s));
+            let ok = match base {
+                Some(base) if emitted.get(base) == Some(&MetricKind::Histogram) => true,
+                _ => emitted.contains_key(series) && emitted.get(series) != Some(&MetricKind::Histogram),
+            };
+            if !ok {
+                failures.push(format!(
+                    "{}: {series} is not emitted by {binary} (emits {:?})",
+                    inv["source"],
+                    emitted.keys()
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "deploy/ disagrees with the binaries:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn the_cross_check_catches_a_bad_flag_and_a_made_up_metric() {
+    // The parser really rejects what the binary would reject, and the metric scan is not a
+    // catch-all: guards against a check that cannot fail.
+    let flags = vec![("--no-such-flag".to_string(), Some("1".to_string()))];
+    let weights = BTreeMap::from([("OSPREY_WEIGHTS".to_string(), Some("/models/x".to_string()))]);
+    assert!(parse("vision-worker", &flags, &weights).is_err());
+    let (parsed, unknown) = parse("llm-worker", &[], &weights).unwrap();
+    assert_eq!(parsed.listen_port, 50053);
+    assert!(unknown.is_empty());
+    let emitted = emitted_metrics(&root().join("llm-worker/src")).unwrap();
+    assert_eq!(emitted.get("osprey_llm_queue_size"), Some(&MetricKind::Gauge));
+    assert!(!emitted.contains_key("osprey_llm_made_up_total"));
+}

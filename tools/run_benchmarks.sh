@@ -2,6 +2,7 @@
 # Runs the CPU benchmarks and writes docs/BENCHMARKS.md:
 #   1. the Python references (torch + timm ConvNeXt-L trunk; transformers' one-question-per-generate loop),
 #   2. `cargo bench -p vision-worker --bench vision` and `cargo bench -p llm-worker --bench llm` with --reference,
+#      and `cargo bench -p osprey-e2e --bench e2e` (the real binaries end to end, demo weights),
 #   3. docs/BENCHMARKS.md: machine, load, exact commands, the benches' tables.
 #
 # Usage: tools/run_benchmarks.sh            (from anywhere; about 11 minutes on 2 idle cores, 20+ when loaded)
@@ -44,6 +45,7 @@ CMD_VREF="$VISION_VENV/bin/python tools/bench_vision_reference.py --threads $THR
 CMD_LREF="$LLM_VENV/bin/python tools/bench_llm_reference.py --threads $THREADS --ns $NS --max-questions 8 --budget-s 240"
 CMD_VIS="RAYON_NUM_THREADS=$THREADS cargo bench -p vision-worker --bench vision -- --reference $OUT_SHOW/vision_reference.json --sizes $SIZES --masks $MASKS"
 CMD_LLM="RAYON_NUM_THREADS=$THREADS cargo bench -p llm-worker --bench llm -- --reference $OUT_SHOW/llm_reference.json --ns $NS --seq-cap 8 --batched-max-n $BATCHED_MAX_N"
+CMD_E2E="cargo build --release --bins && RAYON_NUM_THREADS=$THREADS cargo bench -p osprey-e2e --bench e2e -- --ns 1,16,64 --runs 5"
 
 DOC_ONLY=0
 [ "${1:-}" = "--doc-only" ] && DOC_ONLY=1
@@ -56,6 +58,9 @@ if [ "$DOC_ONLY" = 0 ]; then
         set -- $target
         cargo bench --no-run -p "$1" --bench "$2" 2>> "$OUT/build.log" || { tail -30 "$OUT/build.log" >&2; exit 1; }
     done
+    # The end-to-end bench starts the release binaries of the services.
+    cargo build --release --bins 2>> "$OUT/build.log" || { tail -30 "$OUT/build.log" >&2; exit 1; }
+    cargo bench --no-run -p osprey-e2e --bench e2e 2>> "$OUT/build.log" || { tail -30 "$OUT/build.log" >&2; exit 1; }
 
     START=$(date +%s)
     UPTIME_START="$(uptime)"
@@ -82,6 +87,11 @@ if [ "$DOC_ONLY" = 0 ]; then
         --batched-max-n "$BATCHED_MAX_N" > "$OUT/llm.md" 2> "$OUT/llm.log"
     T_LLM=$(( $(date +%s) - T0 ))
 
+    log "cargo bench e2e (load $(load))"
+    T0=$(date +%s)
+    cargo bench -q -p osprey-e2e --bench e2e -- --ns 1,16,64 --runs 5 > "$OUT/e2e.md" 2> "$OUT/e2e.log"
+    T_E2E=$(( $(date +%s) - T0 ))
+
     UPTIME_END="$(uptime)"
     TOTAL=$(( $(date +%s) - START ))
     log "done in ${TOTAL} s; writing $DOC"
@@ -89,7 +99,7 @@ if [ "$DOC_ONLY" = 0 ]; then
     COMMIT="$(git rev-parse --short HEAD 2> /dev/null || echo '?')"
     DIRTY="$(git status --porcelain 2> /dev/null | wc -l | tr -d ' ')"
     # What --doc-only needs to rewrite the report later.
-    for v in RUN_DATE COMMIT DIRTY UPTIME_START UPTIME_END T_VREF T_LREF T_VIS T_LLM TOTAL; do
+    for v in RUN_DATE COMMIT DIRTY UPTIME_START UPTIME_END T_VREF T_LREF T_VIS T_LLM T_E2E TOTAL; do
         printf '%s=%q\n' "$v" "${!v}"
     done > "$OUT/meta.env"
 else
@@ -125,7 +135,7 @@ $BENCH_NOTE
 - Toolchain: $RUSTC, candle 0.11.1 (CPU backend, no MKL); torch $(ref_field "$OUT/vision_reference.json" '["torch"]'),
   timm $(ref_field "$OUT/vision_reference.json" '["timm"]'), transformers $(ref_field "$OUT/llm_reference.json" '["transformers"]').
 - Wall time: torch trunk reference ${T_VREF} s, transformers reference ${T_LREF} s, vision bench ${T_VIS} s, LLM
-  bench ${T_LLM} s; ${TOTAL} s in all (build excluded).
+  bench ${T_LLM} s, end-to-end bench ${T_E2E:-?} s; ${TOTAL} s in all (build excluded).
 
 ## Commands
 
@@ -135,6 +145,7 @@ $CMD_VREF > $OUT/vision_reference.json
 $CMD_LREF > $OUT/llm_reference.json
 $CMD_VIS
 $CMD_LLM
+$CMD_E2E
 \`\`\`
 
 Raw outputs (JSON of the references, stderr logs with every run's time) are in \`$OUT/\`, not committed.
@@ -142,6 +153,7 @@ Raw outputs (JSON of the references, stderr logs with every run's time) are in \
 EOF
     cat "$OUT/vision.md"
     cat "$OUT/llm.md"
+    if [ -f "$OUT/e2e.md" ]; then cat "$OUT/e2e.md"; fi
     cat << 'EOF'
 ## Reading the numbers
 

@@ -137,6 +137,19 @@ impl Process {
         }
     }
 
+    /// SIGTERM, then wait up to `grace` for the drain to finish (SIGKILL after that): how an
+    /// orchestrator scales a replica down.
+    pub fn terminate(&mut self, grace: Duration) {
+        let Some(child) = self.child.as_mut() else { return };
+        // SAFETY: signalling our own child by its pid, which is not reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
@@ -230,7 +243,7 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                 && labels.iter().all(|(k, v)| label_text.split(',').any(|l| l == format!("{k}=\"{v}\"")));
             if wanted { value.parse::<f64>().ok() } else { None }
         })
-        .sum()
+        .fold(0.0, |sum, v| sum + v)
 }
 
 fn weights(path: &str) -> String {

@@ -74,7 +74,9 @@ async fn sixteen_regions_match_the_single_process_pipeline_and_a_repeat_skips_en
     wait_all(&mut [&mut redis, &mut vision, &mut llm]).await.unwrap();
     let redis_url = format!("redis://{}/0", redis.addr);
     let workers = Workers { vision: vec![&vision], llm: vec![&llm], sam: vec![] };
-    let mut gateway = gateway(loopback(5), &workers, &["--redis-url", &redis_url]).unwrap();
+    // The result cache off: the repeat must go through the feature tiers.
+    let flags = ["--redis-url", &redis_url, "--result-cache-ttl-seconds", "0"];
+    let mut gateway = gateway(loopback(5), &workers, &flags).unwrap();
     gateway.wait_ready().await.unwrap();
     let mut client = client(&gateway, None).await.unwrap();
 
@@ -181,9 +183,10 @@ async fn a_vision_replica_killed_mid_run_fails_no_request() {
     let mut vision_b = vision_worker(loopback(12), &[]).unwrap();
     let mut llm = llm_worker(loopback(13), &[]).unwrap();
     wait_all(&mut [&mut vision_a, &mut vision_b, &mut llm]).await.unwrap();
-    // The embedded (in-process memory) feature cache: replica failover needs no Redis.
+    // The embedded (in-process memory) feature cache: replica failover needs no Redis. No result
+    // cache, so that repeated requests reach the vision replicas.
     let workers = Workers { vision: vec![&vision_a, &vision_b], llm: vec![&llm], sam: vec![] };
-    let mut gateway = gateway(loopback(14), &workers, &[]).unwrap();
+    let mut gateway = gateway(loopback(14), &workers, &["--result-cache-ttl-seconds", "0"]).unwrap();
     gateway.wait_ready().await.unwrap();
 
     let images = images();
@@ -217,7 +220,8 @@ async fn redis_killed_mid_run_fails_no_request() {
     wait_all(&mut [&mut redis, &mut vision, &mut llm]).await.unwrap();
     let redis_url = format!("redis://{}/0", redis.addr);
     let workers = Workers { vision: vec![&vision], llm: vec![&llm], sam: vec![] };
-    let mut gateway = gateway(loopback(24), &workers, &["--redis-url", &redis_url]).unwrap();
+    let flags = ["--redis-url", &redis_url, "--result-cache-ttl-seconds", "0"];
+    let mut gateway = gateway(loopback(24), &workers, &flags).unwrap();
     gateway.wait_ready().await.unwrap();
 
     let images = images();

@@ -4,7 +4,10 @@
 //!
 //! - [`cache`]: the shared feature cache (Redis, or process memory when no Redis is configured).
 //! - [`routing`]: rendezvous hashing of image keys over worker replicas.
+//! - [`workers`]: worker replicas: discovery, health checks, failover.
+//! - [`annotate`]: the `gateway annotate` client for folders and COCO files.
 
+pub mod annotate;
 pub mod cache;
 pub mod local;
 pub mod routing;

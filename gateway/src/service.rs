@@ -54,6 +54,12 @@ pub struct GatewayArgs {
     /// skipped until a check passes again.
     #[arg(long, env, default_value_t = 2.0, value_parser = positive_seconds)]
     pub health_interval: f64,
+    /// Serve TLS with this PEM certificate (chain); needs `--tls-key`. Plaintext when unset.
+    #[arg(long, env, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, env, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Clients must send this key as `authorization: Bearer KEY` or `x-api-key: KEY`. Open when unset.
     #[arg(long, env)]
     pub api_key: Option<String>,
@@ -1124,6 +1130,7 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let tls = tls_config(&args)?;
     let (routes, health) = osprey_common::grpc::standard_routes(&["osprey.v1.Osprey"]).await;
     let api_key = args.api_key.clone().map(Arc::from);
     let max_message_bytes = args.max_message_bytes;
@@ -1135,9 +1142,33 @@ pub async fn run(
     let routes = routes
         .add_service(tonic::service::interceptor::InterceptedService::new(server, ApiKeyCheck(api_key)));
     health.set_serving().await;
-    tracing::info!(address = %listener.local_addr()?, "serving");
-    osprey_common::grpc::serve(listener, routes, &health, shutdown).await?;
+    tracing::info!(address = %listener.local_addr()?, tls = tls.is_some(), "serving");
+    match tls {
+        None => osprey_common::grpc::serve(listener, routes, &health, shutdown).await?,
+        Some(tls) => {
+            // As osprey_common::grpc::serve, over TLS.
+            let drain = async move {
+                shutdown.await;
+                health.set_not_serving().await;
+            };
+            tonic::transport::Server::builder()
+                .tls_config(tls)?
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), drain)
+                .await?
+        }
+    }
     Ok(())
+}
+
+/// The server TLS configuration from `--tls-cert` and `--tls-key`, if given.
+fn tls_config(args: &GatewayArgs) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else { return Ok(None) };
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read the TLS {what} {}: {e}", path.display()))
+    };
+    let identity = tonic::transport::Identity::from_pem(read(cert, "certificate")?, read(key, "key")?);
+    Ok(Some(tonic::transport::ServerTlsConfig::new().identity(identity)))
 }
 
 /// `gateway serve`: telemetry, then [`run`] until a shutdown signal.

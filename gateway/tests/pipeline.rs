@@ -583,3 +583,322 @@ async fn sam_prompts_segment_and_everything() {
     assert!(!results.is_empty());
     assert!(results.iter().all(|r| r.mask.is_some() && r.label.starts_with("everything")));
 }
+
+#[tokio::test]
+async fn tls_serves_the_api_to_clients_that_trust_the_certificate() {
+    use tonic::transport::{Certificate, ClientTlsConfig};
+    let tls = fixtures().join("tls");
+    let (cert, key) = (tls.join("server.pem"), tls.join("server.key"));
+    let (vision, llm) = (vision().await, llm().await);
+    let argv = [
+        "g",
+        "--vision-workers",
+        &vision.url,
+        "--llm-workers",
+        &llm.url,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let args = GatewayCli::parse_from(argv).args;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(gateway::service::run(args, listener, async {
+        let _ = stopped.await;
+    }));
+
+    let ca = Certificate::from_pem(std::fs::read(tls.join("ca.pem")).unwrap());
+    let endpoint = Channel::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(ca).domain_name("localhost"))
+        .unwrap();
+    let mut channel = None;
+    for _ in 0..200 {
+        if let Ok(connected) = endpoint.connect().await {
+            channel = Some(connected);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut client = OspreyClient::new(channel.expect("TLS connection"));
+    let results =
+        describe(&mut client, describe_request(v1::image::Source::Encoded(photo()), masks(&[1]))).await;
+    assert_eq!(results.len(), 1);
+    assert!(results[0].generated_tokens >= 1);
+
+    // A plaintext client gets nothing.
+    let plain = Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect().await;
+    if let Ok(plain) = plain {
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        let answer = tonic_health::pb::health_client::HealthClient::new(plain).check(request).await;
+        assert!(answer.is_err(), "plaintext was answered: {answer:?}");
+    }
+    // A client that does not trust the certificate refuses the connection.
+    let untrusting = Channel::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().domain_name("localhost"))
+        .unwrap()
+        .connect()
+        .await;
+    assert!(untrusting.is_err());
+
+    // Missing key files are a startup error naming the file.
+    let missing = tls.join("no-such.key");
+    let argv = [
+        "g",
+        "--vision-workers",
+        &vision.url,
+        "--llm-workers",
+        &llm.url,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        missing.to_str().unwrap(),
+    ];
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = gateway::service::run(GatewayCli::parse_from(argv).args, listener, async {}).await.unwrap_err();
+    assert!(err.to_string().contains("no-such.key"), "{err}");
+}
+
+/// A fresh scratch folder for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("osprey-gateway-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs `gateway annotate` with `args` to completion (off the async runtime's threads).
+async fn annotate_cli(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_gateway")).arg("annotate").args(args).output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn compressed_rle(index: usize) -> serde_json::Value {
+    let region = masks(&[index]).remove(0);
+    let Some(v1::region::Source::Mask(v1::Mask { format: Some(v1::mask::Format::Rle(rle)) })) = region.source
+    else {
+        unreachable!()
+    };
+    let rle = osprey_common::mask::rle_from_proto(&rle).unwrap();
+    serde_json::json!({"size": [103, 157], "counts": rle.to_compressed()})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotate_cli_resumes_after_a_kill_without_duplicates_or_losses() {
+    let (vision, llm) = (vision().await, llm().await);
+    // No result cache: every image costs real work, so the kill lands mid-run.
+    let (gateway, _client) = gateway(&[&vision], &llm, &["--result-cache-ttl-seconds", "0"]).await;
+    let dir = scratch("annotate");
+    const IMAGES: usize = 30;
+    let mut images = Vec::new();
+    let mut annotations = Vec::new();
+    for i in 0..IMAGES {
+        let name = format!("photo-{i:02}.png");
+        std::fs::copy(fixtures().join("vision/photo.png"), dir.join(&name)).unwrap();
+        images.push(serde_json::json!({"id": 100 + i, "file_name": name, "height": 103, "width": 157}));
+        for (k, region) in [1, 4, 8].into_iter().enumerate() {
+            let id = 1000 + 10 * i + k;
+            let segmentation = compressed_rle(region);
+            annotations.push(serde_json::json!({"id": id, "image_id": 100 + i, "category_id": 1, "segmentation": segmentation}));
+        }
+        let polygon = [[20.0, 20.0, 120.0, 20.0, 120.0, 90.0, 20.0, 90.0]];
+        annotations.push(serde_json::json!({"id": 1000 + 10 * i + 5, "image_id": 100 + i, "category_id": 1, "segmentation": polygon}));
+    }
+    let coco = serde_json::json!({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]});
+    let coco_path = dir.join("coco.json");
+    std::fs::write(&coco_path, serde_json::to_vec(&coco).unwrap()).unwrap();
+    let args = |out: &str| {
+        [
+            "--endpoint",
+            &gateway.url,
+            "--coco",
+            coco_path.to_str().unwrap(),
+            "--out",
+            dir.join(out).to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+
+    // Reference: one uninterrupted run.
+    let reference = annotate_cli(args("reference.json")).await;
+    assert!(reference.status.success(), "{}", String::from_utf8_lossy(&reference.stderr));
+    let reference: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    assert_eq!(reference["images"].as_array().unwrap().len(), IMAGES);
+    let answered = reference["annotations"].as_array().unwrap();
+    assert_eq!(answered.len(), 4 * IMAGES);
+    assert!(answered.iter().all(|a| a["answer"].is_string() && a["generated_tokens"].as_u64().unwrap() >= 1));
+    assert_eq!(reference["categories"], coco["categories"]);
+
+    // Killed mid-run (SIGKILL: no chance to clean up), with a record cut in half as a kill in
+    // the middle of a write would leave it.
+    let journal = dir.join("out.json.journal.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("annotate")
+        .args(args("out.json"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = |path: &PathBuf| std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0);
+    while lines(&journal) < 1 + 5 {
+        assert!(child.try_wait().unwrap().is_none(), "finished before it could be interrupted");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let at_kill = lines(&journal) - 1;
+    assert!(at_kill < IMAGES, "the run finished before the kill ({at_kill} images)");
+    let mut file = std::fs::OpenOptions::new().append(true).open(&journal).unwrap();
+    std::io::Write::write_all(&mut file, br#"{"item":"1"#).unwrap();
+    drop(file);
+    assert!(!dir.join("out.json").exists());
+
+    // The rerun does only the rest and writes the same output.
+    let rerun = annotate_cli(args("out.json")).await;
+    let stderr = String::from_utf8_lossy(&rerun.stderr);
+    assert!(rerun.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("{at_kill} already done")), "{stderr}");
+    let out: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("out.json")).unwrap()).unwrap();
+    assert_eq!(out, reference);
+    let records: Vec<String> = std::fs::read_to_string(&journal)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .map(|record| record["item"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(records.len(), IMAGES, "one journal record per image");
+    assert_eq!(records.iter().collect::<BTreeSet<_>>().len(), IMAGES, "no image twice");
+
+    // Another run with the same options has nothing left to do; other options are refused.
+    let again = annotate_cli(args("out.json")).await;
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains(&format!("{IMAGES} already done")));
+    let mut other = args("out.json");
+    other.extend(["--task", "category"].map(String::from));
+    let refused = annotate_cli(other).await;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("other options"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotate_cli_describes_everything_in_a_folder() {
+    let (vision, llm, sam) = (vision().await, llm().await, sam().await);
+    let (gateway, _client) = gateway(&[&vision], &llm, &["--sam-workers", &sam.url]).await;
+    let dir = scratch("annotate-everything");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for name in ["b.png", "a.png"] {
+        std::fs::copy(fixtures().join("vision/photo.png"), images.join(name)).unwrap();
+    }
+    std::fs::write(images.join("notes.txt"), "not an image").unwrap();
+    let out = dir.join("out.json");
+    let args =
+        ["--endpoint", &gateway.url, "--images", images.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let mut everything = args.map(String::from).to_vec();
+    // Loose thresholds for the random SAM.
+    let loose =
+        ["--everything", "--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"];
+    everything.extend(loose.map(String::from));
+
+    let refused = annotate_cli(args.map(String::from).to_vec()).await;
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--images needs --everything"));
+
+    let run = annotate_cli(everything).await;
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let out: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let images = out["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    assert_eq!(images[0], serde_json::json!({"id": 1, "file_name": "a.png", "width": 157, "height": 103}));
+    let annotations = out["annotations"].as_array().unwrap();
+    assert!(!annotations.is_empty());
+    for (k, annotation) in annotations.iter().enumerate() {
+        assert_eq!(annotation["id"], k + 1);
+        assert_eq!(annotation["segmentation"]["size"], serde_json::json!([103, 157]));
+        assert!(annotation["segmentation"]["counts"].is_string());
+        assert!(annotation["answer"].is_string());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The Python interpreter of the test suite (with grpcio and grpcio-tools).
+fn python() -> PathBuf {
+    std::env::var_os("OSPREY_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv-ci/bin/python"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_registers_and_describes() {
+    let (vision, llm) = (vision().await, llm().await);
+    let (gateway, mut client) = gateway(&[&vision], &llm, &["--api-key", "py-secret"]).await;
+    let dir = scratch("python-client");
+    let polygons = ["20,20,120,20,120,90,20,90", "0,0,60,0,60,50,0,50"];
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../clients/python/osprey_client.py");
+    let photo_path = fixtures().join("vision/photo.png");
+    let mut args: Vec<String> = vec![
+        script.to_str().unwrap().into(),
+        "--endpoint".into(),
+        gateway.url.trim_start_matches("http://").into(),
+        "--stubs".into(),
+        dir.join("stubs").to_str().unwrap().into(),
+        "--image".into(),
+        photo_path.to_str().unwrap().into(),
+        "--api-key".into(),
+        "py-secret".into(),
+    ];
+    for polygon in polygons {
+        args.extend(["--polygon".into(), polygon.into()]);
+    }
+    let python = python();
+    let output =
+        tokio::task::spawn_blocking(move || Command::new(python).args(args).output().unwrap()).await.unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+
+    // The same regions through the Rust client give the same answers.
+    let regions = polygons
+        .iter()
+        .map(|p| v1::Region {
+            source: Some(v1::region::Source::Mask(v1::Mask {
+                format: Some(v1::mask::Format::Polygon(v1::PolygonMask {
+                    height: 103,
+                    width: 157,
+                    polygons: vec![v1::Polygon { xy: p.split(',').map(|v| v.parse().unwrap()).collect() }],
+                })),
+            })),
+            label: String::new(),
+        })
+        .collect();
+    let mut request = Request::new(describe_request(v1::image::Source::Encoded(photo()), regions));
+    request.metadata_mut().insert("x-api-key", "py-secret".parse().unwrap());
+    let mut stream = client.describe(request).await.unwrap().into_inner();
+    let mut expected = Vec::new();
+    while let Some(result) = stream.message().await.unwrap() {
+        expected.push(result);
+    }
+    expected.sort_by_key(|r| r.region_index);
+
+    assert_eq!((answer["width"].as_u64(), answer["height"].as_u64()), (Some(157), Some(103)));
+    assert_eq!(answer["key"].as_str().unwrap().len(), 64);
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (got, want) in results.iter().zip(&expected) {
+        assert_eq!(got["region_index"].as_u64(), Some(want.region_index as u64));
+        assert_eq!(got["label"].as_str(), Some(format!("polygon {}", want.region_index).as_str()));
+        assert_eq!(got["text"].as_str(), Some(want.text.as_str()));
+        assert_eq!(got["raw_text"].as_str(), Some(want.raw_text.as_str()));
+        assert_eq!(got["area"].as_u64(), Some(want.area));
+        assert!(got["generated_tokens"].as_u64().unwrap() >= 1);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

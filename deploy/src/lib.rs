@@ -39,7 +39,7 @@ pub fn emitted_metrics(src_dir: &Path) -> std::io::Result<BTreeMap<String, Metri
         }
         for (at, _) in code.match_indices("ResidentCache::new(") {
             let args = &code[at + "ResidentCache::new(".len()..];
-            let args = &args[..args.find(");").unwrap_or(args.len())];
+            let args = &args[..closing_paren(args).unwrap_or(args.len())];
             let literals: Vec<&str> = args.split('"').skip(1).step_by(2).collect();
             if let [lookups, bytes] = literals[..] {
                 metrics.insert(lookups.to_string(), MetricKind::Counter);
@@ -48,6 +48,20 @@ pub fn emitted_metrics(src_dir: &Path) -> std::io::Result<BTreeMap<String, Metri
         }
     }
     Ok(metrics)
+}
+
+/// Where the call whose arguments `text` starts with closes.
+fn closing_paren(text: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, c) in text.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' if depth == 0 => return Some(i),
+            ')' => depth -= 1,
+            _ => {}
+        }
+    }
+    None
 }
 
 /// `"name"` at the start of `text` (after whitespace), if the argument is a literal.
@@ -83,7 +97,8 @@ mod tests {
             "fn f() { metrics::counter!(\"a_total\", \"k\" => v).increment(1);\n\
              describe_gauge!(\"only_described\", \"x\");\n\
              metrics::histogram!(\n    \"a_duration\").record(1.0);\n\
-             let c = ResidentCache::new(n, \"r_lookups_total\", \"r_bytes\"); }\n\
+             let c = ResidentCache::new(\n    f(n),\n    \"r_lookups_total\",\n    \"r_bytes\",\n);\n\
+             let d = other(\"not_a_metric\"); }\n\
              #[cfg(test)]\nmod tests { fn t() { metrics::gauge!(\"test_only\").set(1.0); } }\n",
         )
         .unwrap();

@@ -54,12 +54,20 @@ struct Cli {
     /// New-token limit per answer (the reference scripts allow 1024).
     #[arg(long, default_value_t = 1024)]
     max_new_tokens: u32,
+    /// Questions in flight at once (pope, cityscapes, ade20k, refcocog); the gateway batches them.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Most regions per Describe call (lvis, paco); keep it under the gateway's --max-regions.
+    #[arg(long, default_value_t = 64)]
+    regions_per_call: usize,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     anyhow::ensure!(cli.temperature >= 0.0, "--temperature must be >= 0, got {}", cli.temperature);
+    anyhow::ensure!(cli.concurrency >= 1, "--concurrency must be at least 1");
+    anyhow::ensure!(cli.regions_per_call >= 1, "--regions-per-call must be at least 1");
     if let Some(p) = cli.top_p {
         anyhow::ensure!(p > 0.0 && p <= 1.0, "--top-p must be in (0, 1], got {p}");
     }
@@ -79,6 +87,8 @@ async fn main() -> anyhow::Result<()> {
             top_k: cli.top_k,
             seed: cli.seed,
         },
+        concurrency: cli.concurrency,
+        regions_per_call: cli.regions_per_call,
     };
     let metrics = protocols::run(cli.protocol, &options).await?;
     println!("{}", serde_json::to_string_pretty(&metrics)?);

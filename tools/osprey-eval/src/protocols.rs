@@ -53,6 +53,10 @@ pub struct RunOptions {
     pub out: PathBuf,
     pub embedder: PathBuf,
     pub parameters: GenerationParameters,
+    /// Questions in flight at once (`Ask` protocols).
+    pub concurrency: usize,
+    /// Most regions per `Describe` call (the gateway caps regions per request).
+    pub regions_per_call: usize,
 }
 
 /// The gateway client with the API key and the registered-image keys.
@@ -130,24 +134,96 @@ impl Gateway {
         Ok(results)
     }
 
-    async fn ask(
-        &mut self,
-        image: v1::Image,
-        masks: Vec<v1::Mask>,
-        question: &str,
+    /// Runs `ask` jobs with at most `limit` in flight, recording each answer as it arrives.
+    fn asker(
+        &self,
         parameters: &GenerationParameters,
-    ) -> anyhow::Result<v1::AskResponse> {
-        let regions = masks
-            .into_iter()
-            .map(|m| v1::Region { source: Some(v1::region::Source::Mask(m)), label: String::new() })
-            .collect();
-        let request = self.request(v1::AskRequest {
-            image: Some(image),
-            regions,
-            question: question.to_string(),
-            parameters: Some(*parameters),
+        limit: usize,
+        protocol: Protocol,
+        total: usize,
+    ) -> Asker {
+        Asker {
+            protocol,
+            total,
+            client: self.client.clone(),
+            api_key: self.api_key.clone(),
+            parameters: *parameters,
+            limit: limit.max(1),
+            in_flight: tokio::task::JoinSet::new(),
+        }
+    }
+}
+
+/// One question for `Ask`, about the regions given as masks (named region1, region2, ...).
+struct AskJob {
+    id: String,
+    image: v1::Image,
+    masks: Vec<v1::Mask>,
+    question: String,
+}
+
+/// `Ask` calls with bounded concurrency.
+struct Asker {
+    protocol: Protocol,
+    /// Items of the protocol, for the progress line.
+    total: usize,
+    client: OspreyClient<Channel>,
+    api_key: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    parameters: GenerationParameters,
+    limit: usize,
+    in_flight: tokio::task::JoinSet<anyhow::Result<(AskJob, v1::AskResponse)>>,
+}
+
+impl Asker {
+    /// Starts a job, first waiting (and recording answers) while `limit` are in flight.
+    async fn submit(&mut self, job: AskJob, log: &mut AnswerLog) -> anyhow::Result<()> {
+        while self.in_flight.len() >= self.limit {
+            self.collect_one(log).await?;
+        }
+        let mut client = self.client.clone();
+        let mut request = tonic::Request::new(v1::AskRequest {
+            image: Some(job.image.clone()),
+            regions: job
+                .masks
+                .iter()
+                .map(|m| v1::Region {
+                    source: Some(v1::region::Source::Mask(m.clone())),
+                    label: String::new(),
+                })
+                .collect(),
+            question: job.question.clone(),
+            parameters: Some(self.parameters),
         });
-        Ok(self.client.ask(request).await.context("Ask")?.into_inner())
+        if let Some(key) = &self.api_key {
+            request.metadata_mut().insert("x-api-key", key.clone());
+        }
+        self.in_flight.spawn(async move {
+            let response = client.ask(request).await.with_context(|| format!("Ask for item {}", job.id))?;
+            Ok((job, response.into_inner()))
+        });
+        Ok(())
+    }
+
+    async fn collect_one(&mut self, log: &mut AnswerLog) -> anyhow::Result<()> {
+        if let Some(done) = self.in_flight.join_next().await {
+            let (job, response) = done??;
+            log.record(Answer {
+                id: job.id,
+                question: job.question,
+                raw: response.raw_text,
+                text: response.text,
+            })?;
+            progress(self.protocol, log.len(), self.total);
+        }
+        Ok(())
+    }
+
+    /// Waits for every job still in flight.
+    async fn finish(&mut self, log: &mut AnswerLog) -> anyhow::Result<()> {
+        while !self.in_flight.is_empty() {
+            self.collect_one(log).await?;
+        }
+        Ok(())
     }
 }
 
@@ -256,6 +332,8 @@ async fn run_pope(options: &RunOptions, log: &mut AnswerLog) -> anyhow::Result<V
     let ids: Vec<String> = questions.iter().map(|q| id_text(&q.question_id)).collect();
     if ids.iter().any(|id| !log.contains(id)) {
         let mut gateway = Gateway::connect(&options.endpoint, options.api_key.as_deref()).await?;
+        let mut asker =
+            gateway.asker(&options.parameters, options.concurrency, Protocol::Pope, questions.len());
         for (q, id) in questions.iter().zip(&ids) {
             if log.contains(id) {
                 continue;
@@ -266,15 +344,10 @@ async fn run_pope(options: &RunOptions, log: &mut AnswerLog) -> anyhow::Result<V
                 path = options.images.join(q.image.rsplit('_').next().unwrap_or(&q.image));
             }
             let image = gateway.image(&path).await?;
-            let response = gateway.ask(image, Vec::new(), &q.text, &options.parameters).await?;
-            log.record(Answer {
-                id: id.clone(),
-                question: q.text.clone(),
-                raw: response.raw_text,
-                text: response.text,
-            })?;
-            progress(Protocol::Pope, log.len(), questions.len());
+            let job = AskJob { id: id.clone(), image, masks: Vec::new(), question: q.text.clone() };
+            asker.submit(job, log).await?;
         }
+        asker.finish(log).await?;
     }
     let pairs: Vec<(bool, bool)> = questions
         .iter()
@@ -316,6 +389,8 @@ async fn run_refcocog(options: &RunOptions, log: &mut AnswerLog) -> anyhow::Resu
     }
     if items.iter().any(|(_, a)| !log.contains(&id_text(&a.id))) {
         let mut gateway = Gateway::connect(&options.endpoint, options.api_key.as_deref()).await?;
+        let mut asker =
+            gateway.asker(&options.parameters, options.concurrency, Protocol::Refcocog, items.len());
         for (image, ann) in &items {
             let id = id_text(&ann.id);
             if log.contains(&id) {
@@ -324,16 +399,10 @@ async fn run_refcocog(options: &RunOptions, log: &mut AnswerLog) -> anyhow::Resu
             // The script opens `file_name.split('_')[-1]`.
             let file = image.file_name.rsplit('_').next().unwrap_or(&image.file_name);
             let key = gateway.image(&options.images.join(file)).await?;
-            let mask = ann.segmentation.to_proto(image.height, image.width);
-            let response = gateway.ask(key, vec![mask], REFCOCOG_QUESTION, &options.parameters).await?;
-            log.record(Answer {
-                id,
-                question: REFCOCOG_QUESTION.into(),
-                raw: response.raw_text,
-                text: response.text,
-            })?;
-            progress(Protocol::Refcocog, log.len(), items.len());
+            let masks = vec![ann.segmentation.to_proto(image.height, image.width)];
+            asker.submit(AskJob { id, image: key, masks, question: REFCOCOG_QUESTION.into() }, log).await?;
         }
+        asker.finish(log).await?;
     }
     // The two files `refcocog_eval.py` writes, which pycocoevalcap's COCO / COCOEvalCap read.
     let mut captions = Vec::new();
@@ -399,6 +468,7 @@ async fn run_openseg(protocol: Protocol, options: &RunOptions, log: &mut AnswerL
         .any(|(im, ids)| ids.iter().any(|&s| !log.contains(&id(&id_text(&im.id), s))));
     if pending {
         let mut gateway = Gateway::connect(&options.endpoint, options.api_key.as_deref()).await?;
+        let mut asker = gateway.asker(&options.parameters, options.concurrency, protocol, total);
         for ((image, map), ids) in dataset.images.iter().zip(&maps).zip(&segment_ids) {
             let image_id = id_text(&image.id);
             let key = gateway.image(&options.images.join(&image.file_name)).await?;
@@ -409,17 +479,16 @@ async fn run_openseg(protocol: Protocol, options: &RunOptions, log: &mut AnswerL
                 let values: Vec<u8> = map.ids.iter().map(|&i| (i == segment) as u8).collect();
                 let mask = Mask::from_row_major(map.height, map.width, &values)?;
                 let mask = v1::Mask { format: Some(v1::mask::Format::Rle(rle_to_proto(&mask.to_rle()))) };
-                let response =
-                    gateway.ask(key.clone(), vec![mask], OPENSEG_QUESTION, &options.parameters).await?;
-                log.record(Answer {
+                let job = AskJob {
                     id: id(&image_id, segment),
+                    image: key.clone(),
+                    masks: vec![mask],
                     question: OPENSEG_QUESTION.into(),
-                    raw: response.raw_text,
-                    text: response.text,
-                })?;
-                progress(protocol, log.len(), total);
+                };
+                asker.submit(job, log).await?;
             }
         }
+        asker.finish(log).await?;
     }
 
     let embedder = SentenceEmbedder::load(&options.embedder)?;

@@ -37,10 +37,10 @@ pub struct CacheArgs {
     #[arg(long, env, default_value_t = 2000)]
     pub redis_timeout_ms: u64,
     /// How long answers to greedy (deterministic) questions are kept, in seconds; a repeated
-    /// question about the same region skips vision and the LLM. 0 turns the result cache off.
-    /// Answers are keyed by `--model-revision`: change it when the LLM workers' weights or
-    /// defaults (e.g. their default `max_new_tokens`) change.
-    #[arg(long, env, default_value_t = 24 * 3600)]
+    /// question about the same region then skips vision and the LLM. 0 (the default) turns the
+    /// result cache off. Answers are keyed by `--model-revision`: change it when the workers'
+    /// weights or defaults (e.g. the LLM's default `max_new_tokens`) change.
+    #[arg(long, env, default_value_t = 0)]
     pub result_cache_ttl_seconds: u64,
 }
 

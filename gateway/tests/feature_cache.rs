@@ -159,7 +159,8 @@ async fn entries_expire_after_their_ttl_in_both_backends() {
         assert_eq!(cache.get_result("result:x").await, None, "{} result outlived its TTL", cache.tier());
     }
 
-    // A zero result TTL turns the result cache off.
+    // A zero result TTL (the default) turns the result cache off.
+    assert!(!cache(&[]).caches_results());
     let off = cache(&["--result-cache-ttl-seconds", "0"]);
     off.put_result("result:y", vec![3]).await;
     assert!(!off.caches_results());

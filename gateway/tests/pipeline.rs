@@ -198,9 +198,7 @@ fn tier(result: &v1::RegionResult) -> CacheTier {
 #[tokio::test]
 async fn describe_many_regions_with_cache_tiers_and_failover() {
     let (vision_a, mut vision_b, llm) = (vision().await, vision().await, llm().await);
-    // The result cache is off so that repeated questions reach vision and the LLM.
-    let (_gateway, mut client) =
-        gateway(&[&vision_a, &vision_b], &llm, &["--result-cache-ttl-seconds", "0"]).await;
+    let (_gateway, mut client) = gateway(&[&vision_a, &vision_b], &llm, &[]).await;
     let image = v1::image::Source::Encoded(photo());
 
     let first = describe(&mut client, describe_request(image.clone(), masks(&[1, 4, 8]))).await;
@@ -255,7 +253,7 @@ fn result_hit(result: &v1::RegionResult) -> bool {
 #[tokio::test]
 async fn result_cache_answers_repeated_greedy_questions_without_vision_or_llm() {
     let (mut vision, mut llm) = (vision().await, llm().await);
-    let (_gateway, mut client) = gateway(&[&vision], &llm, &[]).await;
+    let (_gateway, mut client) = gateway(&[&vision], &llm, &["--result-cache-ttl-seconds", "600"]).await;
     let image = v1::image::Source::Encoded(photo());
     let ask = |question: &str, parameters: Option<v1::GenerationParameters>| v1::AskRequest {
         image: Some(v1::Image { source: Some(image.clone()) }),
@@ -361,8 +359,9 @@ fn redis() -> (RedisServer, String) {
 async fn gateways_share_features_through_redis_and_registered_images() {
     let (_redis, url) = redis();
     let (vision_a, vision_b, llm) = (vision().await, vision().await, llm().await);
-    let (_g1, mut first) = gateway(&[&vision_a], &llm, &["--redis-url", &url]).await;
-    let (_g2, mut second) = gateway(&[&vision_b], &llm, &["--redis-url", &url]).await;
+    let shared = ["--redis-url", &url, "--result-cache-ttl-seconds", "600"];
+    let (_g1, mut first) = gateway(&[&vision_a], &llm, &shared).await;
+    let (_g2, mut second) = gateway(&[&vision_b], &llm, &shared).await;
 
     let registered = first
         .register_image(v1::RegisterImageRequest { encoded: photo(), warm_features: true })
@@ -692,8 +691,8 @@ fn compressed_rle(index: usize) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn annotate_cli_resumes_after_a_kill_without_duplicates_or_losses() {
     let (vision, llm) = (vision().await, llm().await);
-    // No result cache: every image costs real work, so the kill lands mid-run.
-    let (gateway, _client) = gateway(&[&vision], &llm, &["--result-cache-ttl-seconds", "0"]).await;
+    // No result cache (the default): every image costs real work, so the kill lands mid-run.
+    let (gateway, _client) = gateway(&[&vision], &llm, &[]).await;
     let dir = scratch("annotate");
     const IMAGES: usize = 30;
     let mut images = Vec::new();

@@ -7,11 +7,12 @@
 //! directory) or `ybelkada/segment-anything:checkpoints/sam_vit_b_01ec64.pth` (one file).
 //! `HF_ENDPOINT` points at a mirror, `HF_TOKEN` authenticates, and `HF_HUB_OFFLINE=1` uses the
 //! cache only. When the hub cannot be reached, an already cached snapshot of the same revision is
-//! used.
+//! used. Processes sharing one cache wait for each other's downloads of the same file.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use hf_hub::api::sync::{ApiBuilder, ApiRepo};
+use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
 /// Why a repo id could not be turned into local files.
@@ -25,7 +26,7 @@ pub enum HubError {
         file: String,
         endpoint: String,
         #[source]
-        source: Box<hf_hub::api::sync::ApiError>,
+        source: Box<ApiError>,
     },
     #[error("{spec}: HF_HUB_OFFLINE is set and {what} is not in the cache {cache}")]
     NotCached { spec: String, what: String, cache: PathBuf },
@@ -122,7 +123,7 @@ impl HubConfig {
         Ok(api.repo(spec.repo()))
     }
 
-    fn download_error(&self, spec: &HubSpec, file: &str, source: hf_hub::api::sync::ApiError) -> HubError {
+    fn download_error(&self, spec: &HubSpec, file: &str, source: ApiError) -> HubError {
         HubError::Download {
             spec: spec_text(spec),
             file: file.to_string(),
@@ -195,6 +196,24 @@ pub fn resolve_file_with(value: &Path, config: &HubConfig) -> Result<PathBuf, Hu
     }
 }
 
+/// How long to wait for another process that is downloading the same file (two workers sharing
+/// one cache volume start together).
+const LOCK_WAIT: Duration = Duration::from_secs(3600);
+
+/// `repo.get(file)`, waiting while another process holds the file's download lock: hf-hub gives
+/// up after 5 s, and once the other download is done the file is in the cache.
+fn fetch(repo: &ApiRepo, file: &str) -> Result<PathBuf, ApiError> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match repo.get(file) {
+            Err(ApiError::LockAcquisition(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_secs(2))
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A repo id, unless `value` exists locally (a local path always wins).
 fn as_spec(value: &Path) -> Option<HubSpec> {
     if value.exists() {
@@ -247,7 +266,7 @@ fn download_dir(spec: &HubSpec, config: &HubConfig) -> Result<PathBuf, HubError>
     if !listing.iter().any(|f| f == "config.json") {
         return Err(HubError::Spec { spec: spec_text(spec), msg: "the repo has no config.json".into() });
     }
-    let get = |file: &str| repo.get(file).map_err(|e| config.download_error(spec, file, e));
+    let get = |file: &str| fetch(&repo, file).map_err(|e| config.download_error(spec, file, e));
     let mut snapshot = None;
     for file in listing.iter().filter(|f| is_small_file(f)) {
         let path = get(file)?;
@@ -304,7 +323,7 @@ fn download_file(spec: &HubSpec, config: &HubConfig) -> Result<PathBuf, HubError
             }
         }
     };
-    repo.get(&file).map_err(|e| config.download_error(spec, &file, e))
+    fetch(&repo, &file).map_err(|e| config.download_error(spec, &file, e))
 }
 
 fn cached_dir(spec: &HubSpec, config: &HubConfig) -> Result<PathBuf, HubError> {

@@ -276,3 +276,31 @@ fn the_mirror_answers_ranges_like_the_hub() {
     assert!(text.contains("Content-Range: bytes 0-0/8") && text.contains(COMMIT), "{text}");
     assert!(text.ends_with("\r\n\r\n{"), "{text}");
 }
+
+#[test]
+fn a_download_locked_by_another_process_is_awaited() {
+    // Two workers sharing one cache volume start together: the second must wait for the first's
+    // download (hf-hub itself gives up on a held lock after 5 s), then use the cached file.
+    let bytes = b"weights held by another process".to_vec();
+    let mut repos = BTreeMap::new();
+    repos.insert("a/locked".to_string(), Repo::from([("w.pth".to_string(), bytes.clone())]));
+    let mirror = Mirror::start(repos);
+    let cache = temp_dir("lock");
+    let blobs = cache.join("models--a--locked/blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let lock_path = blobs.join(format!("{}.lock", blake3::hash(&bytes).to_hex()));
+    let lock = std::fs::File::create(&lock_path).unwrap();
+    lock.lock().unwrap();
+    let held = std::time::Duration::from_secs(7);
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(held);
+        lock.unlock().unwrap();
+    });
+    let start = std::time::Instant::now();
+    let path =
+        resolve_file_with(Path::new("a/locked:w.pth"), &config(&cache, mirror.endpoint(), false)).unwrap();
+    assert!(start.elapsed() >= held, "returned before the lock was released");
+    assert_eq!(std::fs::read(path).unwrap(), bytes);
+    release.join().unwrap();
+    std::fs::remove_dir_all(&cache).unwrap();
+}

@@ -35,7 +35,8 @@ use crate::tokenizer::OspreyTokenizer;
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Osprey checkpoint directory: config.json, weights, tokenizer.model or tokenizer.json and
-    /// added_tokens.json.
+    /// added_tokens.json; or a Hugging Face repo id (`sunshine-lwt/Osprey-7b[@revision]`) fetched
+    /// into `HF_HOME`.
     #[arg(long, env = "OSPREY_WEIGHTS")]
     pub weights: PathBuf,
     /// Address to serve gRPC on.

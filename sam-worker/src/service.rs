@@ -36,6 +36,7 @@ use crate::prompt::Prompt;
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Checkpoint with the official key names (`sam_vit_b_01ec64.pth`, ...; `.pth` or safetensors).
+    /// Or a Hugging Face repo id and file, `owner/name[@revision]:path/in/repo.pth`, fetched into `HF_HOME`.
     #[arg(long, env = "SAM_WEIGHTS")]
     pub weights: PathBuf,
     /// JSON model config (fields of `SamConfig`); defaults to the official ViT-B.

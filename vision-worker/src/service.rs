@@ -33,7 +33,8 @@ use crate::preprocess::preprocess;
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Osprey checkpoint directory (config.json + safetensors or PyTorch .bin weights; the
-    /// Open-CLIP file named by `mm_vision_tower` when the checkpoint lacks the vision trunk).
+    /// Open-CLIP file named by `mm_vision_tower` when the checkpoint lacks the vision trunk), or a
+    /// Hugging Face repo id (`sunshine-lwt/Osprey-7b[@revision]`) fetched into `HF_HOME`.
     #[arg(long, env = "OSPREY_WEIGHTS")]
     pub weights: PathBuf,
     /// Address to serve gRPC on.

@@ -91,6 +91,8 @@ async fn main() -> anyhow::Result<()> {
         regions_per_call: cli.regions_per_call,
     };
     let metrics = protocols::run(cli.protocol, &options).await?;
-    println!("{}", serde_json::to_string_pretty(&metrics)?);
+    // An error, not a panic, when stdout is closed early (`| head`).
+    use std::io::Write;
+    writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&metrics)?)?;
     Ok(())
 }

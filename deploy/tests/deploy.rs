@@ -412,3 +412,27 @@ fn the_cross_check_catches_a_bad_flag_and_a_made_up_metric() {
     assert_eq!(emitted.get("osprey_llm_queue_size"), Some(&MetricKind::Gauge));
     assert!(!emitted.contains_key("osprey_llm_made_up_total"));
 }
+
+#[test]
+fn the_image_build_context_holds_every_workspace_member() {
+    // `cargo chef prepare` and `cargo build --locked` need every member's manifest and sources.
+    let manifest = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let members_line = manifest.lines().find(|l| l.trim_start().starts_with("members")).expect("members");
+    let members: Vec<&str> = members_line.split('"').skip(1).step_by(2).collect();
+    assert!(members.contains(&"gateway") && members.contains(&"deploy"), "{members:?}");
+    for ignore in ["Dockerfile.dockerignore", "Dockerfile.cuda.dockerignore"] {
+        let text = std::fs::read_to_string(root().join("deploy").join(ignore)).unwrap();
+        let patterns: Vec<&str> =
+            text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+        for needed in members.iter().copied().chain(["Cargo.toml", "Cargo.lock", "rust-toolchain.toml"]) {
+            for pattern in &patterns {
+                let pattern = pattern.trim_start_matches("**/").trim_end_matches('/');
+                let excluded = match pattern.strip_suffix('*') {
+                    Some(prefix) => needed.starts_with(prefix),
+                    None => needed == pattern || needed.starts_with(&format!("{pattern}/")),
+                };
+                assert!(!excluded, "{ignore}: `{pattern}` leaves {needed} out of the build context");
+            }
+        }
+    }
+}

@@ -7,6 +7,7 @@ Writes tests/fixtures/eval/metrics_reference.json with:
 - panoptic: PQ recomputed with panopticapi's `pq_compute_single_core` / `pq_average` logic on random
   panoptic maps (panopticapi itself is not on PyPI);
 - semseg: mIoU with detectron2 SemSegEvaluator's formula;
+- cider: pycocoevalcap's Cider (CIDEr-D) on pre-tokenised random captions;
 - openvocab: ground-truth segments with random class cosines, run through the literal (torch)
   semantic / panoptic / instance inference of `eval_open_vocab_seg_detectron2.py` with its 300
   queries, then scored as above.
@@ -418,6 +419,26 @@ def openvocab_reference():
             "pq": pq_summary(stats, cats), "semseg": semseg(sem_pairs, K), "ap": evaluator.stats[:6].tolist()}
 
 
+# ---------------------------------------------------------------- CIDEr-D (pycocoevalcap)
+def cider_reference():
+    from pycocoevalcap.cider.cider import Cider
+
+    words = ["a", "the", "man", "woman", "dog", "red", "car", "on", "table", "sitting", "left", "bottle",
+             "green", "chair", "of", "in", "front", "person", "two", "small"]
+
+    def caption():
+        return " ".join(rng.choice(words, size=int(rng.integers(1, 12))))
+
+    gts, res = {}, {}
+    for i in range(40):
+        gts[i] = [caption() for _ in range(int(rng.integers(1, 6)))]
+        # Some hypotheses copy a reference, some are random.
+        res[i] = [gts[i][0] if rng.random() < 0.3 else caption()]
+    score, scores = Cider().compute_score(gts, res)
+    return {"references": [gts[i] for i in range(40)], "hypotheses": [res[i][0] for i in range(40)],
+            "score": float(score), "scores": [float(x) for x in scores]}
+
+
 def to_json(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
@@ -431,7 +452,8 @@ def to_json(o):
 def main():
     panoptic, sem = panoptic_reference()
     out = {"pope": pope_reference(), "category": category_reference(), "ap": ap_reference(),
-           "panoptic": panoptic, "semseg": sem, "openvocab": openvocab_reference()}
+           "panoptic": panoptic, "semseg": sem, "openvocab": openvocab_reference(),
+           "cider": cider_reference()}
     OUT.write_text(json.dumps(out, default=to_json) + "\n")
     print(f"-> {OUT} ({OUT.stat().st_size} bytes)")
 

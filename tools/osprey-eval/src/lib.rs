@@ -2,6 +2,7 @@
 //! public gateway API, and the metrics the paper reports.
 
 pub mod answers;
+pub mod cider;
 pub mod coco_ap;
 pub mod data;
 pub mod embed;

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 use crate::answers::{Answer, AnswerLog};
+use crate::cider;
 use crate::coco_ap::{self, GroundTruth, PixelSet};
 use crate::data::{self, id_text};
 use crate::embed::{SentenceEmbedder, cosine};
@@ -417,6 +418,16 @@ async fn run_refcocog(options: &RunOptions, log: &mut AnswerLog) -> anyhow::Resu
             .push(json!({"id": id, "image_id": id, "caption": image.caption}));
         references["images"].as_array_mut().unwrap().push(json!({"id": id}));
     }
+    // CIDEr-D on simple tokens: close to, not the same as, pycocoevalcap's PTB-tokenised score.
+    let hypotheses: Vec<Vec<String>> =
+        captions.iter().map(|c| cider::simple_tokens(c["caption"].as_str().unwrap_or_default())).collect();
+    let references_tokens: Vec<Vec<Vec<String>>> = references["annotations"]
+        .as_array()
+        .map(|a| {
+            a.iter().map(|r| vec![cider::simple_tokens(r["caption"].as_str().unwrap_or_default())]).collect()
+        })
+        .unwrap_or_default();
+    let (cider_d, _) = cider::cider_d(&references_tokens, &hypotheses);
     let captions_path = options.out.with_extension("captions.json");
     let references_path = options.out.with_extension("references.json");
     std::fs::write(&captions_path, serde_json::to_vec(&captions)?)?;
@@ -427,7 +438,8 @@ async fn run_refcocog(options: &RunOptions, log: &mut AnswerLog) -> anyhow::Resu
         "answered": captions.len(),
         "captions": captions_path.display().to_string(),
         "references": references_path.display().to_string(),
-        "note": "METEOR and CIDEr: run pycocoevalcap (COCO(references).loadRes(captions), COCOEvalCap) on these files",
+        "cider_d_approx": 100.0 * cider_d,
+        "note": "cider_d_approx tokenises simply; METEOR and the reference CIDEr: tools/osprey-eval/reference/score_captions.py on these files",
     }))
 }
 

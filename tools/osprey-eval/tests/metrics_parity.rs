@@ -256,3 +256,23 @@ fn open_vocabulary_inference_matches_the_reference_pipeline() {
         close(&format!("ap stats[{i}]"), *o, f(reference));
     }
 }
+
+#[test]
+fn cider_d_matches_pycocoevalcap_on_the_same_tokens() {
+    let r = &fixture()["cider"];
+    let tokens =
+        |v: &Value| v.as_str().unwrap().split(' ').filter(|w| !w.is_empty()).map(str::to_string).collect();
+    let references: Vec<Vec<Vec<String>>> = r["references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|refs| refs.as_array().unwrap().iter().map(tokens).collect())
+        .collect();
+    let hypotheses: Vec<Vec<String>> = r["hypotheses"].as_array().unwrap().iter().map(tokens).collect();
+    let (score, scores) = osprey_eval::cider::cider_d(&references, &hypotheses);
+    println!("CIDEr-D: ours {score}, pycocoevalcap {}", f(&r["score"]));
+    close("cider", score, f(&r["score"]));
+    for (i, (ours, reference)) in scores.iter().zip(r["scores"].as_array().unwrap()).enumerate() {
+        close(&format!("cider[{i}]"), *ours, f(reference));
+    }
+}

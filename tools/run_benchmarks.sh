@@ -187,6 +187,15 @@ were taken once on 2026-11-29 on this machine, outside the harness):
 - **Loaded machine.** candle's CPU thread pool spin-waits at barriers (`BarrierGuard::drop` and the workers' spin loop
   took about 60% of the trunk's CPU samples in a profile under load); with other builds running the trunk at 384
   took 10-12 s, against 3 s idle. Compare runs only at similar load averages.
+- **End to end.** With the demo weights the model work is tiny (inside the worker, Encode takes about 3 ms and
+  Pool 0.3 ms), yet a cold request waits about 44 ms for Encode and 44 ms for the Pool that carries the feature
+  blob. The gap, a constant ~40 ms (Linux's delayed-ACK timeout), is most likely Nagle on the worker side (not yet
+  confirmed by a run with the fix): the workers serve through
+  `serve_with_incoming_shutdown` on a plain `TcpListenerStream` (`osprey_common::grpc::serve`), which leaves Nagle on
+  for accepted sockets (tonic's own `serve` sets `TCP_NODELAY`). Warm requests make no call with a large message and
+  do not stall. The gains over re-encoding per region come from one encoding and one shared LLM prefix per image and
+  the N questions decoded as one batch; with ConvNeXt-L at 512 (6.5 s per encoding here, table (a)) the cold /
+  baseline ratio would approach N.
 
 EOF
     cat << 'EOF'

@@ -34,21 +34,39 @@ fn options() -> anyhow::Result<Options> {
     Ok(options)
 }
 
+/// Wall time of one Describe and the gateway's stage times (ms) in its first result.
+struct Timed {
+    seconds: f64,
+    encode_ms: f64,
+    pool_ms: f64,
+    llm_ms: f64,
+}
+
 /// One timed Describe; checks that every region was answered and where the features came from.
-async fn timed(client: &mut Client, request: v1::DescribeRequest, tier: CacheTier) -> anyhow::Result<f64> {
+async fn timed(client: &mut Client, request: v1::DescribeRequest, tier: CacheTier) -> anyhow::Result<Timed> {
     let n = request.regions.len();
     let start = Instant::now();
     let results = describe(client, request).await?;
     let seconds = start.elapsed().as_secs_f64();
     anyhow::ensure!(results.len() == n, "{} of {n} regions answered", results.len());
     for result in &results {
-        anyhow::ensure!(
-            features_tier(result) == tier,
-            "features {:?}, expected {tier:?}",
-            features_tier(result)
-        );
+        let got = features_tier(result);
+        anyhow::ensure!(got == tier, "features {got:?}, expected {tier:?}");
     }
-    Ok(seconds)
+    let timing = results[0].metadata.as_ref().and_then(|m| m.timing).unwrap_or_default();
+    let ms = |ns: u64| ns as f64 / 1e6;
+    Ok(Timed {
+        seconds,
+        encode_ms: ms(timing.encode_ns),
+        pool_ms: ms(timing.pool_ns),
+        llm_ms: ms(timing.prefill_ns + timing.decode_ns),
+    })
+}
+
+/// Median regions/s and median stage times (ms) of runs of `n` regions.
+fn summary(n: usize, runs: &[Timed]) -> [f64; 4] {
+    let med = |f: fn(&Timed) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    [n as f64 / med(|t| t.seconds), med(|t| t.encode_ms), med(|t| t.pool_ms), med(|t| t.llm_ms)]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -87,21 +105,29 @@ async fn main() -> anyhow::Result<()> {
         describe(&mut cached_client, request()).await?;
         let (mut cold, mut warm, mut baseline) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..options.runs {
-            cold.push(n as f64 / timed(&mut uncached_client, request(), CacheTier::Computed).await?);
-            warm.push(n as f64 / timed(&mut cached_client, request(), CacheTier::Resident).await?);
+            cold.push(timed(&mut uncached_client, request(), CacheTier::Computed).await?);
+            warm.push(timed(&mut cached_client, request(), CacheTier::Resident).await?);
             let mut seconds = 0.0;
             for single in &singles {
-                seconds += timed(&mut uncached_client, single.clone(), CacheTier::Computed).await?;
+                seconds += timed(&mut uncached_client, single.clone(), CacheTier::Computed).await?.seconds;
             }
             baseline.push(n as f64 / seconds);
         }
-        let row = (n, median(&cold), median(&warm), median(&baseline));
+        let row = (n, summary(n, &cold), summary(n, &warm), median(&baseline));
         eprintln!(
             "N = {n}: cold {:.1}, warm {:.1}, re-encode per region {:.1} regions/s",
-            row.1, row.2, row.3
+            row.1[0], row.2[0], row.3
         );
         rows.push(row);
     }
+
+    // The vision worker's own view of the cold runs: time inside Encode and Pool, without transport.
+    let mean_ms = |text: &str, name: &str| {
+        1e3 * metric_sum(text, &format!("{name}_sum"), &[]) / metric_sum(text, &format!("{name}_count"), &[])
+    };
+    let worker_metrics = vision_uncached.metrics().await?;
+    let worker_encode_ms = mean_ms(&worker_metrics, "osprey_vision_encode_duration");
+    let worker_pool_ms = mean_ms(&worker_metrics, "osprey_vision_pool_duration");
 
     println!("## End-to-end (`cargo bench -p osprey-e2e --bench e2e`)\n");
     println!(
@@ -126,13 +152,32 @@ async fn main() -> anyhow::Result<()> {
         "| regions per image | cold regions/s | warm regions/s | re-encode per region regions/s | cold / baseline | warm / baseline |"
     );
     println!("|---|---|---|---|---|---|");
-    for (n, cold, warm, baseline) in rows {
+    for (n, cold, warm, baseline) in &rows {
+        let (cold, warm) = (cold[0], warm[0]);
         println!(
             "| {n} | {cold:.1} | {warm:.1} | {baseline:.1} | {:.2}x | {:.2}x |",
             cold / baseline,
             warm / baseline
         );
     }
+    println!(
+        "\nStage times in the first answer's metadata (medians, ms; features = the gateway's wait for the image's \
+         features, LLM = prefill + decode of the batch until that answer):\n"
+    );
+    println!(
+        "| regions per image | cold: features | cold: pool | cold: LLM | warm: features | warm: pool | warm: LLM |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (n, cold, warm, _) in &rows {
+        println!(
+            "| {n} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            cold[1], cold[2], cold[3], warm[1], warm[2], warm[3]
+        );
+    }
+    println!(
+        "\nInside the uncached vision worker (its Prometheus histograms, mean over every call of the run): \
+         Encode {worker_encode_ms:.1} ms, Pool {worker_pool_ms:.1} ms."
+    );
     println!();
     Ok(())
 }

@@ -1,11 +1,12 @@
-//! `gateway local`: the whole pipeline on this machine — a vision worker and an LLM worker as
-//! child processes, the gateway in this process, the in-memory feature cache (or `--redis-url`) —
+//! `gateway local`: the whole pipeline on this machine — vision, LLM and SAM workers as child
+//! processes, the gateway in this process, the in-memory feature cache (or `--redis-url`) —
 //! then a sample image with several regions through the public API, printing the answers, the
 //! regions' areas and per-stage timings.
 //!
 //! Without real weights it uses small random demo weights generated in the official key layout
 //! (`tools/make_vision_fixtures.py`, `tools/make_llm_fixtures.py`): the answers are meaningless,
-//! the machinery is real.
+//! the machinery is real. SAM uses the official MobileSAM weights, fetched into the git-ignored
+//! `.cache/` on first use, or a generated tiny SAM when the fetch fails.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,8 @@ use tonic::transport::Channel;
 
 /// Where the generated demo weights and the sample photo live in the source tree.
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+/// The source tree, for the MobileSAM fetch script and its git-ignored cache.
+const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
 /// `gateway local` flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -111,6 +114,20 @@ async fn wait_serving(url: &str, children: &mut Children) -> anyhow::Result<()> 
     anyhow::bail!("{url} did not become SERVING in time")
 }
 
+/// The real MobileSAM checkpoint (40 MB), fetched into the git-ignored cache by
+/// `tools/fetch_mobile_sam.sh` (which also checks the hash of a cached copy).
+fn fetch_mobile_sam() -> Result<PathBuf, String> {
+    let repo = Path::new(REPO);
+    let script = repo.join("tools/fetch_mobile_sam.sh");
+    let output =
+        Command::new("bash").arg(&script).output().map_err(|e| format!("{}: {e}", script.display()))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(format!("fetch failed: {}", stderr.trim().lines().last().unwrap_or("no message")));
+    }
+    Ok(repo.join(".cache/weights/mobile_sam.pt"))
+}
+
 /// Runs the demo; returns when it is done (or, with `--serve`, at ctrl-c).
 pub async fn main(args: LocalArgs) -> anyhow::Result<()> {
     let demo = args.sam_weights.is_none()
@@ -134,10 +151,17 @@ pub async fn main(args: LocalArgs) -> anyhow::Result<()> {
 
     let (sam_weights, sam_config) = match &args.sam_weights {
         Some(weights) => (weights.clone(), args.sam_config.clone()),
-        None => {
-            let dir = PathBuf::from(FIXTURES).join("sam");
-            (dir.join("tiny_sam.pth"), Some(dir.join("tiny_config.json")))
-        }
+        None => match fetch_mobile_sam() {
+            Ok(path) => {
+                println!("SAM: the official MobileSAM weights ({}).\n", path.display());
+                (path, None)
+            }
+            Err(why) => {
+                println!("SAM: no MobileSAM weights ({why}); using a generated tiny SAM instead.\n");
+                let dir = PathBuf::from(FIXTURES).join("sam");
+                (dir.join("tiny_sam.pth"), Some(dir.join("tiny_config.json")))
+            }
+        },
     };
     let (vision_port, llm_port, sam_port) = (free_port()?, free_port()?, free_port()?);
     let mut sam_args = vec![];
@@ -304,7 +328,7 @@ async fn run_demo(url: &str, args: &LocalArgs) -> anyhow::Result<()> {
     let request = v1::DescribeRequest {
         image: Some(v1::Image { source: Some(v1::image::Source::Encoded(bytes.clone())) }),
         regions: vec![],
-        // Loose thresholds: the random demo SAM is not confident about anything.
+        // Loose thresholds, so that the random tiny SAM (when MobileSAM is missing) finds masks too.
         everything: Some(v1::EverythingParams {
             points_per_side: Some(8),
             pred_iou_thresh: Some(0.0),
@@ -334,6 +358,7 @@ async fn run_demo(url: &str, args: &LocalArgs) -> anyhow::Result<()> {
             regions: regions[..2].to_vec(),
             question: "What is the relationship between region1 and region2?".into(),
             parameters,
+            verbatim: false,
         })
         .await?
         .into_inner();

@@ -515,6 +515,26 @@ impl Gateway {
         self.prepare(image, regions, None).await
     }
 
+    /// A verbatim question (see `AskRequest.verbatim`) names the image once and every region by
+    /// one `<mask><pos>` pair; the LLM worker checks the exact layout.
+    fn check_verbatim(question: &str, regions: usize) -> Result<(), ServiceError> {
+        let images = question.matches("<image>").count();
+        if images != 1 {
+            return Err(ServiceError::invalid(
+                "question",
+                format!("verbatim: {images} `<image>`, expected 1"),
+            ));
+        }
+        let pairs = question.matches("<mask><pos>").count();
+        if pairs != regions {
+            return Err(ServiceError::invalid(
+                "question",
+                format!("verbatim: {pairs} `<mask><pos>` pairs for {regions} regions"),
+            ));
+        }
+        Ok(())
+    }
+
     /// The answer to a prepared free-form question: from the result cache (with its key), or
     /// the LLM's stream.
     async fn question_answer(
@@ -522,18 +542,25 @@ impl Gateway {
         prepared: &Prepared,
         history: &[v1::Turn],
         question: &str,
+        verbatim: bool,
         parameters: Option<v1::GenerationParameters>,
     ) -> Result<(Answer, Option<String>), ServiceError> {
         let n = prepared.masks.len();
         let all: Vec<usize> = (0..n).collect();
-        let key = self.answer_key(prepared, &all, &format!("text:{question}"), history, parameters.as_ref());
+        let (kind, prompt) = if verbatim {
+            ("verbatim", worker::question::Prompt::Verbatim(question.to_string()))
+        } else {
+            ("text", worker::question::Prompt::Text(question.to_string()))
+        };
+        let key =
+            self.answer_key(prepared, &all, &format!("{kind}:{question}"), history, parameters.as_ref());
         if let Some(answer) = self.cached_answer(key.as_deref()).await {
             return Ok((Answer::Cached(answer), key));
         }
         let pooled = self.pool(prepared, &all).await?;
         let question = worker::Question {
             index: 0,
-            prompt: Some(worker::question::Prompt::Text(question.to_string())),
+            prompt: Some(prompt),
             history: history
                 .iter()
                 .map(|t| worker::Exchange { question: t.question.clone(), answer: t.answer.clone() })
@@ -894,6 +921,9 @@ impl Osprey for OspreyService {
                     parameters.as_ref(),
                 )
                 .await?;
+            if request.verbatim {
+                Gateway::check_verbatim(&request.question, prepared.masks.len())?;
+            }
             let ask = |response: worker::GenerateResponse, metadata| v1::AskResponse {
                 text: response.answer,
                 raw_text: response.raw_text,
@@ -901,13 +931,16 @@ impl Osprey for OspreyService {
                 finish_reason: response.finish_reason,
                 metadata: Some(metadata),
             };
-            let (mut stream, pooled, key) =
-                match self.0.question_answer(&prepared, &[], &request.question, parameters).await? {
-                    (Answer::Cached(response), _) => {
-                        return Ok(ask(response, cached_metadata(&prepared, start)));
-                    }
-                    (Answer::Streaming(stream, pooled), key) => (stream, pooled, key),
-                };
+            let (mut stream, pooled, key) = match self
+                .0
+                .question_answer(&prepared, &[], &request.question, request.verbatim, parameters)
+                .await?
+            {
+                (Answer::Cached(response), _) => {
+                    return Ok(ask(response, cached_metadata(&prepared, start)));
+                }
+                (Answer::Streaming(stream, pooled), key) => (stream, pooled, key),
+            };
             while let Some(response) = stream.message().await.map_err(ServiceError::from)? {
                 if response.finished {
                     if let Some(key) = key {
@@ -948,8 +981,10 @@ impl Osprey for OspreyService {
                     parameters.as_ref(),
                 )
                 .await?;
-            let answer =
-                self.0.question_answer(&prepared, &request.history, &request.question, parameters).await?;
+            let answer = self
+                .0
+                .question_answer(&prepared, &request.history, &request.question, false, parameters)
+                .await?;
             Ok::<_, ServiceError>((prepared, answer))
         };
         let (prepared, (answer, key)) = work.await.map_err(ServiceError::into_status)?;

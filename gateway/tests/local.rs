@@ -36,5 +36,7 @@ fn local_pipeline_runs_the_sample_and_exits_cleanly() {
     assert_eq!(stdout.matches("[SAM point prompt]").count(), 2, "{stdout}");
     assert_eq!(stdout.matches("[SAM box prompt]").count(), 2, "{stdout}");
     assert!(stdout.contains("== Describe everything SAM finds"), "{stdout}");
+    // The real MobileSAM weights (fetched into .cache/ by tools/fetch_mobile_sam.sh when missing).
+    assert!(stdout.contains("SAM: the official MobileSAM weights"), "{stdout}");
     assert!(stdout.contains("== Ask about region1 and region2"), "{stdout}");
 }

@@ -260,6 +260,7 @@ async fn result_cache_answers_repeated_greedy_questions_without_vision_or_llm() 
         regions: masks(&[1, 4]),
         question: question.into(),
         parameters,
+        verbatim: false,
     };
 
     let first = describe(&mut client, describe_request(image.clone(), masks(&[1, 4]))).await;
@@ -387,6 +388,7 @@ async fn gateways_share_features_through_redis_and_registered_images() {
             regions: masks(&[1, 4]),
             question: "What is region1 doing with region2?".into(),
             parameters: None,
+            verbatim: false,
         })
         .await
         .unwrap()
@@ -401,6 +403,42 @@ async fn gateways_share_features_through_redis_and_registered_images() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
+}
+
+/// `Ask` with `verbatim` sends the user message as written: the category task's own wording gives
+/// `Describe(CATEGORY)`'s raw answer for the same region; a pair count that is not the region count
+/// is INVALID_ARGUMENT on `question`.
+#[tokio::test]
+async fn verbatim_questions_reach_the_llm_as_written() {
+    let (vision, llm) = (vision().await, llm().await);
+    let (_gateway, mut client) = gateway(&[&vision], &llm, &[]).await;
+    let image = v1::image::Source::Encoded(photo());
+    let category = v1::DescribeRequest {
+        task: DescribeTask::Category as i32,
+        ..describe_request(image.clone(), masks(&[4]))
+    };
+    let described = describe(&mut client, category).await;
+    let ask = |question: &str| v1::AskRequest {
+        image: Some(v1::Image { source: Some(image.clone()) }),
+        regions: masks(&[4]),
+        question: question.into(),
+        parameters: None,
+        verbatim: true,
+    };
+    let category_question = "<image>\nThis provides an overview of the picture.\nWhat is the category of \
+                             <mask><pos>? Using only one word or phrase.";
+    let asked = client.ask(ask(category_question)).await.unwrap().into_inner();
+    assert_eq!(asked.raw_text, described[0].raw_text);
+
+    for (question, message) in [
+        ("<image>\n<mask><pos> and <mask><pos>?", "question: verbatim: 2 `<mask><pos>` pairs for 1 regions"),
+        ("What is <mask><pos>?", "question: verbatim: 0 `<image>`, expected 1"),
+        ("<image>\nWhat is <mask> <pos>?", "question"),
+    ] {
+        let status = client.ask(ask(question)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{question}: {status:?}");
+        assert!(status.message().starts_with(message), "{question}: {:?}", status.message());
+    }
 }
 
 #[tokio::test]

@@ -167,6 +167,15 @@ pub fn free_question_prompt(n_regions: usize, question: &str) -> Result<String, 
     region_chat_prompt(n_regions, &[Turn { user: question.to_string(), assistant: None }])
 }
 
+/// A single-turn prompt whose user message is given whole, as the evaluation scripts write it
+/// (e.g. RefCOCOg's `"<image>\n...Please give me a short description of <mask><pos>."`): it must
+/// hold `<image>` once and exactly `n_regions` `<mask><pos>` pairs.
+pub fn verbatim_prompt(n_regions: usize, user: &str) -> Result<String, PromptError> {
+    let prompt = single_turn_prompt(user);
+    validate_region_pairs(&prompt, n_regions)?;
+    Ok(prompt)
+}
+
 /// `regionK` mentions must name a bound region (1..=n). `region` followed by no digits is text.
 fn check_region_mentions(text: &str, n_regions: usize) -> Result<(), PromptError> {
     let mut rest = text;
@@ -358,6 +367,19 @@ mod tests {
         // An empty message is rendered like a missing one.
         let turns = [Turn { user: String::new(), assistant: None }];
         assert_eq!(conversation_prompt("S", &turns), "S USER:ASSISTANT:");
+    }
+
+    #[test]
+    fn verbatim_prompts_are_taken_whole_and_counted() {
+        assert_eq!(verbatim_prompt(1, &Task::Category.question()).unwrap(), Task::Category.prompt());
+        let two = "<image>\nIs <mask><pos> left of <mask><pos>?";
+        assert_eq!(verbatim_prompt(2, two).unwrap(), format!("{SYS} USER: {two} ASSISTANT:"));
+        assert_eq!(verbatim_prompt(1, two), Err(PromptError::RegionCount { pairs: 2, regions: 1 }));
+        assert!(matches!(verbatim_prompt(0, "no image"), Err(PromptError::ImageCount { found: 0, .. })));
+        assert!(matches!(
+            verbatim_prompt(1, "<image> <mask> <pos>"),
+            Err(PromptError::MaskWithoutPos { .. })
+        ));
     }
 
     #[test]

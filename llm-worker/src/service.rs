@@ -333,7 +333,13 @@ fn question_prompt(question: &ProtoQuestion, regions: usize) -> Result<(String, 
             };
             Ok((prompt.map_err(|e| e.to_string())?, PostProcess::Plain))
         }
-        None => Err("set `task` or `text`".into()),
+        Some(Prompt::Verbatim(user)) => {
+            if !history.is_empty() {
+                return Err("a verbatim prompt takes no history".into());
+            }
+            Ok((prompt::verbatim_prompt(regions, user).map_err(|e| e.to_string())?, PostProcess::Plain))
+        }
+        None => Err("set `task`, `text` or `verbatim`".into()),
     }
 }
 

@@ -173,6 +173,22 @@ async fn half_precision_serves_and_gpu_device_needs_the_cuda_build() {
     }
 }
 
+/// A verbatim prompt is the user message as given: the category task's own wording sent verbatim
+/// gives the task's raw answer; a pair count that differs from the regions is refused.
+#[tokio::test]
+async fn verbatim_prompts_match_the_task_they_spell_out() {
+    let mut client = start_worker().await;
+    let category = question(0, Prompt::Task(RegionTask::Category as i32), 0..1);
+    let verbatim = question(1, Prompt::Verbatim(llm_worker::prompt::Task::Category.question()), 0..1);
+    let got = answers(&mut client, request("image-v", vec![category, verbatim])).await;
+    assert_eq!(got[&0].1, got[&1].1);
+
+    let two_pairs = question(0, Prompt::Verbatim("<image>\n<mask><pos> or <mask><pos>?".into()), 0..1);
+    let err = client.generate(request("k", vec![two_pairs])).await.err().unwrap();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("questions[0]"), "{}", err.message());
+}
+
 #[tokio::test]
 async fn malformed_questions_are_invalid_argument() {
     let mut client = start_worker().await;

@@ -358,6 +358,7 @@ async fn bad_inputs_are_invalid_argument_naming_the_field_and_a_missing_api_key_
             regions: mask_regions(&box_masks(h, w, 2)),
             question: "  ".into(),
             parameters: None,
+            verbatim: false,
         })
         .await
         .unwrap_err();

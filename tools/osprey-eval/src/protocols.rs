@@ -37,10 +37,12 @@ pub enum Protocol {
     Refcocog,
 }
 
-/// The questions the reference scripts ask, in the public API's wording: through `Ask`, region 1
-/// is written `region1` (the API binds it to the region's `<mask><pos>`).
-pub const OPENSEG_QUESTION: &str = "What is in region1? Using a short phrase.";
-pub const REFCOCOG_QUESTION: &str = "Please give me a short description of region1.";
+/// The user messages the reference scripts send, verbatim (`AskRequest.verbatim`): the scripts
+/// write `"<image>.\nThis provides..."` and LLaVA's `preprocess_multimodal` moves `<image>` to the
+/// front, leaving `"<image>\n.\n"` (osprey-model.md §4, §6).
+pub const OPENSEG_QUESTION: &str =
+    "<image>\n.\nThis provides an overview of the picture.\nWhat is in <mask><pos>? Using a short phrase.";
+pub const REFCOCOG_QUESTION: &str = "<image>\n.\nThis provides an overview of the picture.\nPlease give me a short description of <mask><pos>.";
 
 pub struct RunOptions {
     pub endpoint: String,
@@ -155,7 +157,7 @@ impl Gateway {
     }
 }
 
-/// One question for `Ask`, about the regions given as masks (named region1, region2, ...).
+/// One verbatim question for `Ask` about the regions given as masks (one `<mask><pos>` each).
 struct AskJob {
     id: String,
     image: v1::Image,
@@ -194,6 +196,7 @@ impl Asker {
                 .collect(),
             question: job.question.clone(),
             parameters: Some(self.parameters),
+            verbatim: true,
         });
         if let Some(key) = &self.api_key {
             request.metadata_mut().insert("x-api-key", key.clone());
@@ -345,7 +348,9 @@ async fn run_pope(options: &RunOptions, log: &mut AnswerLog) -> anyhow::Result<V
                 path = options.images.join(q.image.rsplit('_').next().unwrap_or(&q.image));
             }
             let image = gateway.image(&path).await?;
-            let job = AskJob { id: id.clone(), image, masks: Vec::new(), question: q.text.clone() };
+            // The script's user message: `"<image>\n" + question`, no regions.
+            let question = format!("<image>\n{}", q.text);
+            let job = AskJob { id: id.clone(), image, masks: Vec::new(), question };
             asker.submit(job, log).await?;
         }
         asker.finish(log).await?;

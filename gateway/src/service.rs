@@ -1189,7 +1189,7 @@ pub async fn run(
             tonic::transport::Server::builder()
                 .tls_config(tls)?
                 .add_routes(routes)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), drain)
+                .serve_with_incoming_shutdown(osprey_common::grpc::incoming(listener), drain)
                 .await?
         }
     }

@@ -248,16 +248,11 @@ impl Replicas {
         for (url, channel) in order {
             match call(channel).await {
                 Ok(value) => return Ok(value),
-                Err(status)
-                    if matches!(
-                        status.code(),
-                        Code::Unavailable | Code::ResourceExhausted | Code::Unknown
-                    ) =>
-                {
+                Err(status) if worth_another_replica(&status) => {
                     tracing::warn!(kind = self.kind, replica = url, %status, "replica failed; trying the next one");
                     metrics::counter!("osprey_gateway_replica_failures_total", "kind" => self.kind)
                         .increment(1);
-                    if status.code() == Code::Unavailable {
+                    if status.code() != Code::ResourceExhausted {
                         self.set_health(&url, false);
                     }
                     last = Some(status);
@@ -271,6 +266,17 @@ impl Replicas {
             self.kind,
             status.message()
         )))
+    }
+}
+
+/// Failures another replica may not have: unreachable, overloaded, or the call's HTTP/2 stream
+/// failing without a gRPC status (tonic reports those as `h2 protocol error: ...`, INTERNAL for a
+/// stream refused by a draining server's GOAWAY, which the server never processed).
+fn worth_another_replica(status: &tonic::Status) -> bool {
+    match status.code() {
+        Code::Unavailable | Code::ResourceExhausted | Code::Unknown => true,
+        Code::Internal => status.message().starts_with("h2 protocol error"),
+        _ => false,
     }
 }
 
@@ -320,6 +326,25 @@ mod tests {
 
     fn urls(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn transport_failures_move_on_and_answers_do_not() {
+        use tonic::Status;
+        for status in [
+            Status::unavailable("connection refused"),
+            Status::resource_exhausted("queue full"),
+            Status::internal("h2 protocol error: http2 error"),
+        ] {
+            assert!(worth_another_replica(&status), "{status:?}");
+        }
+        for status in [
+            Status::internal("model failed"),
+            Status::invalid_argument("regions[0]"),
+            Status::failed_precondition("no features"),
+        ] {
+            assert!(!worth_another_replica(&status), "{status:?}");
+        }
     }
 
     #[test]

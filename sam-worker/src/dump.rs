@@ -51,9 +51,21 @@ pub fn read_config(path: Option<&Path>) -> Result<SamConfig, SamError> {
     Ok(cfg)
 }
 
+/// The model config: the JSON file when given, else read off the checkpoint's tensor shapes
+/// ([`SamConfig::from_shapes`]: ViT-B/L/H, MobileSAM or a reduced model).
+pub fn resolve_config(config: Option<&Path>, weights: &Path) -> Result<SamConfig, SamError> {
+    if config.is_some() {
+        return read_config(config);
+    }
+    let checkpoint = osprey_checkpoint::Checkpoint::open_files(&[weights.to_path_buf()])
+        .map_err(|e| SamError::Config(format!("{}: {e}", weights.display())))?;
+    SamConfig::from_shapes(|key| checkpoint.shape(key))
+        .map_err(|e| SamError::Config(format!("inferring the model from {}: {e}", weights.display())))
+}
+
 /// Runs the whole dump on `device`.
 pub fn run_dump(args: &DumpArgs, device: &Device) -> Result<(), SamError> {
-    let cfg = read_config(args.config.as_deref())?;
+    let cfg = resolve_config(args.config.as_deref(), &args.weights)?;
     let prompts: Vec<DumpPrompt> =
         serde_json::from_slice(&read(&args.prompts)?).map_err(|e| SamError::InvalidPrompt {
             prompt: "<file>".into(),

@@ -22,7 +22,7 @@ enum Command {
         /// Checkpoint with the official key names: `.pth` (torch.save of the state dict) or safetensors.
         #[arg(long)]
         weights: PathBuf,
-        /// JSON model config (fields of `SamConfig`); defaults to the official ViT-B.
+        /// JSON model config (fields of `SamConfig`); by default read off the checkpoint's shapes.
         #[arg(long)]
         config: Option<PathBuf>,
         /// PNG, JPEG or WebP image.

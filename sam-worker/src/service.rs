@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span, instrument};
 
 use crate::amg::{AmgParams, GeneratedMask, generate, mask_to_box};
-use crate::dump::read_config;
+use crate::dump::resolve_config;
 use crate::error::SamError;
 use crate::predictor::{ImageEmbedding, Prediction, SamPredictor, load_sam};
 use crate::prompt::Prompt;
@@ -35,11 +35,12 @@ use crate::prompt::Prompt;
 /// `sam-worker serve` flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Checkpoint with the official key names (`sam_vit_b_01ec64.pth`, ...; `.pth` or safetensors).
+    /// Checkpoint with the official key names (`sam_vit_b_01ec64.pth`, ..., `mobile_sam.pt`; `.pth` or safetensors).
     /// Or a Hugging Face repo id and file, `owner/name[@revision]:path/in/repo.pth`, fetched into `HF_HOME`.
     #[arg(long, env = "SAM_WEIGHTS")]
     pub weights: PathBuf,
-    /// JSON model config (fields of `SamConfig`); defaults to the official ViT-B.
+    /// JSON model config (fields of `SamConfig`); by default read off the checkpoint's tensor shapes
+    /// (ViT-B/L/H, MobileSAM's TinyViT or a reduced model).
     #[arg(long, env = "SAM_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to serve gRPC on.
@@ -561,7 +562,7 @@ pub async fn run(
     let device = osprey_checkpoint::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let (weights, config) = (args.weights.clone(), args.config.clone());
     let predictor = tokio::task::spawn_blocking(move || -> Result<SamPredictor, SamError> {
-        let cfg = read_config(config.as_deref())?;
+        let cfg = resolve_config(config.as_deref(), &weights)?;
         Ok(SamPredictor::new(load_sam(&weights, &cfg, &device)?, device))
     })
     .await??;

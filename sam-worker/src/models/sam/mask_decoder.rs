@@ -5,7 +5,7 @@
 //! transformer, IoU head and LayerNorm2d eps come from [`SamConfig`].
 
 use candle_core::{IndexOp, Module, Result, Tensor};
-use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use candle_transformers::models::segment_anything::LayerNorm2d;
 
 use super::SamConfig;
@@ -44,14 +44,42 @@ impl Module for Mlp {
     }
 }
 
+/// `nn.ConvTranspose2d(cin, cout, kernel_size=2, stride=2)`. The 2x2 stride-2 kernels do not overlap, so
+/// every input pixel's four outputs are one matmul over channels followed by a pixel shuffle (candle's
+/// CPU transposed convolution is a direct loop and dominated everything mode's decodes).
+#[derive(Debug)]
+struct Upscale2x {
+    /// `[cin, cout * 4]` (the `[cin, cout, 2, 2]` weight flattened).
+    weight: Tensor,
+    bias: Tensor,
+    cout: usize,
+}
+
+impl Upscale2x {
+    fn load(vb: VarBuilder, cin: usize, cout: usize) -> Result<Self> {
+        let weight = vb.get((cin, cout, 2, 2), "weight")?.reshape((cin, cout * 4))?;
+        Ok(Self { weight, bias: vb.get(cout, "bias")?, cout })
+    }
+
+    /// `[B, cin, H, W]` → `[B, cout, 2H, 2W]`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, cin, h, w) = xs.dims4()?;
+        let cout = self.cout;
+        let ys = xs.permute((0, 2, 3, 1))?.contiguous()?.reshape((b * h * w, cin))?.matmul(&self.weight)?;
+        // [B, H, W, cout, ky, kx] → [B, cout, H, ky, W, kx]
+        let ys = ys.reshape((b, h, w, cout, 2, 2))?.permute((0, 3, 1, 4, 2, 5))?.contiguous()?;
+        ys.reshape((b, cout, 2 * h, 2 * w))?.broadcast_add(&self.bias.reshape((1, cout, 1, 1))?)
+    }
+}
+
 #[derive(Debug)]
 pub struct MaskDecoder {
     transformer: TwoWayTransformer,
     iou_token: Tensor,
     mask_tokens: Tensor,
-    upscale_conv1: ConvTranspose2d,
+    upscale_conv1: Upscale2x,
     upscale_ln: LayerNorm2d,
-    upscale_conv2: ConvTranspose2d,
+    upscale_conv2: Upscale2x,
     hypernetworks: Vec<Mlp>,
     iou_head: Mlp,
     num_mask_tokens: usize,
@@ -61,7 +89,6 @@ impl MaskDecoder {
     pub fn load(vb: VarBuilder, cfg: &SamConfig) -> Result<Self> {
         let dim = cfg.prompt_embed_dim;
         let num_mask_tokens = cfg.num_multimask_outputs + 1;
-        let s2 = ConvTranspose2dConfig { stride: 2, ..Default::default() };
         let vb_h = vb.pp("output_hypernetworks_mlps");
         let hypernetworks = (0..num_mask_tokens)
             .map(|i| Mlp::load(vb_h.pp(i), dim, dim, dim / 8, 3))
@@ -70,9 +97,9 @@ impl MaskDecoder {
             transformer: TwoWayTransformer::load(vb.pp("transformer"), cfg)?,
             iou_token: vb.get((1, dim), "iou_token.weight")?,
             mask_tokens: vb.get((num_mask_tokens, dim), "mask_tokens.weight")?,
-            upscale_conv1: candle_nn::conv_transpose2d(dim, dim / 4, 2, s2, vb.pp("output_upscaling.0"))?,
+            upscale_conv1: Upscale2x::load(vb.pp("output_upscaling.0"), dim, dim / 4)?,
             upscale_ln: LayerNorm2d::new(dim / 4, cfg.layernorm2d_eps, vb.pp("output_upscaling.1"))?,
-            upscale_conv2: candle_nn::conv_transpose2d(dim / 4, dim / 8, 2, s2, vb.pp("output_upscaling.3"))?,
+            upscale_conv2: Upscale2x::load(vb.pp("output_upscaling.3"), dim / 4, dim / 8)?,
             hypernetworks,
             iou_head: Mlp::load(
                 vb.pp("iou_prediction_head"),
@@ -130,7 +157,7 @@ impl MaskDecoder {
             .forward(&src)?
             .apply(&self.upscale_ln)?
             .gelu_erf()?
-            .apply(&self.upscale_conv2)?
+            .apply(&|x: &Tensor| self.upscale_conv2.forward(x))?
             .gelu_erf()?;
         let hyper_in = self
             .hypernetworks

@@ -14,6 +14,7 @@
 pub mod image_encoder;
 pub mod mask_decoder;
 pub mod prompt_encoder;
+pub mod tiny_vit;
 pub mod transformer;
 
 use candle_core::{Result, Tensor};
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use image_encoder::ImageEncoderViT;
 use mask_decoder::MaskDecoder;
 use prompt_encoder::PromptEncoder;
+use tiny_vit::{TinyVit, TinyVitConfig};
 
 /// Hyper-parameters of a SAM model. Defaults are the official ViT-B (`build_sam_vit_b`); reduced test
 /// models override fields in a JSON file.
@@ -54,6 +56,10 @@ pub struct SamConfig {
     pub pixel_mean: [f64; 3],
     pub pixel_std: [f64; 3],
     pub mask_threshold: f64,
+    /// MobileSAM: a TinyViT image encoder instead of the ViT (whose `encoder_*`, `window_size` and
+    /// `image_encoder_layer_norm_eps` fields are then unused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tiny_vit: Option<TinyVitConfig>,
 }
 
 impl Default for SamConfig {
@@ -88,7 +94,13 @@ impl SamConfig {
             pixel_mean: [123.675, 116.28, 103.53],
             pixel_std: [58.395, 57.12, 57.375],
             mask_threshold: 0.0,
+            tiny_vit: None,
         }
+    }
+
+    /// MobileSAM (`build_sam_vit_t`, `mobile_sam.pt`): TinyViT-5M encoder, ViT-B's prompt encoder and decoder.
+    pub fn mobile_sam() -> Self {
+        Self { tiny_vit: Some(TinyVitConfig::default()), ..Self::vit_b() }
     }
 
     /// `build_sam_vit_l` (`sam_vit_l_0b3195.pth`).
@@ -111,6 +123,74 @@ impl SamConfig {
             encoder_global_attn_indexes: vec![7, 15, 23, 31],
             ..Self::vit_b()
         }
+    }
+
+    /// The configuration a checkpoint with the official key names was saved from, read off its tensor
+    /// shapes: ViT (any size, window, global blocks) or TinyViT, decoder depth, MLP and head sizes.
+    /// Not visible in shapes, so kept at the official values: the decoder's head count, every eps,
+    /// pixel mean/std and the mask threshold.
+    pub fn from_shapes(shape: impl Fn(&str) -> Option<Vec<usize>>) -> std::result::Result<Self, String> {
+        let dim = |key: &str, i: usize| -> std::result::Result<usize, String> {
+            let s = shape(key).ok_or_else(|| format!("the checkpoint has no tensor {key}"))?;
+            s.get(i)
+                .copied()
+                .ok_or_else(|| format!("{key} has shape {s:?}, expected at least {} dims", i + 1))
+        };
+        let count = |prefix: &str, suffix: &str| {
+            (0..).take_while(|i| shape(&format!("{prefix}.{i}.{suffix}")).is_some()).count()
+        };
+        let mut cfg = Self::vit_b();
+        let enc = "image_encoder";
+        if shape(&format!("{enc}.layers.0.blocks.0.conv1.c.weight")).is_some() {
+            let mut tv = TinyVitConfig::default();
+            tv.embed_dims[0] = dim(&format!("{enc}.patch_embed.seq.2.c.weight"), 0)?;
+            tv.depths[0] = count(&format!("{enc}.layers.0.blocks"), "conv1.c.weight");
+            tv.mbconv_expand_ratio =
+                dim(&format!("{enc}.layers.0.blocks.0.conv1.c.weight"), 0)? as f64 / tv.embed_dims[0] as f64;
+            for s in 1..4 {
+                let block = format!("{enc}.layers.{s}.blocks.0");
+                let d = dim(&format!("{block}.attn.norm.weight"), 0)?;
+                tv.embed_dims[s] = d;
+                tv.depths[s] = count(&format!("{enc}.layers.{s}.blocks"), "attn.norm.weight");
+                tv.num_heads[s] = dim(&format!("{block}.attn.attention_biases"), 0)?;
+                // One bias per (|dy|, |dx|) offset in a w x w window: w^2 of them.
+                let offsets = dim(&format!("{block}.attn.attention_biases"), 1)?;
+                tv.window_sizes[s] = (offsets as f64).sqrt().round() as usize;
+                tv.mlp_ratio = dim(&format!("{block}.mlp.fc1.weight"), 0)? as f64 / d as f64;
+                tv.local_conv_size = dim(&format!("{block}.local_conv.c.weight"), 2)?;
+            }
+            cfg.tiny_vit = Some(tv);
+        } else {
+            let d = dim(&format!("{enc}.patch_embed.proj.weight"), 0)?;
+            cfg.encoder_embed_dim = d;
+            cfg.vit_patch_size = dim(&format!("{enc}.patch_embed.proj.weight"), 2)?;
+            let grid = dim(&format!("{enc}.pos_embed"), 1)?;
+            cfg.image_size = grid * cfg.vit_patch_size;
+            cfg.encoder_depth = count(&format!("{enc}.blocks"), "attn.rel_pos_h");
+            let rel = |i: usize| dim(&format!("{enc}.blocks.{i}.attn.rel_pos_h"), 0);
+            cfg.encoder_global_attn_indexes = Vec::new();
+            for i in 0..cfg.encoder_depth {
+                // Global blocks attend over the whole grid: 2 * grid - 1 relative positions.
+                if rel(i)? == 2 * grid - 1 {
+                    cfg.encoder_global_attn_indexes.push(i);
+                } else {
+                    cfg.window_size = rel(i)?.div_ceil(2);
+                }
+            }
+            let head_dim = dim(&format!("{enc}.blocks.0.attn.rel_pos_h"), 1)?;
+            cfg.encoder_num_heads = d / head_dim.max(1);
+            cfg.encoder_mlp_ratio = dim(&format!("{enc}.blocks.0.mlp.lin1.weight"), 0)? as f64 / d as f64;
+        }
+        cfg.prompt_embed_dim = dim(&format!("{enc}.neck.0.weight"), 0)?;
+        let dec = "mask_decoder";
+        cfg.decoder_depth = count(&format!("{dec}.transformer.layers"), "mlp.lin1.weight");
+        cfg.decoder_mlp_dim = dim(&format!("{dec}.transformer.layers.0.mlp.lin1.weight"), 0)?;
+        cfg.iou_head_depth = count(&format!("{dec}.iou_prediction_head.layers"), "weight");
+        cfg.iou_head_hidden_dim = dim(&format!("{dec}.iou_prediction_head.layers.0.weight"), 0)?;
+        cfg.num_multimask_outputs = dim(&format!("{dec}.mask_tokens.weight"), 0)?.saturating_sub(1);
+        cfg.mask_in_chans = dim("prompt_encoder.mask_downscaling.3.weight", 0)?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     /// Side of the image-embedding grid (64 for the official models).
@@ -165,7 +245,33 @@ impl SamConfig {
             "pixel_std must be finite and non-zero",
         )?;
         check(self.pixel_mean.iter().all(|m| m.is_finite()), "pixel_mean must be finite")?;
+        if let Some(tv) = &self.tiny_vit {
+            tv.validate(self.image_size, self.vit_patch_size)?;
+        }
         Ok(())
+    }
+}
+
+/// The image encoder: SAM's ViT or MobileSAM's TinyViT, both under `image_encoder.`.
+#[derive(Debug)]
+pub enum ImageEncoder {
+    Vit(ImageEncoderViT),
+    TinyVit(TinyVit),
+}
+
+impl ImageEncoder {
+    pub fn load(vb: VarBuilder, cfg: &SamConfig) -> Result<Self> {
+        Ok(match &cfg.tiny_vit {
+            Some(tv) => Self::TinyVit(TinyVit::load(vb, cfg, tv)?),
+            None => Self::Vit(ImageEncoderViT::load(vb, cfg)?),
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Vit(e) => e.forward(xs),
+            Self::TinyVit(e) => e.forward(xs),
+        }
     }
 }
 
@@ -173,7 +279,7 @@ impl SamConfig {
 /// `mask_decoder.`). `pixel_mean`/`pixel_std` are buffers outside the state dict: they come from the config.
 #[derive(Debug)]
 pub struct Sam {
-    pub image_encoder: ImageEncoderViT,
+    pub image_encoder: ImageEncoder,
     pub prompt_encoder: PromptEncoder,
     pub mask_decoder: MaskDecoder,
     pub config: SamConfig,
@@ -184,7 +290,7 @@ impl Sam {
         if let Err(e) = cfg.validate() {
             candle_core::bail!("invalid SAM config: {e}")
         }
-        let image_encoder = ImageEncoderViT::load(vb.pp("image_encoder"), cfg)?;
+        let image_encoder = ImageEncoder::load(vb.pp("image_encoder"), cfg)?;
         let prompt_encoder = PromptEncoder::load(vb.pp("prompt_encoder"), cfg)?;
         let mask_decoder = MaskDecoder::load(vb.pp("mask_decoder"), cfg)?;
         Ok(Self { image_encoder, prompt_encoder, mask_decoder, config: cfg.clone() })

@@ -909,7 +909,7 @@ async fn python_client_registers_and_describes() {
     let (gateway, mut client) = gateway(&[&vision], &llm, &["--api-key", "py-secret"]).await;
     let dir = scratch("python-client");
     let polygons = ["20,20,120,20,120,90,20,90", "0,0,60,0,60,50,0,50"];
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../clients/python/osprey_client.py");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tools/osprey_client.py");
     let photo_path = fixtures().join("vision/photo.png");
     let mut args: Vec<String> = vec![
         script.to_str().unwrap().into(),

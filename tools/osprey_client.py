@@ -3,7 +3,7 @@
 The gRPC stubs are generated from the repository's `proto/` with grpcio-tools into a folder of
 your choice (`--stubs DIR`, made on first use), so nothing generated is checked in.
 
-    python clients/python/osprey_client.py --endpoint localhost:50051 --stubs /tmp/osprey-stubs \
+    python tools/osprey_client.py --endpoint localhost:50051 --stubs /tmp/osprey-stubs \
         --image tests/fixtures/vision/photo.png --polygon 20,20,120,20,120,90,20,90 --task short
 
 prints one JSON object: the image key and size, and one result per region (text, area, bbox,
@@ -16,7 +16,7 @@ import json
 import pathlib
 import sys
 
-PROTO_ROOT = pathlib.Path(__file__).resolve().parents[2] / "proto"
+PROTO_ROOT = pathlib.Path(__file__).resolve().parents[1] / "proto"
 PROTOS = ["osprey/v1/types.proto", "osprey/v1/gateway.proto"]
 
 

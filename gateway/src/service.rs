@@ -269,9 +269,13 @@ impl Gateway {
             image,
             prompts: prompts.clone(),
         };
-        match self.sam.call(key, |channel| predict_call(channel, request(None))).await {
+        match self.sam.call(key, |channel| predict_call(channel, self.worker_request(request(None)))).await {
             Err(ServiceError::FailedPrecondition(_)) => {
-                self.sam.call(key, |channel| predict_call(channel, request(Some(wire_image(image))))).await
+                self.sam
+                    .call(key, |channel| {
+                        predict_call(channel, self.worker_request(request(Some(wire_image(image)))))
+                    })
+                    .await
             }
             other => other,
         }
@@ -289,9 +293,14 @@ impl Gateway {
             image,
             params: Some(params),
         };
-        match self.sam.call(key, |channel| everything_call(channel, request(None))).await {
+        match self.sam.call(key, |channel| everything_call(channel, self.worker_request(request(None)))).await
+        {
             Err(ServiceError::FailedPrecondition(_)) => {
-                self.sam.call(key, |channel| everything_call(channel, request(Some(wire_image(image))))).await
+                self.sam
+                    .call(key, |channel| {
+                        everything_call(channel, self.worker_request(request(Some(wire_image(image)))))
+                    })
+                    .await
             }
             other => other,
         }
@@ -310,7 +319,8 @@ impl Gateway {
             return_image_tokens: true,
         };
         let start = Instant::now();
-        let first = self.vision.call(&key, |channel| pool_call(channel, request(None))).await;
+        let first =
+            self.vision.call(&key, |channel| pool_call(channel, self.worker_request(request(None)))).await;
         match first {
             Ok(response) => {
                 let pool_ns = elapsed_ns(start);
@@ -322,8 +332,10 @@ impl Gateway {
         let (blob, tier) = self.features(&key, &prepared.image).await?;
         let encode_ns = elapsed_ns(start);
         let pool_start = Instant::now();
-        let response =
-            self.vision.call(&key, |channel| pool_call(channel, request(Some(blob.clone())))).await?;
+        let response = self
+            .vision
+            .call(&key, |channel| pool_call(channel, self.worker_request(request(Some(blob.clone())))))
+            .await?;
         Ok(Pooled { response, tier, encode_ns, pool_ns: elapsed_ns(pool_start) })
     }
 
@@ -342,7 +354,10 @@ impl Gateway {
             image: Some(wire_image(image)),
             return_features: true,
         };
-        let response = self.vision.call(key, |channel| encode_call(channel, encode.clone())).await?;
+        let response = self
+            .vision
+            .call(key, |channel| encode_call(channel, self.worker_request(encode.clone())))
+            .await?;
         let blob = response
             .features
             .ok_or_else(|| ServiceError::Internal("vision worker sent no features".into()))?;
@@ -366,12 +381,12 @@ impl Gateway {
         };
         self.llm
             .call(key, |channel| {
-                let request = request.clone();
+                let request = self.worker_request(request.clone());
                 async move {
                     let mut client = LlmClient::new(channel)
                         .max_decoding_message_size(usize::MAX)
                         .max_encoding_message_size(usize::MAX);
-                    Ok(client.generate(inject_trace_context(Request::new(request))).await?.into_inner())
+                    Ok(client.generate(request).await?.into_inner())
                 }
             })
             .await
@@ -575,6 +590,12 @@ impl Gateway {
     fn timeout(&self) -> Duration {
         Duration::from_secs(self.args.request_timeout_seconds.max(1))
     }
+
+    /// A call to a worker: this request's trace context, and its deadline as `grpc-timeout` (the
+    /// worker stops when it passes; dropping the call, when the client cancels, resets the stream).
+    fn worker_request<T>(&self, message: T) -> Request<T> {
+        worker_request(message, self.timeout())
+    }
 }
 
 /// Runs `work` under the request timeout, turning its error into a status on `tx`.
@@ -722,24 +743,30 @@ fn check_parameters(p: Option<&v1::GenerationParameters>) -> Result<(), ServiceE
     Ok(())
 }
 
+fn worker_request<T>(message: T, timeout: Duration) -> Request<T> {
+    let mut request = inject_trace_context(Request::new(message));
+    request.set_timeout(timeout);
+    request
+}
+
 async fn pool_call(
     channel: tonic::transport::Channel,
-    request: worker::PoolRequest,
+    request: Request<worker::PoolRequest>,
 ) -> Result<worker::PoolResponse, Status> {
     let mut client = VisionClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
-    Ok(client.pool(inject_trace_context(Request::new(request))).await?.into_inner())
+    Ok(client.pool(request).await?.into_inner())
 }
 
 async fn encode_call(
     channel: tonic::transport::Channel,
-    request: worker::EncodeRequest,
+    request: Request<worker::EncodeRequest>,
 ) -> Result<worker::EncodeResponse, Status> {
     let mut client = VisionClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
-    Ok(client.encode(inject_trace_context(Request::new(request))).await?.into_inner())
+    Ok(client.encode(request).await?.into_inner())
 }
 
 /// Cached blob bytes: the model revision (length-prefixed) then the safetensors bytes.
@@ -1216,20 +1243,20 @@ pub async fn main(args: GatewayArgs) -> anyhow::Result<()> {
 
 async fn predict_call(
     channel: tonic::transport::Channel,
-    request: worker::PredictRequest,
+    request: Request<worker::PredictRequest>,
 ) -> Result<worker::PredictResponse, Status> {
     let mut client =
         SamClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-    Ok(client.predict(inject_trace_context(Request::new(request))).await?.into_inner())
+    Ok(client.predict(request).await?.into_inner())
 }
 
 async fn everything_call(
     channel: tonic::transport::Channel,
-    request: worker::EverythingRequest,
+    request: Request<worker::EverythingRequest>,
 ) -> Result<worker::EverythingResponse, Status> {
     let mut client =
         SamClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-    Ok(client.everything(inject_trace_context(Request::new(request))).await?.into_inner())
+    Ok(client.everything(request).await?.into_inner())
 }
 
 fn wire_image(image: &RgbImage) -> worker::RgbImage {
@@ -1256,5 +1283,17 @@ fn prompt_field(err: ServiceError, prompts: &[(usize, v1::SamPrompt)]) -> Servic
             ServiceError::InvalidArgument(renamed.unwrap_or(message))
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_calls_carry_the_deadline() {
+        let request = worker_request((), Duration::from_secs(90));
+        let header = request.metadata().get("grpc-timeout").expect("grpc-timeout set");
+        assert_eq!(header.to_str().unwrap(), "90000000u");
     }
 }

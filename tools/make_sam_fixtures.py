@@ -195,12 +195,54 @@ AMG_CASES = [
             crop_nms_thresh=0.9,
         ),
     ),
+    # min_mask_region_area (needs opencv-python-headless): at mask_threshold 0.25 the masks have small islands
+    # (and the follow-up NMS drops duplicates); at 0.1 they are larger and also have small holes.
+    dict(
+        name="small_islands",
+        mask_threshold=0.25,
+        kwargs=dict(
+            pred_iou_thresh=0.3,
+            stability_score_thresh=0.6,
+            stability_score_offset=0.02,
+            box_nms_thresh=0.98,
+            min_mask_region_area=20,
+        ),
+    ),
+    dict(
+        name="small_holes_and_islands",
+        mask_threshold=0.1,
+        kwargs=dict(
+            pred_iou_thresh=0.2,
+            stability_score_thresh=0.3,
+            stability_score_offset=0.02,
+            box_nms_thresh=0.98,
+            min_mask_region_area=60,
+        ),
+    ),
 ]
+
+
+def count_region_changes():
+    """Wraps segment-anything's remove_small_regions to count the masks each mode changed."""
+    import segment_anything.automatic_mask_generator as generator
+
+    counts = {"holes": 0, "islands": 0}
+    remove = generator.remove_small_regions
+
+    def counted(mask, area_thresh, mode):
+        mask, changed = remove(mask, area_thresh, mode)
+        counts[mode] += int(changed)
+        return mask, changed
+
+    generator.remove_small_regions = counted
+    return counts
 
 
 def make_amg(model, image):
     cases = []
+    region_changes = count_region_changes()
     for case in AMG_CASES:
+        region_changes.update(holes=0, islands=0)
         model.mask_threshold = case["mask_threshold"]
         gen = SamAutomaticMaskGenerator(model, output_mode="uncompressed_rle", **case["kwargs"])
         records = gen.generate(image)
@@ -220,6 +262,9 @@ def make_amg(model, image):
                 )
             )
         print(f"amg {case['name']}: {len(masks)} masks from {len(set(tuple(m['crop_box']) for m in masks))} crops")
+        if case["kwargs"].get("min_mask_region_area", 0) > 0:
+            print(f"  small regions changed {region_changes['holes']} masks' holes, {region_changes['islands']} masks' islands")
+            assert region_changes["holes"] + region_changes["islands"] > 0, "no mask changed"
         cases.append(dict(name=case["name"], mask_threshold=case["mask_threshold"], params=case["kwargs"], masks=masks))
     del model.mask_threshold  # back to the class attribute (0.0)
     with open(os.path.join(OUT, "amg.json"), "w") as f:

@@ -16,8 +16,11 @@
 //! `[x0, y0, x1 - x0, y1 - y0]` exactly as the reference writes it (one less than pycocotools'
 //! `toBbox` width and height).
 //!
-//! Left out: `min_mask_region_area > 0` (needs OpenCV's connected components in the reference) is
-//! refused by [`AmgParams::validate`]; explicit `point_grids` are not exposed.
+//! With `min_mask_region_area > 0`, every kept mask then has its small holes filled and small islands
+//! removed (`postprocess_small_regions`, with our own 8-connected component labelling in place of
+//! OpenCV's), and a box NMS preferring unchanged masks removes new duplicates.
+//!
+//! Left out: explicit `point_grids` are not exposed.
 
 use std::cmp::Ordering;
 
@@ -43,7 +46,7 @@ pub struct AmgParams {
     pub crop_nms_thresh: f64,
     pub crop_overlap_ratio: f64,
     pub crop_n_points_downscale_factor: usize,
-    /// Only 0 is supported (see the module docs).
+    /// Fill holes and remove islands smaller than this many pixels (0: off).
     pub min_mask_region_area: usize,
     /// Keep at most this many masks, highest predicted IoU first (not in the reference).
     pub max_masks: Option<usize>,
@@ -125,13 +128,6 @@ impl AmgParams {
         }
         if !self.crop_overlap_ratio.is_finite() || !(0.0..1.0).contains(&self.crop_overlap_ratio) {
             return err("crop_overlap_ratio", format!("{} is not in [0, 1)", self.crop_overlap_ratio));
-        }
-        if self.min_mask_region_area > 0 {
-            return err(
-                "min_mask_region_area",
-                "removing small regions (OpenCV connected components in the reference) is not supported; use 0"
-                    .into(),
-            );
         }
         if self.max_masks == Some(0) {
             return err("max_masks", "must be at least 1 when set".into());
@@ -352,6 +348,10 @@ pub fn generate(
         let mut slots: Vec<Option<(Candidate, [usize; 4])>> = all.into_iter().map(Some).collect();
         all = keep.into_iter().filter_map(|i| slots[i].take()).collect();
     }
+    if params.min_mask_region_area > 0 {
+        let nms_thresh = params.box_nms_thresh.max(params.crop_nms_thresh);
+        all = postprocess_small_regions(all, params.min_mask_region_area, nms_thresh);
+    }
     let mut out: Vec<GeneratedMask> = all
         .into_iter()
         .map(|(c, k)| {
@@ -378,6 +378,120 @@ pub fn generate(
     }
     out.sort_by_key(|m| m.area);
     Ok(out)
+}
+
+/// `postprocess_small_regions`: fills small holes and removes small islands of each mask, then runs box
+/// NMS on the new boxes with unchanged masks scored 1 and changed ones 0; kept changed masks get their
+/// new RLE and box.
+fn postprocess_small_regions(
+    all: Vec<(Candidate, [usize; 4])>,
+    min_area: usize,
+    nms_thresh: f64,
+) -> Vec<(Candidate, [usize; 4])> {
+    let mut changed_masks: Vec<Option<Mask>> = Vec::with_capacity(all.len());
+    let mut boxes = Vec::with_capacity(all.len());
+    let mut scores = Vec::with_capacity(all.len());
+    for (c, _) in &all {
+        let mask = c.rle.to_mask();
+        let (h, w) = (mask.height() as usize, mask.width() as usize);
+        let bits: Vec<bool> = mask.data().iter().map(|&v| v != 0).collect();
+        let (bits, holes_changed) = remove_small_regions(&bits, h, w, min_area, RegionMode::Holes);
+        let (bits, islands_changed) = remove_small_regions(&bits, h, w, min_area, RegionMode::Islands);
+        let changed = holes_changed || islands_changed;
+        let bx = mask_to_box(&bits, h, w);
+        boxes.push(bx.map(|v| v as f32));
+        scores.push(if changed { 0.0 } else { 1.0 });
+        changed_masks.push(changed.then(|| {
+            let bytes: Vec<u8> = bits.iter().map(|&b| u8::from(b)).collect();
+            Mask::from_row_major(h as u32, w as u32, &bytes)
+                .expect("the buffer has the mask's size. This is a bug.")
+        }));
+    }
+    let keep = nms(&boxes, &scores, nms_thresh);
+    let mut slots: Vec<Option<(Candidate, [usize; 4])>> = all.into_iter().map(Some).collect();
+    keep.into_iter()
+        .filter_map(|i| {
+            let (mut c, crop) = slots[i].take()?;
+            if let Some(mask) = changed_masks[i].take() {
+                c.rle = mask.to_rle();
+                c.bx = boxes[i].map(|v| v as i64);
+            }
+            Some((c, crop))
+        })
+        .collect()
+}
+
+/// Which regions [`remove_small_regions`] works on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionMode {
+    /// Background components smaller than the area are filled.
+    Holes,
+    /// Foreground components smaller than the area are removed (the largest stays if all are small).
+    Islands,
+}
+
+/// 8-connected components of the `true` pixels of an `h x w` mask: a label per pixel (0 for `false`
+/// pixels, components numbered from 1 in raster order of their first pixel) and each component's size
+/// (index 0 unused).
+pub fn connected_components(mask: &[bool], h: usize, w: usize) -> (Vec<u32>, Vec<usize>) {
+    let mut labels = vec![0u32; h * w];
+    let mut sizes = vec![0usize];
+    let mut stack = Vec::new();
+    for start in 0..h * w {
+        if !mask[start] || labels[start] != 0 {
+            continue;
+        }
+        let label = sizes.len() as u32;
+        let mut size = 0;
+        labels[start] = label;
+        stack.push(start);
+        while let Some(i) = stack.pop() {
+            size += 1;
+            let (y, x) = (i / w, i % w);
+            for ny in y.saturating_sub(1)..(y + 2).min(h) {
+                for nx in x.saturating_sub(1)..(x + 2).min(w) {
+                    let j = ny * w + nx;
+                    if mask[j] && labels[j] == 0 {
+                        labels[j] = label;
+                        stack.push(j);
+                    }
+                }
+            }
+        }
+        sizes.push(size);
+    }
+    (labels, sizes)
+}
+
+/// segment-anything's `remove_small_regions`: the new mask and whether any component was below
+/// `min_area` (then the mask counts as changed even when, for islands, the only small component is kept
+/// as the largest).
+pub fn remove_small_regions(
+    mask: &[bool],
+    h: usize,
+    w: usize,
+    min_area: usize,
+    mode: RegionMode,
+) -> (Vec<bool>, bool) {
+    let holes = mode == RegionMode::Holes;
+    let working: Vec<bool> = mask.iter().map(|&m| m != holes).collect();
+    let (labels, sizes) = connected_components(&working, h, w);
+    let small: Vec<bool> = sizes.iter().enumerate().map(|(i, &s)| i > 0 && s < min_area).collect();
+    if !small.contains(&true) {
+        return (mask.to_vec(), false);
+    }
+    // Labels that end up set: holes keep the mask (label 0) and the small background components;
+    // islands keep the large components, or the first largest when every component is small.
+    let mut fill: Vec<bool> = if holes {
+        small.iter().enumerate().map(|(i, &s)| i == 0 || s).collect()
+    } else {
+        small.iter().enumerate().map(|(i, &s)| i > 0 && !s).collect()
+    };
+    if !holes && !fill.contains(&true) {
+        let largest = (1..sizes.len()).fold(1, |best, i| if sizes[i] > sizes[best] { i } else { best });
+        fill[largest] = true;
+    }
+    (labels.iter().map(|&l| fill[l as usize]).collect(), true)
 }
 
 fn crop_image(image: &RgbImage, [x0, y0, x1, y1]: [usize; 4]) -> Result<RgbImage, SamError> {
@@ -544,10 +658,7 @@ mod tests {
             Err(SamError::InvalidParams { field, .. }) => field,
             other => panic!("{other:?}"),
         };
-        assert_eq!(
-            bad(AmgParams { min_mask_region_area: 100, ..Default::default() }),
-            "min_mask_region_area"
-        );
+        assert!(AmgParams { min_mask_region_area: 100, ..Default::default() }.validate().is_ok());
         assert_eq!(bad(AmgParams { points_per_side: 0, ..Default::default() }), "points_per_side");
         assert_eq!(bad(AmgParams { pred_iou_thresh: f64::NAN, ..Default::default() }), "pred_iou_thresh");
         assert_eq!(
@@ -559,5 +670,69 @@ mod tests {
             }),
             "crop_n_points_downscale_factor"
         );
+    }
+
+    /// A mask from rows of `#` (inside) and `.` (outside).
+    fn grid(rows: &[&str]) -> (Vec<bool>, usize, usize) {
+        let bits = rows.iter().flat_map(|r| r.chars().map(|c| c == '#')).collect();
+        (bits, rows.len(), rows[0].len())
+    }
+
+    #[test]
+    fn small_holes_are_filled() {
+        let (m, h, w) = grid(&["#####", "#.###", "#####", "##..#", "##..#", "#####"]);
+        // The one-pixel hole is filled; the four-pixel hole stays at min_area 4 (sizes below it only).
+        let (got, changed) = remove_small_regions(&m, h, w, 4, RegionMode::Holes);
+        assert!(changed);
+        assert_eq!(got, grid(&["#####", "#####", "#####", "##..#", "##..#", "#####"]).0);
+        let (got, changed) = remove_small_regions(&m, h, w, 5, RegionMode::Holes);
+        assert!(changed);
+        assert!(got.iter().all(|&b| b));
+        // No hole below the area: unchanged, and islands mode leaves a single large component alone.
+        assert_eq!(remove_small_regions(&m, h, w, 1, RegionMode::Holes), (m.clone(), false));
+        assert_eq!(remove_small_regions(&m, h, w, 5, RegionMode::Islands), (m.clone(), false));
+    }
+
+    #[test]
+    fn small_islands_are_removed() {
+        let (m, h, w) = grid(&["##....", "##....", "......", "....##", "....#.", "#....."]);
+        let (got, changed) = remove_small_regions(&m, h, w, 2, RegionMode::Islands);
+        assert!(changed);
+        assert_eq!(got, grid(&["##....", "##....", "......", "....##", "....#.", "......"]).0);
+        let (got, _) = remove_small_regions(&m, h, w, 4, RegionMode::Islands);
+        assert_eq!(got, grid(&["##....", "##....", "......", "......", "......", "......"]).0);
+    }
+
+    #[test]
+    fn all_small_islands_keep_the_first_largest() {
+        let (m, h, w) = grid(&["#..##", ".....", "##..#", "##..."]);
+        let (got, changed) = remove_small_regions(&m, h, w, 10, RegionMode::Islands);
+        assert!(changed);
+        assert_eq!(got, grid(&[".....", ".....", "##...", "##..."]).0);
+        // Ties go to the component met first in raster order.
+        let (m, h, w) = grid(&["....##", "......", "##...."]);
+        let (got, changed) = remove_small_regions(&m, h, w, 3, RegionMode::Islands);
+        assert!(changed);
+        assert_eq!(got, grid(&["....##", "......", "......"]).0);
+        // A lone small component is kept but still counts as changed, as in the reference.
+        let (m, h, w) = grid(&["#..", "..."]);
+        assert_eq!(remove_small_regions(&m, h, w, 5, RegionMode::Islands), (m.clone(), true));
+    }
+
+    #[test]
+    fn components_are_eight_connected() {
+        // Diagonal neighbours join: one island of three pixels, not three islands of one.
+        let (m, h, w) = grid(&["#...", ".#..", "..#.", "...."]);
+        let (labels, sizes) = connected_components(&m, h, w);
+        assert_eq!(sizes, vec![0, 3]);
+        assert_eq!(labels.iter().filter(|&&l| l == 1).count(), 3);
+        assert_eq!(remove_small_regions(&m, h, w, 3, RegionMode::Islands), (m.clone(), false));
+        // The background is 8-connected too: a diagonal gap in a ring lets the inside reach the outside.
+        let (m, h, w) = grid(&["....", ".##.", "#..#", ".##.", "...."]);
+        let (got, changed) = remove_small_regions(&m, h, w, 3, RegionMode::Holes);
+        assert!(!changed);
+        assert_eq!(got, m);
+        let (_, sizes) = connected_components(&m.iter().map(|b| !b).collect::<Vec<_>>(), h, w);
+        assert_eq!(sizes, vec![0, 14]);
     }
 }

@@ -1,5 +1,6 @@
 //! Automatic mask generation against segment-anything's `SamAutomaticMaskGenerator` on the tiny model
-//! (fixture `amg.json` from tools/make_sam_fixtures.py, which records the relaxed thresholds it used).
+//! (fixture `amg.json` from tools/make_sam_fixtures.py, which records the relaxed thresholds it used; two
+//! cases set `min_mask_region_area` so that small holes and islands change masks).
 //! Every reference mask must pair one-to-one with a generated mask at mask IoU >= 0.99, with the same
 //! crop box and point and close scores.
 

@@ -198,8 +198,60 @@ impl SamPredictor {
 
     /// `predict` against a given embedding (e.g. one kept in the service's resident LRU).
     pub fn predict_with(&self, state: &ImageEmbedding, prompt: &Prompt) -> Result<Prediction, SamError> {
-        let cfg = &self.model.config;
-        let lr = cfg.low_res_size();
+        let mut one = self.predict_batch(state, std::slice::from_ref(prompt))?;
+        Ok(one.remove(0))
+    }
+
+    /// `predict_with` for several prompts of one image, in input order. Prompts with the same number of
+    /// sparse tokens (points, the padding point, box corners) and the same `multimask_output` are
+    /// decoded together in one mask-decoder call, as `SamPredictor.predict_torch` decodes a batch.
+    pub fn predict_batch(
+        &self,
+        state: &ImageEmbedding,
+        prompts: &[Prompt],
+    ) -> Result<Vec<Prediction>, SamError> {
+        let encoded = prompts.iter().map(|p| self.encode_prompt(state, p)).collect::<Result<Vec<_>, _>>()?;
+        // Groups in order of first appearance: (tokens, multimask) → prompt indices.
+        let mut groups: Vec<((usize, bool), Vec<usize>)> = Vec::new();
+        for (i, (sparse, _, multimask)) in encoded.iter().enumerate() {
+            let key = (sparse.dim(1)?, *multimask);
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((key, vec![i])),
+            }
+        }
+        let mut out: Vec<Option<Prediction>> = vec![None; prompts.len()];
+        for ((_, multimask), members) in groups {
+            let sparse = Tensor::cat(&members.iter().map(|&i| &encoded[i].0).collect::<Vec<_>>(), 0)?;
+            let dense = Tensor::cat(&members.iter().map(|&i| &encoded[i].1).collect::<Vec<_>>(), 0)?;
+            let pe = &self.model.prompt_encoder;
+            let (low_res, iou) = self.model.mask_decoder.forward(
+                &state.embeddings,
+                &pe.dense_pe()?,
+                &sparse,
+                &dense,
+                multimask,
+            )?;
+            let k = low_res.dim(1)?;
+            let low_res = low_res.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let iou = iou.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let plane = k * self.model.config.low_res_size().pow(2);
+            for (j, &i) in members.iter().enumerate() {
+                let logits = low_res[j * plane..(j + 1) * plane].to_vec();
+                out[i] = Some(self.prediction(state, k, logits, iou[j * k..(j + 1) * k].to_vec())?);
+            }
+        }
+        Ok(out.into_iter().map(|p| p.expect("every prompt is in one group. This is a bug.")).collect())
+    }
+
+    /// The prompt encoder's `(sparse [1, T, C], dense [1, C, g, g])` embeddings of a validated prompt
+    /// and its `multimask_output`.
+    fn encode_prompt(
+        &self,
+        state: &ImageEmbedding,
+        prompt: &Prompt,
+    ) -> Result<(Tensor, Tensor, bool), SamError> {
+        let lr = self.model.config.low_res_size();
         let valid = prompt.validate(lr)?;
         let (oh, ow) = state.original;
         let (ih, iw) = state.input;
@@ -215,25 +267,27 @@ impl SamPredictor {
             Some(m) => Some(Tensor::from_vec(m, (1, 1, lr, lr), &self.device)?),
             None => None,
         };
+        let (sparse, dense) = self.model.prompt_encoder.forward(points, bbox, mask.as_ref())?;
+        Ok((sparse, dense, valid.multimask_output))
+    }
 
-        let pe = &self.model.prompt_encoder;
-        let (sparse, dense) = pe.forward(points, bbox, mask.as_ref())?;
-        let (low_res, iou) = self.model.mask_decoder.forward(
-            &state.embeddings,
-            &pe.dense_pe()?,
-            &sparse,
-            &dense,
-            valid.multimask_output,
-        )?;
-        let k = low_res.dim(1)?;
-        let low_res_logits = low_res.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let iou_predictions = iou.flatten_all()?.to_vec1::<f32>()?;
+    /// One prompt's `[K, L, L]` low-res logits and `[K]` IoU predictions, post-processed to masks.
+    fn prediction(
+        &self,
+        state: &ImageEmbedding,
+        k: usize,
+        low_res_logits: Vec<f32>,
+        iou_predictions: Vec<f32>,
+    ) -> Result<Prediction, SamError> {
+        let cfg = &self.model.config;
+        let lr = cfg.low_res_size();
+        let (oh, ow) = state.original;
         let masks = postprocess_masks(
             &low_res_logits,
             k,
             lr,
             cfg.image_size,
-            (ih, iw),
+            state.input,
             (oh, ow),
             cfg.mask_threshold,
         )?;

@@ -158,8 +158,7 @@ fn model_thread(predictor: SamPredictor, mut commands: mpsc::Receiver<Command>, 
                 metrics::histogram!("osprey_sam_predict_batch_size").record(batch.len() as f64);
                 for job in batch {
                     let _enter = job.span.enter();
-                    let result: Result<Vec<Prediction>, SamError> =
-                        job.prompts.iter().map(|p| predictor.predict_with(&job.embedding, p)).collect();
+                    let result = predictor.predict_batch(&job.embedding, &job.prompts);
                     let _ = job.reply.send(result);
                 }
             }

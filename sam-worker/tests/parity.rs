@@ -110,3 +110,50 @@ fn preprocess_shape_rounds_like_reference() {
     assert_eq!(preprocess_shape(333, 500, 1024), (682, 1024));
     assert_eq!(preprocess_shape(1000, 10, 1024), (1024, 10));
 }
+
+/// Prompts of one request decoded together (grouped by sparse-token count and multimask output) give
+/// what decoding them one at a time gives, in input order.
+#[test]
+fn batched_prompts_equal_one_at_a_time() {
+    let cfg = read_config(Some(&fixture("tiny_config.json"))).unwrap();
+    let model = load_sam(&fixture("tiny_sam.safetensors"), &cfg, &Device::Cpu).unwrap();
+    let predictor = SamPredictor::new(model, Device::Cpu);
+    let image = decode_image(&std::fs::read(fixture("photo.png")).unwrap(), &ImageLimits::default()).unwrap();
+    let embedding = predictor.embed(&image).unwrap();
+    let exp = expected();
+    let mut batch = Vec::new();
+    for (i, entry) in prompts().into_iter().enumerate() {
+        let mut prompt = entry.prompt;
+        if entry.mask_input_from.is_some() {
+            prompt.mask_input = Some(f32s(&exp[&format!("mask_input_{i}")]));
+        }
+        // A shifted copy of each fixture prompt, so that every group holds several prompts.
+        let mut shifted = prompt.clone();
+        shifted.name.push_str("_shifted");
+        if let Some(points) = shifted.point_coords.as_mut() {
+            points.iter_mut().for_each(|p| p[0] = (p[0] - 9.0).max(0.0));
+        }
+        if let Some(b) = shifted.bbox.as_mut() {
+            b[2] -= 7.0;
+        }
+        batch.push(prompt);
+        batch.push(shifted);
+    }
+    let batched = predictor.predict_batch(&embedding, &batch).unwrap();
+    assert_eq!(batched.len(), batch.len());
+    let (mut max_logit_err, mut max_iou_err, mut min_agree) = (0.0f32, 0.0f32, 1.0f64);
+    for (prompt, got) in batch.iter().zip(&batched) {
+        let want = predictor.predict_with(&embedding, prompt).unwrap();
+        assert_eq!(got.num_masks, want.num_masks, "{}", prompt.name);
+        assert_eq!((got.height, got.width), (want.height, want.width));
+        let err = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        max_logit_err = max_logit_err.max(err(&got.low_res_logits, &want.low_res_logits));
+        max_iou_err = max_iou_err.max(err(&got.iou_predictions, &want.iou_predictions));
+        min_agree = min_agree.min(agreement(&got.masks, &want.masks));
+    }
+    eprintln!(
+        "{} prompts batched: max |logit diff| {max_logit_err:.2e}, max |iou diff| {max_iou_err:.2e}, min mask agreement {min_agree}",
+        batch.len()
+    );
+    assert!(max_logit_err <= 1e-5 && max_iou_err <= 1e-6 && min_agree >= 0.9999);
+}

@@ -271,10 +271,11 @@ impl Replicas {
 
 /// Failures another replica may not have: unreachable, overloaded, or the call's HTTP/2 stream
 /// failing without a gRPC status (tonic reports those as `h2 protocol error: ...`, INTERNAL for a
-/// stream refused by a draining server's GOAWAY, which the server never processed).
+/// stream refused by a draining server's GOAWAY, which the server never processed; and CANCELLED
+/// when the connection under the call went away: the gateway never cancels a call it still awaits).
 fn worth_another_replica(status: &tonic::Status) -> bool {
     match status.code() {
-        Code::Unavailable | Code::ResourceExhausted | Code::Unknown => true,
+        Code::Unavailable | Code::ResourceExhausted | Code::Unknown | Code::Cancelled => true,
         Code::Internal => status.message().starts_with("h2 protocol error"),
         _ => false,
     }
@@ -335,6 +336,7 @@ mod tests {
             Status::unavailable("connection refused"),
             Status::resource_exhausted("queue full"),
             Status::internal("h2 protocol error: http2 error"),
+            Status::cancelled("operation was canceled"),
         ] {
             assert!(worth_another_replica(&status), "{status:?}");
         }

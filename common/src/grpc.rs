@@ -2,14 +2,17 @@
 //! works without `.proto` files), serving on a listener with graceful shutdown on SIGTERM/ctrl-c.
 
 use std::future::Future;
-
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::service::Routes;
+use tonic::transport::Channel;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 use tonic_health::server::HealthReporter;
 
 /// Fail-fast admission control: at most `limit` requests in flight; more are refused with
@@ -107,6 +110,29 @@ pub async fn serve(
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming(listener), drain)
         .await
+}
+
+/// Whether the server at `url` answers SERVING for `service` (`""`: the server as a whole).
+pub async fn is_serving(url: &str, service: &str) -> bool {
+    let Ok(endpoint) = Channel::from_shared(url.to_string()) else { return false };
+    let Ok(channel) = endpoint.connect_timeout(Duration::from_secs(1)).connect().await else {
+        return false;
+    };
+    let request = HealthCheckRequest { service: service.to_string() };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    HealthClient::new(channel).check(request).await.is_ok_and(|r| r.into_inner().status == serving)
+}
+
+/// Polls [`is_serving`] until it holds (then returns a channel to `url`) or `timeout` passes.
+pub async fn connect_when_serving(url: &str, service: &str, timeout: Duration) -> anyhow::Result<Channel> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if is_serving(url, service).await {
+            return Ok(Channel::from_shared(url.to_string())?.connect().await?);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::bail!("{url} did not report SERVING within {timeout:?}")
 }
 
 /// Completes on SIGTERM (how Kubernetes stops a pod) or ctrl-c.

@@ -18,7 +18,6 @@ use osprey_common::image::{ImageLimits, decode_image};
 use osprey_common::mask::{Mask, rle_to_proto};
 use osprey_proto::v1::osprey_client::OspreyClient;
 use osprey_proto::v1::{self, CacheTier, DescribeTask};
-use tonic::transport::Channel;
 
 /// Where the generated demo weights and the sample photo live in the source tree.
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
@@ -102,12 +101,8 @@ async fn wait_serving(url: &str, children: &mut Children) -> anyhow::Result<()> 
                 anyhow::bail!("a worker exited during start-up ({status})");
             }
         }
-        if let Ok(channel) = Channel::from_shared(url.to_string())?.connect().await {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
-            if health.check(request).await.map(|r| r.into_inner().status == 1).unwrap_or(false) {
-                return Ok(());
-            }
+        if osprey_common::grpc::is_serving(url, "").await {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -515,6 +515,7 @@ impl Gateway {
         image: Option<&v1::Image>,
         regions: &[v1::Region],
         question: &str,
+        verbatim: bool,
         parameters: Option<&v1::GenerationParameters>,
     ) -> Result<Prepared, ServiceError> {
         if question.trim().is_empty() {
@@ -527,6 +528,10 @@ impl Gateway {
             ));
         }
         check_parameters(parameters)?;
+        // Before `prepare`, so that a miscounted question costs no SAM or image work.
+        if verbatim {
+            Self::check_verbatim(question, regions.len())?;
+        }
         self.prepare(image, regions, None).await
     }
 
@@ -945,12 +950,10 @@ impl Osprey for OspreyService {
                     request.image.as_ref(),
                     &request.regions,
                     &request.question,
+                    request.verbatim,
                     parameters.as_ref(),
                 )
                 .await?;
-            if request.verbatim {
-                Gateway::check_verbatim(&request.question, prepared.masks.len())?;
-            }
             let ask = |response: worker::GenerateResponse, metadata| v1::AskResponse {
                 text: response.answer,
                 raw_text: response.raw_text,
@@ -1005,6 +1008,7 @@ impl Osprey for OspreyService {
                     request.image.as_ref(),
                     &request.regions,
                     &request.question,
+                    false,
                     parameters.as_ref(),
                 )
                 .await?;

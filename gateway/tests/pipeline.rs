@@ -73,17 +73,7 @@ where
 }
 
 async fn wait_serving(url: &str) {
-    for _ in 0..1000 {
-        if let Ok(channel) = Channel::from_shared(url.to_string()).unwrap().connect().await {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
-            if health.check(request).await.map(|r| r.into_inner().status == 1).unwrap_or(false) {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{url} never became SERVING");
+    osprey_common::grpc::connect_when_serving(url, "", Duration::from_secs(120)).await.unwrap();
 }
 
 async fn vision() -> Running {
@@ -439,6 +429,15 @@ async fn verbatim_questions_reach_the_llm_as_written() {
         assert_eq!(status.code(), Code::InvalidArgument, "{question}: {status:?}");
         assert!(status.message().starts_with(message), "{question}: {:?}", status.message());
     }
+    // The count is checked before any region work: a SAM prompt region is refused on the question,
+    // not sent to SAM (this gateway has no SAM worker, which would be FAILED_PRECONDITION).
+    let point = v1::Point { x: 80.0, y: 50.0, label: v1::PointLabel::Foreground as i32 };
+    let prompt = v1::region::Source::Prompt(v1::SamPrompt { points: vec![point], ..Default::default() });
+    let mut prompted = ask("<image>\n<mask><pos> and <mask><pos>?");
+    prompted.regions = vec![v1::Region { source: Some(prompt), label: String::new() }];
+    let status = client.ask(prompted).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("question: verbatim: 2"), "{:?}", status.message());
 }
 
 #[tokio::test]

@@ -44,16 +44,9 @@ async fn start_worker_with(extra: &[&str]) -> LlmClient<Channel> {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { run(args, listener, std::future::pending()).await.unwrap() });
-    loop {
-        if let Ok(channel) = Channel::from_shared(address.clone()).unwrap().connect().await {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-            let request = tonic_health::pb::HealthCheckRequest { service: "osprey.worker.v1.Llm".into() };
-            if health.check(request).await.map(|r| r.into_inner().status == 1).unwrap_or(false) {
-                return LlmClient::new(channel);
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let service = "osprey.worker.v1.Llm";
+    let timeout = std::time::Duration::from_secs(120);
+    LlmClient::new(osprey_common::grpc::connect_when_serving(&address, service, timeout).await.unwrap())
 }
 
 fn fixture(name: &str) -> (Vec<u64>, Vec<f32>) {

@@ -4,8 +4,11 @@
 
 mod common;
 
+use std::time::Duration;
+
 use clap::Parser;
 use common::*;
+use osprey_common::grpc::connect_when_serving;
 use osprey_common::image::{ImageLimits, decode_image};
 use osprey_common::mask::rle_from_proto;
 use osprey_proto::v1::{Box as PromptBox, EverythingParams, LowResLogits, Point, PointLabel, SamPrompt};
@@ -15,8 +18,6 @@ use sam_worker::service::{ServeArgs, run};
 use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 
 #[derive(Parser)]
 struct Cli {
@@ -41,22 +42,8 @@ async fn start_worker(extra: &[&str]) -> (SamClient<Channel>, tokio::sync::onesh
         .await
         .unwrap()
     });
-    let channel = loop {
-        if let Ok(channel) = Channel::from_shared(address.clone()).unwrap().connect().await {
-            break channel;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    let mut health = HealthClient::new(channel.clone());
-    loop {
-        let request = HealthCheckRequest { service: "osprey.worker.v1.Sam".into() };
-        if let Ok(response) = health.check(request).await
-            && response.into_inner().status == 1
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let service = "osprey.worker.v1.Sam";
+    let channel = connect_when_serving(&address, service, Duration::from_secs(120)).await.unwrap();
     (SamClient::new(channel), stop)
 }
 

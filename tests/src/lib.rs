@@ -192,14 +192,7 @@ impl Process {
 
     /// Whether its overall `grpc.health.v1` status is SERVING.
     pub async fn is_serving(&self) -> bool {
-        let Ok(endpoint) = Channel::from_shared(self.url()) else { return false };
-        let Ok(channel) = endpoint.connect_timeout(Duration::from_secs(1)).connect().await else {
-            return false;
-        };
-        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
-        let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
-        health.check(request).await.is_ok_and(|r| r.into_inner().status == serving)
+        osprey_common::grpc::is_serving(&self.url(), "").await
     }
 
     /// Its Prometheus text exposition.

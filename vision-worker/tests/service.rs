@@ -2,8 +2,10 @@
 //! fixtures, the resident LRU, feature blobs moving to another replica, and bad input.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
+use osprey_common::grpc::connect_when_serving;
 use osprey_common::image::{ImageLimits, decode_image};
 use osprey_common::mask::{Mask, rle_to_proto};
 use osprey_common::tensor::f32_from_proto;
@@ -13,8 +15,6 @@ use safetensors::SafeTensors;
 use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 use vision_worker::service::{ServeArgs, run};
 
 fn fixtures() -> PathBuf {
@@ -43,22 +43,8 @@ async fn start_worker(extra: &[&str]) -> (VisionClient<Channel>, tokio::sync::on
         .await
         .unwrap()
     });
-    let channel = loop {
-        if let Ok(channel) = Channel::from_shared(address.clone()).unwrap().connect().await {
-            break channel;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    let mut health = HealthClient::new(channel.clone());
-    loop {
-        let request = HealthCheckRequest { service: "osprey.worker.v1.Vision".into() };
-        if let Ok(response) = health.check(request).await
-            && response.into_inner().status == 1
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let service = "osprey.worker.v1.Vision";
+    let channel = connect_when_serving(&address, service, Duration::from_secs(120)).await.unwrap();
     (VisionClient::new(channel), stop)
 }
 

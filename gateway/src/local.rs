@@ -58,6 +58,10 @@ pub struct LocalArgs {
     /// New tokens per answer.
     #[arg(long, default_value_t = 24)]
     pub max_new_tokens: u32,
+    /// Seconds each worker, then the gateway, may take to report SERVING (a first start with
+    /// weights given by repo id downloads them in this time).
+    #[arg(long, default_value_t = 600.0, value_parser = crate::service::positive_seconds)]
+    pub start_timeout: f64,
 }
 
 /// Child processes, killed when dropped.
@@ -93,8 +97,8 @@ fn spawn_worker(name: &str, weights: &Path, port: u16, extra: &[String]) -> anyh
     Ok(child)
 }
 
-async fn wait_serving(url: &str, children: &mut Children) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(600);
+async fn wait_serving(url: &str, children: &mut Children, timeout: f64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs_f64(timeout);
     while Instant::now() < deadline {
         for child in &mut children.0 {
             if let Some(status) = child.try_wait()? {
@@ -106,7 +110,7 @@ async fn wait_serving(url: &str, children: &mut Children) -> anyhow::Result<()> 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    anyhow::bail!("{url} did not become SERVING in time")
+    anyhow::bail!("{url} did not become SERVING within {timeout} s (--start-timeout)")
 }
 
 /// The real MobileSAM checkpoint (40 MB), fetched into the git-ignored cache by
@@ -172,7 +176,7 @@ pub async fn main(args: LocalArgs) -> anyhow::Result<()> {
     let (vision_url, llm_url, sam_url) = (url(vision_port), url(llm_port), url(sam_port));
     let started = Instant::now();
     for worker in [&vision_url, &llm_url, &sam_url] {
-        wait_serving(worker, &mut children).await?;
+        wait_serving(worker, &mut children, args.start_timeout).await?;
     }
     println!(
         "workers ready in {:.1}s (vision {vision_url}, llm {llm_url}, sam {sam_url})",
@@ -200,7 +204,7 @@ pub async fn main(args: LocalArgs) -> anyhow::Result<()> {
         let _ = stopped.await;
     }));
     let url = format!("http://{}", args.listen);
-    wait_serving(&url, &mut children).await?;
+    wait_serving(&url, &mut children, args.start_timeout).await?;
     println!("gateway serving the public API on {url}\n");
 
     run_demo(&url, &args).await?;

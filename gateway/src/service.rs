@@ -806,7 +806,7 @@ fn pixels_from_bytes(bytes: &[u8]) -> Result<RgbImage, ServiceError> {
     RgbImage::from_raw(width, height, bytes[8..].to_vec()).map_err(|_| corrupt())
 }
 
-fn positive_seconds(text: &str) -> Result<f64, String> {
+pub(crate) fn positive_seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
         _ => Err(format!("expected a positive number of seconds, got {text:?}")),

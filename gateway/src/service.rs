@@ -555,16 +555,18 @@ impl Gateway {
         Ok(())
     }
 
-    /// The answer to a prepared free-form question: from the result cache (with its key), or
-    /// the LLM's stream.
+    /// A free-form question (Ask, Chat) about `regions`, validated and its regions prepared; the
+    /// answer comes from the result cache (with its key) or as the LLM's stream.
     async fn question_answer(
         &self,
-        prepared: &Prepared,
+        image: Option<&v1::Image>,
+        regions: &[v1::Region],
         history: &[v1::Turn],
         question: &str,
         verbatim: bool,
         parameters: Option<v1::GenerationParameters>,
-    ) -> Result<(Answer, Option<String>), ServiceError> {
+    ) -> Result<(Prepared, Answer, Option<String>), ServiceError> {
+        let prepared = self.prepare_question(image, regions, question, verbatim, parameters.as_ref()).await?;
         let n = prepared.masks.len();
         let all: Vec<usize> = (0..n).collect();
         let (kind, prompt) = if verbatim {
@@ -573,11 +575,11 @@ impl Gateway {
             ("text", worker::question::Prompt::Text(question.to_string()))
         };
         let key =
-            self.answer_key(prepared, &all, &format!("{kind}:{question}"), history, parameters.as_ref());
+            self.answer_key(&prepared, &all, &format!("{kind}:{question}"), history, parameters.as_ref());
         if let Some(answer) = self.cached_answer(key.as_deref()).await {
-            return Ok((Answer::Cached(answer), key));
+            return Ok((prepared, Answer::Cached(answer), key));
         }
-        let pooled = self.pool(prepared, &all).await?;
+        let pooled = self.pool(&prepared, &all).await?;
         let question = worker::Question {
             index: 0,
             prompt: Some(prompt),
@@ -589,7 +591,23 @@ impl Gateway {
             pos_tokens: (n > 0).then(|| rows(&pooled.response.pos_tokens, 0..n)).transpose()?,
         };
         let stream = self.generate(&prepared.key, &pooled, vec![question], parameters).await?;
-        Ok((Answer::Streaming(stream, Box::new(pooled)), key))
+        Ok((prepared, Answer::Streaming(stream, Box::new(pooled)), key))
+    }
+
+    /// The last response of a streamed answer: kept in the result cache (when the request has a
+    /// key) and summed up in the response metadata.
+    async fn finish_answer(
+        &self,
+        key: Option<&str>,
+        response: &worker::GenerateResponse,
+        prepared: &Prepared,
+        pooled: &Pooled,
+        start: Instant,
+    ) -> Metadata {
+        if let Some(key) = key {
+            self.cache.put_result(key, stored_answer(response)).await;
+        }
+        metadata(prepared, pooled, response.timing.as_ref(), response.prefix_cache_hit, start)
     }
 
     fn timeout(&self) -> Duration {
@@ -943,17 +961,6 @@ impl Osprey for OspreyService {
         let start = Instant::now();
         let request = request.into_inner();
         let work = async {
-            let parameters = request.parameters;
-            let prepared = self
-                .0
-                .prepare_question(
-                    request.image.as_ref(),
-                    &request.regions,
-                    &request.question,
-                    request.verbatim,
-                    parameters.as_ref(),
-                )
-                .await?;
             let ask = |response: worker::GenerateResponse, metadata| v1::AskResponse {
                 text: response.answer,
                 raw_text: response.raw_text,
@@ -961,24 +968,19 @@ impl Osprey for OspreyService {
                 finish_reason: response.finish_reason,
                 metadata: Some(metadata),
             };
-            let (mut stream, pooled, key) = match self
+            let (image, regions) = (request.image.as_ref(), &request.regions);
+            let (prepared, answer, key) = self
                 .0
-                .question_answer(&prepared, &[], &request.question, request.verbatim, parameters)
-                .await?
-            {
-                (Answer::Cached(response), _) => {
-                    return Ok(ask(response, cached_metadata(&prepared, start)));
-                }
-                (Answer::Streaming(stream, pooled), key) => (stream, pooled, key),
+                .question_answer(image, regions, &[], &request.question, request.verbatim, request.parameters)
+                .await?;
+            let (mut stream, pooled) = match answer {
+                Answer::Cached(response) => return Ok(ask(response, cached_metadata(&prepared, start))),
+                Answer::Streaming(stream, pooled) => (stream, pooled),
             };
             while let Some(response) = stream.message().await.map_err(ServiceError::from)? {
                 if response.finished {
-                    if let Some(key) = key {
-                        self.0.cache.put_result(&key, stored_answer(&response)).await;
-                    }
-                    let timing = response.timing;
                     let metadata =
-                        metadata(&prepared, &pooled, timing.as_ref(), response.prefix_cache_hit, start);
+                        self.0.finish_answer(key.as_deref(), &response, &prepared, &pooled, start).await;
                     return Ok(ask(response, metadata));
                 }
             }
@@ -1000,25 +1002,12 @@ impl Osprey for OspreyService {
         let permit = self.0.admit().map_err(ServiceError::into_status)?;
         let start = Instant::now();
         let request = request.into_inner();
-        let parameters = request.parameters;
-        let work = async {
-            let prepared = self
-                .0
-                .prepare_question(
-                    request.image.as_ref(),
-                    &request.regions,
-                    &request.question,
-                    false,
-                    parameters.as_ref(),
-                )
-                .await?;
-            let answer = self
-                .0
-                .question_answer(&prepared, &request.history, &request.question, false, parameters)
-                .await?;
-            Ok::<_, ServiceError>((prepared, answer))
-        };
-        let (prepared, (answer, key)) = work.await.map_err(ServiceError::into_status)?;
+        let (image, regions) = (request.image.as_ref(), &request.regions);
+        let (prepared, answer, key) = self
+            .0
+            .question_answer(image, regions, &request.history, &request.question, false, request.parameters)
+            .await
+            .map_err(ServiceError::into_status)?;
         let (tx, rx) = mpsc::channel(64);
         let gateway = self.0.clone();
         tokio::spawn(
@@ -1039,24 +1028,17 @@ impl Osprey for OspreyService {
                         Answer::Streaming(stream, pooled) => (stream, pooled),
                     };
                     while let Some(response) = stream.message().await.map_err(ServiceError::from)? {
-                        if response.finished
-                            && let Some(key) = &key
-                        {
-                            gateway.cache.put_result(key, stored_answer(&response)).await;
-                        }
+                        let metadata = if response.finished {
+                            let key = key.as_deref();
+                            Some(gateway.finish_answer(key, &response, &prepared, &pooled, start).await)
+                        } else {
+                            None
+                        };
                         let chunk = v1::ChatChunk {
                             text: response.text,
                             finished: response.finished,
                             finish_reason: response.finish_reason,
-                            metadata: response.finished.then(|| {
-                                metadata(
-                                    &prepared,
-                                    &pooled,
-                                    response.timing.as_ref(),
-                                    response.prefix_cache_hit,
-                                    start,
-                                )
-                            }),
+                            metadata,
                         };
                         if tx.send(Ok(chunk)).await.is_err() {
                             break;

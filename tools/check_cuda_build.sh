@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Type-checks the three workers with `--features cuda` on a machine without a CUDA toolkit or GPU:
 # candle's cuda feature runs nvcc at build time (cudarc's build script, candle-kernels' .cu files),
-# and PyPI's CUDA 13 wheels carry nvcc. Takes ~13 minutes on 2 cores (candle-kernels dominates).
+# and PyPI's CUDA 13 wheels carry nvcc. Takes 13-17 minutes on 2 cores (candle-kernels dominates).
 # Nothing is linked, so no CUDA libraries or driver are needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CPU reference timing of the official Osprey question loop with transformers (baseline for our benchmarks).
 
-The official scripts (docs/osprey-model.md sections 4.3, 4.5, 6) answer one question per `generate` call: every
+The official scripts (docs/MODEL.md, "Splicing" and "Generation and post-processing") answer one question per `generate` call: every
 call splices the projected image tokens and the region tokens into the prompt and runs a full forward over the whole
 prefix (no prefix/KV sharing between questions about the same image), then decodes.  This script times exactly that
 loop on a reduced LLaMA that fits a CPU, with random weights:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CPU reference timing of the ConvNeXt-L trunk with torch + timm (baseline for vision-worker/benches/vision.rs).
 
-The trunk Osprey runs (docs/osprey-model.md section 1.2): open_clip `convnext_large_d_320` builds its vision tower as
+The trunk Osprey runs (docs/MODEL.md#clip-convnext-l-trunk): open_clip `convnext_large_d_320` builds its vision tower as
 `timm.create_model('convnext_large')` (open_clip TimmModel.trunk), depths [3,3,27,3], dims [192,384,768,1536]; Osprey
 calls stem then stages[0..3] (res2..res5) and never the head.  This script times exactly that forward, f32, batch 1,
 random weights initialised like the Rust bench (layer-norm weights 1, biases 0, layer scale gamma 0.1, conv and linear

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Build parity fixtures for the Osprey LLM side: a tiny LLaMA (HF key layout) + the mlp2x_gelu projector.
 
-Spec: docs/osprey-model.md sections 3 (projector), 4.1 (LLaMA), 4.3 (splicing), 4.5 (greedy decoding) and 7
-(checkpoint formats).  Everything is computed in float32 on the CPU with one thread, eager attention and fixed
-seeds, so two runs give byte-identical files (check with sha256sum).
+Spec: docs/MODEL.md, sections "Projector", "LLaMA decoder", "Splicing", "Generation and post-processing" and
+"Checkpoints and weight names".  Everything is computed in float32 on the CPU with one thread, eager attention
+and fixed seeds, so two runs give byte-identical files (check with sha256sum).
 
 Setup (outside the repository; exact pins in tools/requirements-llm.txt):
     python3 -m venv /work/.venv-llm && /work/.venv-llm/bin/pip install -r tools/requirements-llm.txt
@@ -170,7 +170,7 @@ def config_json(kv_heads, dtype):
 # splice + reference computations
 # ------------------------------------------------------------------------------------------------------------------
 def splice(model, proj, input_ids, image_features, mask_tokens, pos_tokens, mask_id=MASK_ID, pos_id=POS_ID):
-    """docs/osprey-model.md section 4.3 (prepare_inputs_labels_for_multimodal, mm_use_im_start_end=False)."""
+    """docs/MODEL.md#splicing (prepare_inputs_labels_for_multimodal, mm_use_im_start_end=False)."""
     embed = model.get_input_embeddings()
     ids = torch.tensor(input_ids, dtype=torch.long)
     (where,) = (ids == IMAGE_TOKEN_INDEX).nonzero(as_tuple=True)

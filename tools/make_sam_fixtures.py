@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build reference fixtures for the Osprey SAM worker (segment-anything's SamPredictor).
 
-Spec: docs/osprey-model.md section 5 and the SAM notes in docs/toolchain.md.  Everything runs in float32 on
+Spec: docs/MODEL.md#sam (segment-anything's predictor, encoder, prompt encoder and decoder).  Everything runs in float32 on
 the CPU with one thread and a fixed seed, so two runs give the same tensors.
 
 Setup (outside the repository; the vision venv already has torch, add segment-anything to it or make a new one):

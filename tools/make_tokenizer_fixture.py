@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Rebuild the LLaMA-2 / Vicuna v1.5 SentencePiece tokenizer and write tokenizer parity fixtures.
 
-Spec: docs/osprey-model.md section 4.2 (tokens, `tokenizer_image_token`) and 4.4 (prompts).
+Spec: docs/MODEL.md#tokenizer (tokens, `tokenizer_image_token`) and docs/MODEL.md#prompt-template-and-tasks (prompts).
 
 Why: the Osprey checkpoints ship only a SentencePiece `tokenizer.model` (no `tokenizer.json`), and no package ships
 that file.  llama.cpp, however, vendors the LLaMA-2 vocabulary (32000 pieces with scores and token types) as

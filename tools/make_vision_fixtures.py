@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build reference fixtures for the Osprey vision side (ConvNeXt trunk, projector, mask extractor).
 
-Spec: docs/osprey-model.md sections 1, 2, 3 and 9.  Everything is computed in float32 on the CPU with one
+Spec: docs/MODEL.md, sections "Image preprocessing" to "Projector" and "Numerics and parity".  Everything is computed in float32 on the CPU with one
 thread and fixed seeds, so two runs give the same tensors.
 
 Setup (outside the repository):
@@ -88,7 +88,7 @@ def vision_cfg(model_name, image_size):
     )
 
 
-# ---- Osprey modules, written from the spec (osprey-model.md sections 2 and 3) ------------------------
+# ---- Osprey modules, written from the spec (docs/MODEL.md: mask extractor, projector) ------------------------
 class PosMLP(nn.Module):
     """3-layer MLP with ReLU between layers; keys layers.{0,1,2}.{weight,bias}."""
 
@@ -172,7 +172,7 @@ def ln_channels(x, w, b, eps=1e-6):
 
 
 def functional_trunk(sd, pixel, depths):
-    """Plain-ops version of osprey-model.md section 1.2, keys relative to visual.trunk."""
+    """Plain-ops version of docs/MODEL.md#clip-convnext-l-trunk, keys relative to visual.trunk."""
     x = F.conv2d(pixel, sd["stem.0.weight"], sd["stem.0.bias"], stride=4)
     x = ln_channels(x, sd["stem.1.weight"], sd["stem.1.bias"])
     outs = []
@@ -241,7 +241,7 @@ def normalize_key(k):
     return re.sub(r"blocks\.\d+\.", "blocks.N.", re.sub(r"stages\.\d+\.", "stages.S.", k))
 
 
-# ---- preprocessing (osprey-model.md 1.3 with S=IMAGE_SIZE) ----------------------------------------------
+# ---- preprocessing (docs/MODEL.md#image-preprocessing with S=IMAGE_SIZE) ----------------------------------------------
 def preprocess(img):
     """Returns (pixel_values [1,3,S,S] f32, resized_u8 [h,w,3], info)."""
     S = IMAGE_SIZE

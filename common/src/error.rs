@@ -1,6 +1,6 @@
 //! The one error type every service answers with, and its single mapping onto gRPC status codes
-//! (architecture.md §6). Each crate keeps its own `thiserror` enum and converts into this at the
-//! gRPC edge.
+//! (docs/ARCHITECTURE.md#error-model). Each crate keeps its own `thiserror` enum and converts into
+//! this at the gRPC edge.
 
 use tonic::{Code, Status};
 

@@ -1,4 +1,5 @@
-//! The generation engine: the synchronous core that owns the model (style rule 4).
+//! The generation engine: the synchronous core that owns the model, on its own thread, so that
+//! nothing async ever waits on a forward pass.
 //!
 //! A [`GenerateRequest`] is one image and several questions about it (one per region, or several
 //! turns of a chat). The engine

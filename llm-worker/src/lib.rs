@@ -1,6 +1,6 @@
-//! Osprey language stage (docs/osprey-model.md §3–§4): tokenizer, prompt template, the
-//! `mm_projector` + LLaMA decoder with image and region tokens spliced in, and a generation
-//! engine with prefix caching and continuous batching.
+//! Osprey language stage (docs/MODEL.md, sections "Projector" to "Generation and
+//! post-processing"): tokenizer, prompt template, the `mm_projector` + LLaMA decoder with image and
+//! region tokens spliced in, and a generation engine with prefix caching and continuous batching.
 //!
 //! - [`tokenizer`]: the fast LLaMA tokenizer rebuilt from `tokenizer.model`, `tokenizer_image_token`.
 //! - [`prompt`]: the `osprey_v1` template, task prompts, region validation, post-processing.

@@ -1,5 +1,5 @@
 //! Osprey prompts: the `osprey_v1` conversation template, the task questions, region-count
-//! validation and the reference post-processing (docs/osprey-model.md §4.3–§4.5).
+//! validation and the reference post-processing (docs/MODEL.md#prompt-template-and-tasks).
 //!
 //! Upstream (CircleRadon/Osprey): `osprey/conversation.py` (`conv_osprey_v1`, `SeparatorStyle.TWO`),
 //! `demo/osprey_inference.py` (short/detailed questions and the demo post-processing),

@@ -25,8 +25,9 @@ impl SamplingParams {
         Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, max_new_tokens, stop_at_eos: true }
     }
 
-    /// The official scripts' settings (docs/osprey-model.md §4.5): T = 0.2, 1024 new tokens,
-    /// top-p 0.6 from Vicuna's `generation_config.json` [unverified there] and the HF top-k 50.
+    /// The official scripts' settings (docs/MODEL.md#generation-and-post-processing): T = 0.2,
+    /// 1024 new tokens, top-p 0.6 from Vicuna's `generation_config.json` [unverified there] and
+    /// the HF top-k 50.
     pub fn osprey_default(seed: u64) -> Self {
         Self { temperature: 0.2, top_p: 0.6, top_k: 50, seed, max_new_tokens: 1024, stop_at_eos: true }
     }

@@ -1,4 +1,4 @@
-//! The LLaMA-2 / Vicuna v1.5 tokenizer exactly as Osprey runs it (docs/osprey-model.md §4.2).
+//! The LLaMA-2 / Vicuna v1.5 tokenizer exactly as Osprey runs it (docs/MODEL.md#tokenizer).
 //!
 //! Osprey loads `AutoTokenizer(use_fast=True)` with transformers 4.31, which converts the
 //! SentencePiece `tokenizer.model` with `LlamaConverter` into a `tokenizers` pipeline, then calls

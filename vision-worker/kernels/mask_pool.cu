@@ -1,4 +1,4 @@
-// Mask pooling for Osprey's mask extractor (docs/osprey-model.md §2.1).
+// Mask pooling for Osprey's mask extractor (docs/MODEL.md#mask-pooling).
 //
 // CPU twin and reference: vision-worker/src/pooling.rs. Compiled at run time with NVRTC
 // (`--fmad=false`, so that `a * b + c` is not fused and the float arithmetic follows the CPU's),

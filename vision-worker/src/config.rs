@@ -3,8 +3,8 @@
 //! Real checkpoints (`sunshine-lwt/Osprey-7b`, …) describe only the LLM and the projector; the
 //! vision tower (OpenCLIP `convnext_large_d_320` at 512 px) and the mask extractor
 //! (`MaskExtractor(mask_shape=112, embed_dim=1024)`) are hard-coded upstream
-//! (docs/osprey-model.md §1–§3). The optional fields below exist so that tests can run reduced
-//! models; a real config has none of them and gets the upstream values.
+//! (docs/MODEL.md#checkpoints-and-weight-names). The optional fields below exist so that tests can
+//! run reduced models; a real config has none of them and gets the upstream values.
 
 use std::path::Path;
 

@@ -1,5 +1,6 @@
 //! Osprey vision stage: CLIP ConvNeXt-L features of an image and the mask extractor's `<mask>` and
-//! `<pos>` tokens for regions of it (docs/osprey-model.md §1–§3).
+//! `<pos>` tokens for regions of it (docs/MODEL.md, sections "CLIP ConvNeXt-L trunk" and "Mask
+//! extractor").
 //!
 //! - [`models`]: the trunk ([`models::clip_convnext`]), the extractor
 //!   ([`models::mask_extractor`]) and [`models::VisionModel`], which loads both from a checkpoint

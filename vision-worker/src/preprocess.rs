@@ -1,4 +1,4 @@
-//! Image preprocessing of Osprey's inference scripts (docs/osprey-model.md §1.3).
+//! Image preprocessing of Osprey's inference scripts (docs/MODEL.md#image-preprocessing).
 //!
 //! `CLIPImageProcessor(size={"shortest_edge": S}, resample=BICUBIC, do_center_crop=False)` then
 //! `F.interpolate(size=(S, S), mode="bilinear", align_corners=False)`:

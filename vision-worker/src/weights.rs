@@ -1,4 +1,4 @@
-//! The Osprey vision side's view of a checkpoint (docs/osprey-model.md §1.5, §7).
+//! The Osprey vision side's view of a checkpoint (docs/MODEL.md#checkpoints-and-weight-names).
 //!
 //! Reading weight files is the shared [`osprey_checkpoint`] crate (re-exported here);
 //! [`OspreyVisionResolver`] is the mapping of the vision side: the trunk comes from the Osprey
@@ -15,8 +15,8 @@ pub const OSPREY_TRUNK_PREFIX: &str = "model.vision_tower.vision_tower.visual.tr
 /// Prefix of the same trunk inside the Open-CLIP file (`open_clip_pytorch_model.bin`).
 pub const OPEN_CLIP_TRUNK_PREFIX: &str = "visual.trunk.";
 
-/// Resolves Osprey checkpoint names (as listed in docs/osprey-model.md §1.5, §2, §3) for the
-/// vision side.
+/// Resolves Osprey checkpoint names (as listed in docs/MODEL.md#clip-convnext-l-trunk and
+/// docs/MODEL.md#mask-extractor) for the vision side.
 ///
 /// Trunk tensors (`model.vision_tower.vision_tower.visual.trunk.*`) come from the Osprey
 /// checkpoint when it holds any trunk tensor, otherwise from the Open-CLIP file named by

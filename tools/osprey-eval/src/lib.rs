@@ -1,4 +1,4 @@
-//! Osprey's evaluation protocols (`osprey/eval/` upstream, docs/osprey-model.md §6) run through the
+//! Osprey's evaluation protocols (`osprey/eval/` upstream, docs/EVAL.md) run through the
 //! public gateway API, and the metrics the paper reports.
 
 pub mod answers;

@@ -39,7 +39,7 @@ pub enum Protocol {
 
 /// The user messages the reference scripts send, verbatim (`AskRequest.verbatim`): the scripts
 /// write `"<image>.\nThis provides..."` and LLaVA's `preprocess_multimodal` moves `<image>` to the
-/// front, leaving `"<image>\n.\n"` (osprey-model.md §4, §6).
+/// front, leaving `"<image>\n.\n"` (docs/MODEL.md#evaluation-prompts).
 pub const OPENSEG_QUESTION: &str =
     "<image>\n.\nThis provides an overview of the picture.\nWhat is in <mask><pos>? Using a short phrase.";
 pub const REFCOCOG_QUESTION: &str = "<image>\n.\nThis provides an overview of the picture.\nPlease give me a short description of <mask><pos>.";

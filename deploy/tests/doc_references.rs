@@ -19,7 +19,7 @@ fn is_checked(path: &Path) -> bool {
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default();
     matches!(extension, "rs" | "md" | "sh" | "py" | "toml" | "yaml" | "yml" | "cu" | "proto" | "txt")
         || name.starts_with("Dockerfile")
-        || path.parent().is_some_and(|p| p.ends_with(".ci"))
+        || path.parent().and_then(Path::file_name).is_some_and(|dir| dir == ".ci")
 }
 
 /// Every file of the repository: everything under the root except build output and hidden

@@ -1,21 +1,22 @@
-"""Renders the Kubernetes overlays in deploy/kubernetes, validates them against the Kubernetes
-schemas and lists what deploy/ asks of the binaries (flags, environment, ports, probes, metrics).
+"""Renders the Kubernetes overlays in deploy/kubernetes with `kubectl kustomize`, validates them
+against the Kubernetes schemas and lists what deploy/ asks of the binaries (flags, environment,
+ports, probes, metrics).
 
-kustomize is not needed: the overlays use only `resources`, `images` (newName/newTag) and
-`patches` with a `target` and a JSON 6902 patch file, which this script applies the way kustomize
-does; any other kustomization key is an error, so real kustomize renders the same objects.
-
-  python tools/deploy_manifests.py render cuda        # YAML stream on stdout
+  python tools/deploy_manifests.py render cuda        # YAML stream on stdout (kubectl's output)
   python tools/deploy_manifests.py validate           # every overlay, strict schemas
   python tools/deploy_manifests.py references         # JSON for the cross-check test
 
-Needs PyYAML and kubernetes-validate (tools/requirements-ci.txt).
+Needs `kubectl` on PATH (its built-in kustomize renders the overlays; the environment variable
+KUBECTL names another binary), PyYAML and kubernetes-validate (tools/requirements-ci.txt).
 """
 
 import copy
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,75 +27,27 @@ DEPLOY = ROOT / "deploy"
 KUBE = DEPLOY / "kubernetes"
 OVERLAYS = ["cpu", "cuda"]
 KUBERNETES_VERSION = "1.33.0"
-SUPPORTED_KEYS = {"apiVersion", "kind", "resources", "images", "patches"}
 BINARIES = {"gateway", "vision-worker", "llm-worker", "sam-worker"}
 
 
-def load_kustomization(directory):
-    """The objects a kustomization directory renders to, in order."""
-    spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unknown = set(spec) - SUPPORTED_KEYS
-    if unknown:
-        raise SystemExit(f"{directory}: unsupported kustomization keys {sorted(unknown)}")
-    objects = []
-    for resource in spec.get("resources", []):
-        path = (directory / resource).resolve()
-        if path.is_dir():
-            objects.extend(load_kustomization(path))
-        else:
-            objects.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
-    for patch in spec.get("patches", []):
-        target = patch["target"]
-        operations = yaml.safe_load((directory / patch["path"]).read_text())
-        matched = [o for o in objects if matches(o, target)]
-        if len(matched) != 1:
-            raise SystemExit(f"{directory}: patch {patch['path']} matches {len(matched)} objects")
-        index = objects.index(matched[0])
-        objects[index] = apply_json_patch(matched[0], operations, patch["path"])
-    for image in spec.get("images", []):
-        for obj in objects:
-            for container in containers(obj):
-                name, _, _tag = container["image"].partition(":")
-                if name == image["name"]:
-                    new_name = image.get("newName", name)
-                    container["image"] = f"{new_name}:{image['newTag']}" if "newTag" in image else new_name
-    return objects
+def kubectl():
+    """The kubectl binary, or a clear exit when there is none."""
+    name = os.environ.get("KUBECTL", "kubectl")
+    path = shutil.which(name)
+    if path is None:
+        raise SystemExit(
+            f"`{name}` not found on PATH: the overlays are rendered with `kubectl kustomize` "
+            "(install kubectl, e.g. https://kubernetes.io/docs/tasks/tools/, or set KUBECTL)"
+        )
+    return path
 
 
-def matches(obj, target):
-    group, _, version = obj["apiVersion"].rpartition("/")
-    return (
-        obj["kind"] == target.get("kind", obj["kind"])
-        and obj["metadata"]["name"] == target.get("name", obj["metadata"]["name"])
-        and group == target.get("group", group)
-        and version == target.get("version", version)
-    )
-
-
-def apply_json_patch(obj, operations, where):
-    """RFC 6902 add/replace/remove/test, as kustomize applies them."""
-    obj = copy.deepcopy(obj)
-    for op in operations:
-        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
-        parent = obj
-        for part in parts[:-1]:
-            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-        last = parts[-1]
-        key = (len(parent) if last == "-" else int(last)) if isinstance(parent, list) else last
-        if op["op"] == "test":
-            if parent[key] != op["value"]:
-                raise SystemExit(f"{where}: test failed at {op['path']}: {parent[key]!r} != {op['value']!r}")
-        elif op["op"] == "add" and isinstance(parent, list):
-            parent.insert(key, op["value"])
-        elif op["op"] in ("add", "replace"):
-            if op["op"] == "replace" and (key not in parent if isinstance(parent, dict) else key >= len(parent)):
-                raise SystemExit(f"{where}: replace of missing {op['path']}")
-            parent[key] = op["value"]
-        elif op["op"] == "remove":
-            del parent[key]
-        else:
-            raise SystemExit(f"{where}: unsupported op {op['op']}")
-    return obj
+def kustomize(directory):
+    """The objects `kubectl kustomize <directory>` renders, in its order."""
+    out = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"kubectl kustomize {directory} failed:\n{out.stderr}")
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
 def containers(obj):
@@ -103,7 +56,7 @@ def containers(obj):
 
 
 def render(overlay):
-    return load_kustomization(KUBE / "overlays" / overlay)
+    return kustomize(KUBE / "overlays" / overlay)
 
 
 def validate():
@@ -201,9 +154,8 @@ def kubernetes_references():
 
 
 def adapter_rules():
-    base = load_kustomization(KUBE / "base")
     rules = []
-    for obj in base:
+    for obj in render(OVERLAYS[0]):
         if obj["kind"] == "ConfigMap" and "config.yaml" in obj.get("data", {}):
             for rule in yaml.safe_load(obj["data"]["config.yaml"])["rules"]:
                 series = re.match(r"\s*([a-zA-Z_:][a-zA-Z0-9_:]*)", rule["seriesQuery"]).group(1)

@@ -1,10 +1,32 @@
 #!/usr/bin/env bash
-# What `cargo test --workspace` needs besides redis-server, fetched once into git-ignored places:
-# the Python environment .venv-ci/ (NVRTC for the kernel check, grpcio for the Python client test,
-# kubernetes-validate for the manifests) and the small real weights some tests run
-# (MobileSAM, 40 MB; all-MiniLM-L6-v2, 90 MB; both hash-checked, into .cache/weights/).
+# Everything `cargo test --workspace` needs, checked or installed once (tools/test.sh runs this
+# first; running it again is quick and changes nothing):
+# - system programs: redis-server (the end-to-end and cache tests start their own) and Python's
+#   venv module, installed with apt-get when missing; kubectl (its built-in kustomize renders the
+#   deploy overlays), which must be on the machine already;
+# - the Python environment .venv-ci/ (NVRTC for the kernel check, grpcio for the Python client
+#   test, kubernetes-validate for the manifests);
+# - the small real weights some tests run (MobileSAM, 40 MB; all-MiniLM-L6-v2, 90 MB; both
+#   hash-checked, into .cache/weights/).
+# protoc needs nothing: the proto crate builds with a vendored copy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]} with apt-get"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! kubectl version --client >/dev/null 2>&1; then
+  echo "setup: kubectl is missing; the deploy tests render deploy/kubernetes with" \
+    "\`kubectl kustomize\` and will fail without it (https://kubernetes.io/docs/tasks/tools/)" >&2
+fi
 
 [ -x .venv-ci/bin/python ] || python3 -m venv .venv-ci
 .venv-ci/bin/pip install -q --disable-pip-version-check -r tools/requirements-ci.txt

@@ -272,7 +272,8 @@ pub enum PromptError {
     UnansweredTurn,
 }
 
-/// Which reference post-processing to apply to a decoded answer (§4.5).
+/// Which reference post-processing to apply to a decoded answer
+/// (docs/MODEL.md#prompt-template-and-tasks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PostProcess {
     /// Strip, drop a trailing `</s>`, strip.

@@ -441,6 +441,50 @@ def bomb_png() -> bytes:
             + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b""))
 
 
+def check_pil_cmyk_to_rgb() -> None:
+    """The CMYK -> RGB formula common/src/image.rs implements, checked on every (ink, k) pair."""
+    ink, k = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    arr = np.stack([ink, ink, ink, k], -1).astype(np.uint8)
+    got = np.asarray(Image.fromarray(arr, "CMYK").convert("RGB")).astype(np.int64)
+    not_k = 255 - k
+    product = ink * not_k + 128
+    want = not_k - (((product >> 8) + product) >> 8)
+    for channel in range(3):
+        assert np.array_equal(got[..., channel], want), "PIL's CMYK -> RGB formula changed"
+
+
+def cmyk_with_black(src: Image.Image) -> np.ndarray:
+    """CMYK with a real black channel (grey component replacement), so K is not all zero."""
+    ink = 255 - np.asarray(src, dtype=np.int64)
+    k = ink.min(axis=2, keepdims=True)
+    cmy = ink - k
+    return np.concatenate([cmy, k], axis=2).astype(np.uint8)
+
+
+def ycck_jpeg(cmyk: np.ndarray) -> bytes:
+    """A YCCK JPEG whose decode (libjpeg YCCK -> CMYK, then PIL's inverted read) is `cmyk`.
+
+    Pillow cannot write YCCK, so the YCbCr transform (JPEG/JFIF, as libjpeg's) is applied here,
+    the samples are written as a CMYK JPEG and the Adobe marker's transform byte becomes 2.
+    """
+    c, m, y = (cmyk[..., i].astype(np.float64) for i in range(3))
+    luma = 0.299 * c + 0.587 * m + 0.114 * y
+    cb = -0.168735892 * c - 0.331264108 * m + 0.5 * y + 128
+    cr = 0.5 * c - 0.418687589 * m - 0.081312411 * y + 128
+    ycc = np.clip(np.rint(np.stack([luma, cb, cr], -1)), 0, 255).astype(np.uint8)
+    # PIL stores CMYK inverted and libjpeg outputs K as stored: store 255 - ink for K too.
+    stored = np.concatenate([ycc, 255 - cmyk[..., 3:]], axis=2)
+    buf = io.BytesIO()
+    Image.fromarray(255 - stored, "CMYK").save(buf, "JPEG", quality=90)
+    data = bytearray(buf.getvalue())
+    at = data.find(b"Adobe")
+    assert at > 4 and data[at - 4:at - 2] == b"\xff\xee", "no Adobe marker"
+    transform = at + 11  # after "Adobe", version, flags0, flags1
+    assert data[transform] == 0, data[at:transform + 1]
+    data[transform] = 2
+    return bytes(data)
+
+
 def variant_source() -> Image.Image:
     with Image.open(SKIMAGE_DATA / "chelsea.png") as im:
         # 160x120 crop around the cat's eye; asymmetric so every orientation differs
@@ -492,6 +536,15 @@ def write_variants(manifest: list[dict]) -> None:
          "webp", "PIL WebP lossless (VP8L); expected equals the source crop exactly")
     emit("chelsea_lossy_q80.webp", save(src, "WEBP", quality=80, method=4),
          "webp", "PIL WebP lossy (VP8) quality 80; expected = libwebp decode as done by PIL")
+
+    check_pil_cmyk_to_rgb()
+    cmyk = cmyk_with_black(src)
+    emit("chelsea_cmyk_q90.jpg", save(Image.fromarray(cmyk, "CMYK"), "JPEG", quality=90),
+         "jpeg", "PIL CMYK JPEG quality 90 (4 components, Adobe marker transform 0, samples stored "
+         "inverted); K = min(255-R, 255-G, 255-B); expected = PIL's CMYK;I read then convert('RGB')")
+    emit("chelsea_ycck_q90.jpg", ycck_jpeg(cmyk),
+         "jpeg", "YCCK JPEG quality 90: PIL CMYK JPEG of YCbCr-transformed samples whose Adobe "
+         "transform byte is then set to 2 (YCCK); libjpeg undoes YCCK, PIL reads CMYK;I")
 
     arr = np.asarray(src, dtype=np.uint16)
     low = case_rng("png16_low_bytes").integers(0, 256, arr.shape, dtype=np.uint16)

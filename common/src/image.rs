@@ -161,7 +161,10 @@ pub(crate) fn decode_dynamic(bytes: &[u8], limits: &ImageLimits) -> Result<Dynam
 /// PIL's defaults), so the pixels are PIL's bit for bit. A file that ends early is an error, as
 /// in PIL; libjpeg's other warnings are ignored, as in PIL.
 fn decode_jpeg_like_pil(bytes: &[u8], width: u32, height: u32) -> Result<DynamicImage, ImageError> {
-    use mozjpeg_sys::{J_MESSAGE_CODE, JWRN_JPEG_EOF, jpeg_common_struct, jpeg_error_mgr, jpeg_std_error};
+    use mozjpeg_sys::{
+        J_COLOR_SPACE as ColorSpace, J_MESSAGE_CODE, JWRN_JPEG_EOF, jpeg_common_struct, jpeg_error_mgr,
+        jpeg_std_error,
+    };
     use std::os::raw::c_int;
 
     // libjpeg reports errors through callbacks; they unwind back to `catch_unwind` below.
@@ -184,10 +187,20 @@ fn decode_jpeg_like_pil(bytes: &[u8], width: u32, height: u32) -> Result<Dynamic
         unsafe { jpeg_std_error(&mut errors) };
         errors.error_exit = Some(error_exit);
         errors.emit_message = Some(emit_message);
-        let mut started = mozjpeg::Decompress::with_err(errors).from_mem(bytes)?.rgb()?;
-        let pixels = started.read_scanlines::<u8>()?;
-        started.finish()?;
-        Ok(pixels)
+        let decompress = mozjpeg::Decompress::with_err(errors).from_mem(bytes)?;
+        let four_channel = matches!(decompress.color_space(), ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK);
+        if four_channel {
+            // libjpeg cannot convert CMYK to RGB; it gives CMYK (undoing YCCK itself), as to PIL.
+            let mut started = decompress.to_colorspace(ColorSpace::JCS_CMYK)?;
+            let cmyk = started.read_scanlines::<u8>()?;
+            started.finish()?;
+            Ok(adobe_cmyk_to_rgb_like_pil(&cmyk))
+        } else {
+            let mut started = decompress.rgb()?;
+            let pixels = started.read_scanlines::<u8>()?;
+            started.finish()?;
+            Ok(pixels)
+        }
     });
     let pixels = match decoded {
         Ok(Ok(pixels)) => pixels,
@@ -201,6 +214,24 @@ fn decode_jpeg_like_pil(bytes: &[u8], width: u32, height: u32) -> Result<Dynamic
     image::RgbImage::from_raw(width, height, pixels)
         .map(DynamicImage::ImageRgb8)
         .ok_or_else(|| ImageError::Malformed("JPEG data does not match its header's size".into()))
+}
+
+/// CMYK samples from a 4-channel JPEG to RGB as PIL does it. PIL reads every CMYK JPEG with
+/// Adobe's polarity (stored samples inverted, raw mode `CMYK;I`, whatever the file's markers say),
+/// then converts each channel as `(255 - k) - round((255 - k) * c / 255)` with its integer
+/// rounding of the product; `tools/make_codec_fixtures.py` checks the formula on every (c, k) pair.
+fn adobe_cmyk_to_rgb_like_pil(stored: &[u8]) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity(stored.len() / 4 * 3);
+    for pixel in stored.chunks_exact(4) {
+        let not_k = u32::from(pixel[3]);
+        for &stored_ink in &pixel[..3] {
+            let ink = 255 - u32::from(stored_ink);
+            let product = ink * not_k + 128;
+            let scaled = ((product >> 8) + product) >> 8;
+            rgb.push((not_k - scaled) as u8);
+        }
+    }
+    rgb
 }
 
 fn check_dimensions(width: u32, height: u32, limits: &ImageLimits) -> Result<(), ImageError> {

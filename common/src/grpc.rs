@@ -66,24 +66,52 @@ impl Health {
 }
 
 /// The routes every Osprey server starts from: health (NOT_SERVING until `set_serving`) and
-/// reflection (v1 and v1alpha) over all Osprey services. `services` are the fully qualified
-/// names whose health is reported, e.g. `osprey.worker.v1.Vision`.
+/// reflection (v1 and v1alpha). `services` are the fully qualified names of the services this
+/// server adds to the routes, e.g. `osprey.worker.v1.Vision`: their health is reported, and
+/// reflection lists exactly them plus health and both reflection services (the descriptor sets
+/// hold every Osprey service, but listing one a server does not serve invites UNIMPLEMENTED).
 pub async fn standard_routes(services: &[&str]) -> (Routes, Health) {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health { reporter, services: services.iter().map(|s| s.to_string()).collect() };
     health.set_not_serving().await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(osprey_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let names = listed_services(services);
+    let reflection_v1 = reflection_builder(&names)
         .build_v1()
         .expect("the embedded descriptor sets are valid. This is a bug.");
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(osprey_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection_builder(&names)
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid. This is a bug.");
     let routes = Routes::new(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
     (routes, health)
+}
+
+/// What reflection lists on a server serving `services` (with [`standard_routes`]), sorted.
+fn listed_services(services: &[&str]) -> Vec<String> {
+    let standard = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    let mut names: Vec<String> = services.iter().chain(&standard).map(|s| s.to_string()).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// One builder per reflection version, both given the same descriptors (each version's own
+/// reflection descriptor included by default only, which made v1 and v1alpha disagree) and the
+/// same service names.
+fn reflection_builder(names: &[String]) -> tonic_reflection::server::Builder<'static> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(osprey_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
+    for name in names {
+        builder = builder.with_service_name(name.clone());
+    }
+    builder
 }
 
 /// Accepted connections of `listener` with Nagle's algorithm off: tonic only sets TCP_NODELAY on

@@ -1,0 +1,509 @@
+//! The model: the `mlp2x_gelu` projector, then a LLaMA-2 decoder (embeddings, decoder layers of
+//! attention and MLP, final norm, LM head) run over batches of sequences with their own caches.
+//!
+//! - **Batches of sequences** at different positions run in one [`OspreyLlama::forward`]: the new
+//!   tokens of every sequence are stacked into one `[N, hidden]` matrix for all the linear layers
+//!   (where the weights' memory traffic is), and attention runs per sequence against its own keys
+//!   and values. A sequence may bring one token (decoding) or many (prefill) in the same step, so
+//!   new requests join a running batch between decode steps.
+//! - Logits for every new position ([`LogitsMode::All`], parity and scoring) or only the last one
+//!   ([`LogitsMode::Last`], decoding).
+//!
+//! Speed notes: attention is a loop over sequences (two small matmuls per cache block); that is
+//! fine on CPU and correct everywhere, but a fused paged-attention kernel is the GPU path.
+
+use candle_core::{D, DType, Device, Module, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+use super::config::Config;
+use super::kv_cache::{PrefixKv, SeqCache};
+use crate::error::LlmError;
+use crate::sampling::{FinishReason, Sampler, SamplingParams};
+
+/// `mlp2x_gelu`: Linear(mm_hidden, hidden), exact GELU, Linear(hidden, hidden).
+#[derive(Debug, Clone)]
+pub struct MmProjector {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl MmProjector {
+    /// `vb` at `model.mm_projector`.
+    pub fn load(
+        vb: VarBuilder,
+        mm_hidden_size: Option<usize>,
+        hidden_size: usize,
+    ) -> candle_core::Result<Self> {
+        let vb0 = vb.pp("0");
+        let w0 = match mm_hidden_size {
+            Some(m) => vb0.get((hidden_size, m), "weight")?,
+            None => {
+                let w = vb0.get_unchecked("weight")?;
+                let (out, _) = w.dims2()?;
+                if out != hidden_size {
+                    candle_core::bail!(
+                        "model.mm_projector.0.weight is {:?}, expected [{hidden_size}, _]",
+                        w.dims()
+                    );
+                }
+                w
+            }
+        };
+        let fc1 = Linear::new(w0, Some(vb0.get(hidden_size, "bias")?));
+        let fc2 = candle_nn::linear(hidden_size, hidden_size, vb.pp("2"))?;
+        Ok(Self { fc1, fc2 })
+    }
+
+    pub fn input_size(&self) -> usize {
+        self.fc1.weight().dim(1).expect("projector weight is 2-D. This is a bug.")
+    }
+}
+
+impl Module for MmProjector {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(xs)?.gelu_erf()?)
+    }
+}
+
+/// What every layer of one batched forward shares: the RoPE tables of the `N` stacked positions,
+/// each sequence's number of new positions, its cache and its causal mask (`None` for one token).
+struct Batch<'a> {
+    cos: Tensor,
+    sin: Tensor,
+    lens: Vec<usize>,
+    caches: Vec<&'a SeqCache>,
+    masks: Vec<Option<Tensor>>,
+}
+
+/// Self-attention with rotate-half RoPE and grouped key/value heads.
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(Self {
+            q_proj: candle_nn::linear_no_bias(h, heads * d, vb.pp("q_proj"))?,
+            k_proj: candle_nn::linear_no_bias(h, kv_heads * d, vb.pp("k_proj"))?,
+            v_proj: candle_nn::linear_no_bias(h, kv_heads * d, vb.pp("v_proj"))?,
+            o_proj: candle_nn::linear_no_bias(heads * d, h, vb.pp("o_proj"))?,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: d,
+        })
+    }
+
+    /// `x` `[N, hidden]` (the batch's new positions, stacked) to `[N, hidden]`; writes each
+    /// sequence's new keys and values into its cache tail for `layer`.
+    fn forward(&self, layer: usize, x: &Tensor, batch: &Batch) -> candle_core::Result<Tensor> {
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let n = x.dim(0)?;
+        let q = self.q_proj.forward(x)?.reshape((1, n, h, d))?;
+        let k = self.k_proj.forward(x)?.reshape((1, n, kvh, d))?;
+        let v = self.v_proj.forward(x)?.reshape((n, kvh, d))?;
+        let q = candle_nn::rotary_emb::rope_thd(&q, &batch.cos, &batch.sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope_thd(&k, &batch.cos, &batch.sin)?.squeeze(0)?;
+        let mut outs = Vec::with_capacity(batch.lens.len());
+        let mut off = 0;
+        for ((&t, cache), mask) in batch.lens.iter().zip(&batch.caches).zip(&batch.masks) {
+            let (qi, ki, vi) = (q.narrow(0, off, t)?, k.narrow(0, off, t)?, v.narrow(0, off, t)?);
+            outs.push(self.attend(layer, &qi, &ki, &vi, cache, mask.as_ref())?);
+            off += t;
+        }
+        self.o_proj.forward(&Tensor::cat(&outs, 0)?)
+    }
+
+    /// Attention of one sequence's T new positions: q `[T, H, D]`, k/v `[T, KVH, D]` (RoPE done).
+    /// Appends k/v to the cache tail (the tail length is advanced by the caller after all layers)
+    /// and returns `[T, H * D]`.
+    fn attend(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: &SeqCache,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (t, h, d) = q.dims3()?;
+        let kvh = self.num_kv_heads;
+        let rep = h / kvh;
+        let start = cache.tail_len;
+        let (tail_k, tail_v) = &cache.tail[layer];
+        tail_k.slice_set(&k.transpose(0, 1)?.contiguous()?, 1, start)?;
+        tail_v.slice_set(&v.transpose(0, 1)?.contiguous()?, 1, start)?;
+        let own = start + t;
+        // GQA without copying keys: query head `g * rep + r` uses kv head `g`, so the queries of
+        // one kv head are stacked as rows: [KVH, rep * T, D].
+        let q = q.transpose(0, 1)?.contiguous()?.reshape((kvh, rep * t, d))?;
+        let mut scores = Vec::with_capacity(cache.prefix.blocks.len() + 1);
+        let mut values = Vec::with_capacity(cache.prefix.blocks.len() + 1);
+        for block in &cache.prefix.blocks {
+            let (bk, bv) = &block.layers[layer];
+            scores.push(q.matmul(&bk.t()?)?);
+            values.push(bv.clone());
+        }
+        let (ok, ov) = (tail_k.narrow(1, 0, own)?, tail_v.narrow(1, 0, own)?);
+        let mut s = q.matmul(&ok.t()?)?;
+        if let Some(mask) = mask {
+            s = s.reshape((kvh, rep, t, own))?.broadcast_add(mask)?.reshape((kvh, rep * t, own))?;
+        }
+        scores.push(s);
+        values.push(ov);
+        let s = if scores.len() == 1 {
+            scores.pop().expect("one score block")
+        } else {
+            Tensor::cat(&scores, D::Minus1)?
+        };
+        let s = (s * (1.0 / (d as f64).sqrt()))?;
+        let dtype = s.dtype();
+        let p = candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+        let single = values.len() == 1;
+        let mut out: Option<Tensor> = None;
+        let mut off = 0;
+        for v in &values {
+            let len = v.dim(1)?;
+            let pv = if single { p.clone() } else { p.narrow(D::Minus1, off, len)?.contiguous()? };
+            let o = pv.matmul(v)?;
+            out = Some(match out {
+                None => o,
+                Some(acc) => (acc + o)?,
+            });
+            off += len;
+        }
+        let out = out.expect("at least the tail block. This is a bug.");
+        out.reshape((h, t, d))?.transpose(0, 1)?.reshape((t, h * d))
+    }
+}
+
+/// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: candle_nn::linear_no_bias(h, i, vb.pp("gate_proj"))?,
+            up_proj: candle_nn::linear_no_bias(h, i, vb.pp("up_proj"))?,
+            down_proj: candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(xs)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    }
+}
+
+/// One pre-norm decoder layer: `x + attn(norm(x))`, then `+ mlp(norm(.))`.
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            input_layernorm: candle_nn::rms_norm(h, eps, vb.pp("input_layernorm"))?,
+            post_attention_layernorm: candle_nn::rms_norm(h, eps, vb.pp("post_attention_layernorm"))?,
+        })
+    }
+
+    fn forward(&self, layer: usize, x: &Tensor, batch: &Batch) -> candle_core::Result<Tensor> {
+        let x = (x + self.self_attn.forward(layer, &self.input_layernorm.forward(x)?, batch)?)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        x + mlp
+    }
+}
+
+/// Which logits a forward returns for a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// None (prefix prefill).
+    Skip,
+    /// Every new position: `[T, vocab]`.
+    All,
+    /// The last new position: `[1, vocab]`.
+    Last,
+}
+
+/// One sequence's part of a batched forward: its cache and its new input embeddings `[T, hidden]`.
+#[derive(Debug)]
+pub struct SeqStep<'a> {
+    pub cache: &'a mut SeqCache,
+    pub embeds: Tensor,
+    pub logits: LogitsMode,
+}
+
+/// Result of [`OspreyLlama::generate`].
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    /// The logits each token was chosen from, `[tokens, vocab]` (when asked for).
+    pub logits: Option<Tensor>,
+    pub finish: FinishReason,
+}
+
+/// The Osprey LLM: projector, embeddings, decoder layers, final norm and LM head.
+#[derive(Debug, Clone)]
+pub struct OspreyLlama {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    mm_projector: MmProjector,
+    /// RoPE inverse frequencies, `1 / theta^(2i / head_dim)` in f32 like transformers.
+    inv_freq: Vec<f32>,
+    cfg: Config,
+    device: Device,
+    dtype: DType,
+}
+
+impl OspreyLlama {
+    /// Loads from Hugging Face names (`model.embed_tokens`, `model.layers.{i}.…`, `model.norm`,
+    /// `lm_head`, `model.mm_projector.{0,2}`), in `vb`'s dtype and device.
+    pub fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+        let m = vb.pp("model");
+        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(m.pp(format!("layers.{i}")), cfg))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        let mm_projector = MmProjector::load(m.pp("mm_projector"), cfg.mm_hidden_size, cfg.hidden_size)?;
+        let d = cfg.head_dim;
+        let theta = cfg.rope_theta as f32;
+        let inv_freq = (0..d / 2).map(|i| 1.0f32 / theta.powf((2 * i) as f32 / d as f32)).collect();
+        let mut cfg = cfg.clone();
+        cfg.mm_hidden_size = Some(mm_projector.input_size());
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            mm_projector,
+            inv_freq,
+            cfg,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// The configuration, with `mm_hidden_size` filled in from the weights.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Token embeddings `[n, hidden]` (ids must be in the vocabulary).
+    pub fn embed_ids(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        self.embed_tokens.forward(&Tensor::new(ids, &self.device)?)
+    }
+
+    /// `mm_projector(image_features)`: `[T, mm_hidden]` res4 tokens to `[T, hidden]`.
+    pub fn project_image(&self, image_features: &Tensor) -> Result<Tensor, LlmError> {
+        let m = self.mm_projector.input_size();
+        match image_features.dims() {
+            [_, c] if *c == m => {}
+            dims => {
+                return Err(LlmError::InvalidInput(format!("image_features must be [T, {m}], got {dims:?}")));
+            }
+        }
+        let x = image_features.to_device(&self.device)?.to_dtype(self.dtype)?;
+        Ok(self.mm_projector.forward(&x)?)
+    }
+
+    /// Runs new positions of several sequences together. Each step's embeddings `[T_i, hidden]`
+    /// continue its cache at positions `cache.len()..cache.len() + T_i`; the caches are extended.
+    /// Returns per step the logits asked for (`None` for [`LogitsMode::Skip`]).
+    pub fn forward(&self, steps: &mut [SeqStep<'_>]) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let cfg = &self.cfg;
+        let lens: Vec<usize> = steps.iter().map(|s| s.embeds.dim(0)).collect::<candle_core::Result<_>>()?;
+        for (s, &t) in steps.iter().zip(&lens) {
+            if t == 0 {
+                candle_core::bail!("a sequence step needs at least one new position");
+            }
+            if s.embeds.dims() != [t, cfg.hidden_size] {
+                candle_core::bail!(
+                    "step embeddings must be [T, {}], got {:?}",
+                    cfg.hidden_size,
+                    s.embeds.dims()
+                );
+            }
+        }
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n: usize = lens.iter().sum();
+        let mut positions = Vec::with_capacity(n);
+        let mut masks = Vec::with_capacity(steps.len());
+        let kv_shape = (cfg.num_key_value_heads, cfg.head_dim);
+        for (s, &t) in steps.iter_mut().zip(&lens) {
+            positions.extend(s.cache.len()..s.cache.len() + t);
+            s.cache.reserve(t, self.layers.len(), kv_shape, self.dtype, &self.device)?;
+            masks.push(if t > 1 { Some(self.causal_mask(s.cache.tail_len, t)?) } else { None });
+        }
+        let (cos, sin) = self.rope_tables(&positions)?;
+        let embeds: Vec<Tensor> =
+            steps.iter().map(|s| s.embeds.to_dtype(self.dtype)).collect::<candle_core::Result<_>>()?;
+        let mut x = Tensor::cat(&embeds, 0)?;
+        {
+            let caches = steps.iter().map(|s| &*s.cache).collect();
+            let batch = Batch { cos, sin, lens: lens.clone(), caches, masks };
+            for (li, layer) in self.layers.iter().enumerate() {
+                x = layer.forward(li, &x, &batch)?;
+            }
+        }
+        for (s, &t) in steps.iter_mut().zip(&lens) {
+            s.cache.tail_len += t;
+        }
+        // Only the rows whose logits are wanted go through the final norm and the LM head.
+        let mut rows: Vec<u32> = Vec::new();
+        let mut off = 0;
+        for (s, &t) in steps.iter().zip(&lens) {
+            match s.logits {
+                LogitsMode::Skip => {}
+                LogitsMode::All => rows.extend((off..off + t).map(|r| r as u32)),
+                LogitsMode::Last => rows.push((off + t - 1) as u32),
+            }
+            off += t;
+        }
+        let logits = if rows.is_empty() {
+            None
+        } else {
+            let sel = x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
+            Some(self.lm_head.forward(&self.norm.forward(&sel)?)?)
+        };
+        let mut out = Vec::with_capacity(steps.len());
+        let mut at = 0;
+        for (s, &t) in steps.iter().zip(&lens) {
+            let take = match s.logits {
+                LogitsMode::Skip => 0,
+                LogitsMode::All => t,
+                LogitsMode::Last => 1,
+            };
+            out.push(match &logits {
+                Some(l) if take > 0 => Some(l.narrow(0, at, take)?),
+                _ => None,
+            });
+            at += take;
+        }
+        Ok(out)
+    }
+
+    /// Computes `embeds` as a shareable prefix, continuing `parent` (empty for a fresh prompt).
+    pub fn prefill_prefix(&self, parent: PrefixKv, embeds: &Tensor) -> candle_core::Result<PrefixKv> {
+        let mut cache = SeqCache::new(parent);
+        self.forward(&mut [SeqStep { cache: &mut cache, embeds: embeds.clone(), logits: LogitsMode::Skip }])?;
+        cache.into_prefix()
+    }
+
+    /// Decodes one sequence: prefill `prompt_embeds` on `cache`, then pick tokens until EOS (when
+    /// asked) or `max_new_tokens`. Keeps each step's logits when `keep_logits`.
+    pub fn generate(
+        &self,
+        cache: &mut SeqCache,
+        prompt_embeds: &Tensor,
+        params: &SamplingParams,
+        keep_logits: bool,
+    ) -> candle_core::Result<Generation> {
+        let mut sampler = Sampler::new(params.clone());
+        let mut tokens = Vec::new();
+        let mut kept = Vec::new();
+        let mut embeds = prompt_embeds.clone();
+        let finish = loop {
+            let logits = self
+                .forward(&mut [SeqStep { cache: &mut *cache, embeds, logits: LogitsMode::Last }])?
+                .pop()
+                .flatten()
+                .expect("Last logits were asked for. This is a bug.")
+                .squeeze(0)?;
+            let token = sampler.sample(&logits.to_dtype(DType::F32)?.to_vec1()?);
+            if params.stop_at_eos && token == self.cfg.eos_token_id {
+                break FinishReason::Eos;
+            }
+            tokens.push(token);
+            if keep_logits {
+                kept.push(logits);
+            }
+            if tokens.len() >= params.max_new_tokens {
+                break FinishReason::Length;
+            }
+            embeds = self.embed_ids(&[token])?;
+        };
+        let logits = if keep_logits && !kept.is_empty() { Some(Tensor::stack(&kept, 0)?) } else { None };
+        Ok(Generation { tokens, logits, finish })
+    }
+
+    /// `[T, start + T]` additive mask for T new tail positions after `start` cached ones.
+    fn causal_mask(&self, start: usize, t: usize) -> candle_core::Result<Tensor> {
+        let cols = start + t;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|row| (0..cols).map(move |col| if col > start + row { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(mask, (t, cols), &self.device)?.to_dtype(self.dtype)
+    }
+
+    /// RoPE `cos`/`sin` `[N, head_dim / 2]` for arbitrary positions (f32 math, like transformers).
+    fn rope_tables(&self, positions: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let shape = (positions.len(), half);
+        Ok((
+            Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?,
+            Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    /// Logits of every position of a fresh prompt (`[L, vocab]`), e.g. for parity checks.
+    pub fn prompt_logits(&self, embeds: &Tensor) -> candle_core::Result<Tensor> {
+        let mut cache = SeqCache::new(PrefixKv::default());
+        let out = self.forward(&mut [SeqStep {
+            cache: &mut cache,
+            embeds: embeds.clone(),
+            logits: LogitsMode::All,
+        }])?;
+        Ok(out.into_iter().next().flatten().expect("All logits were asked for. This is a bug."))
+    }
+}

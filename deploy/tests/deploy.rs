@@ -1,5 +1,6 @@
-//! deploy/ against the binaries: the Kubernetes overlays render and validate against the
-//! Kubernetes schemas (tools/deploy_manifests.py, through the CI Python environment), and every
+//! deploy/ against the binaries: the Kubernetes overlays render with the real `kubectl kustomize`
+//! and validate against the Kubernetes schemas (tools/deploy_manifests.py, through the CI Python
+//! environment that tools/setup_test_env.sh makes), and every
 //! invocation in the Dockerfiles, the compose file and the manifests parses with the binary's own
 //! `serve` argument parser (flags and environment variables), agrees on ports (listen, probes,
 //! Services, worker addresses, metrics), and autoscales on metrics the code really emits.
@@ -22,11 +23,28 @@ fn python() -> PathBuf {
         .unwrap_or_else(|| root().join(".venv-ci/bin/python"))
 }
 
+/// The kubectl that renders the overlays (`KUBECTL`, else `kubectl` on PATH); a missing one fails
+/// the test with what to install, since the overlays cannot be checked without it.
+fn require_kubectl() {
+    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_string());
+    let version = Command::new(&kubectl).args(["version", "--client"]).output();
+    match version {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => panic!("`{kubectl} version --client` failed: {}", String::from_utf8_lossy(&out.stderr)),
+        Err(e) => panic!(
+            "`{kubectl}` not runnable ({e}): the Kubernetes overlays are rendered with \
+             `kubectl kustomize`; install kubectl (https://kubernetes.io/docs/tasks/tools/) or set \
+             KUBECTL to it"
+        ),
+    }
+}
+
 fn run_tool(command: &str) -> std::process::Output {
+    require_kubectl();
     let python = python();
     assert!(
         python.exists(),
-        "{} missing: run .ci/run's Python step (tools/requirements-ci.txt)",
+        "{} missing: run tools/setup_test_env.sh (tools/requirements-ci.txt)",
         python.display()
     );
     Command::new(&python)
@@ -172,17 +190,23 @@ fn crate_dir(binary: &str) -> PathBuf {
 /// Every Rust source file of the workspace's crates, concatenated (to check that an environment
 /// variable deploy/ sets is read somewhere).
 fn workspace_source() -> String {
+    ["common", "checkpoint", "gateway", "vision-worker", "llm-worker", "sam-worker"]
+        .into_iter()
+        .map(crate_source)
+        .collect()
+}
+
+/// The Rust sources under `crate_dir/src`, concatenated.
+fn crate_source(crate_dir: &str) -> String {
     let mut text = String::new();
-    for dir in ["common", "checkpoint", "gateway", "vision-worker", "llm-worker", "sam-worker"] {
-        let mut stack = vec![root().join(dir).join("src")];
-        while let Some(dir) = stack.pop() {
-            for entry in std::fs::read_dir(&dir).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    stack.push(path);
-                } else if path.extension().is_some_and(|e| e == "rs") {
-                    text.push_str(&std::fs::read_to_string(&path).unwrap());
-                }
+    let mut stack = vec![root().join(crate_dir).join("src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                text.push_str(&std::fs::read_to_string(&path).unwrap());
             }
         }
     }
@@ -242,10 +266,10 @@ fn deploy_matches_the_binaries() {
         if prometheus.is_none() {
             failures.push(format!("{at}: no --prometheus-port / PROMETHEUS_PORT, so no metrics to scale on"));
         }
-        if !std::fs::read_to_string(crate_dir(binary).join("src/service.rs"))
-            .unwrap()
-            .contains("standard_routes(")
-        {
+        // `standard_routes` registers grpc.health.v1 and reflection; the workers' shared
+        // `serve_worker` calls it for them.
+        let code = crate_source(binary);
+        if !code.contains("standard_routes(") && !code.contains("serve_worker(") {
             failures.push(format!("{at}: {binary} does not serve grpc.health.v1 (standard_routes)"));
         }
         // Kubernetes: container ports, probes, Service, scrape annotation, graceful termination.

@@ -1,6 +1,6 @@
 //! Every Markdown file that a comment, script or document names exists in the repository, and
 //! every `#section` anchor after it names a heading of that file: a reader who follows a module
-//! header's "see docs/ARCHITECTURE.md#cache-tiers" must land somewhere.
+//! header's "see docs/ARCHITECTURE.md#cache-tiers-and-keys" must land somewhere.
 //!
 //! A path resolves from the directory of the file that mentions it or from any directory above it
 //! up to the repository root (so `docs/MODEL.md` works from `gateway/src/cache.rs`, and a link
@@ -80,6 +80,31 @@ fn is_path_char(c: char) -> bool {
 struct Mention {
     path: String,
     anchor: Option<String>,
+    /// Headings named in quotes right after the file name (`, "Some heading"`).
+    sections: Vec<String>,
+}
+
+/// The quoted heading names after a mention: `, "A"`, `, section "A"` or `, sections "A" and "B"`,
+/// up to the closing parenthesis; a quote the line does not close is left out.
+fn quoted_sections(after: &str) -> Vec<String> {
+    let opening = ["", "section ", "sections "].iter().find_map(|s| after.strip_prefix(&format!(", {s}\"")));
+    let Some(rest) = opening else { return Vec::new() };
+    let mut sections = Vec::new();
+    let mut name = String::new();
+    let mut quoted = true;
+    for c in rest.chars() {
+        match (quoted, c) {
+            (true, '"') => {
+                sections.push(std::mem::take(&mut name));
+                quoted = false;
+            }
+            (true, c) => name.push(c),
+            (false, '"') => quoted = true,
+            (false, ')') => break,
+            (false, _) => {}
+        }
+    }
+    sections
 }
 
 /// Where the text after the last character matching `stop` starts (0 when none matches).
@@ -115,7 +140,8 @@ fn mentions(text: &str) -> Vec<Mention> {
         let anchor = after
             .strip_prefix('#')
             .map(|rest| rest.chars().take_while(|c| c.is_alphanumeric() || matches!(c, '-' | '_')).collect());
-        found.push(Mention { path: text[start..end].to_string(), anchor });
+        let sections = quoted_sections(after);
+        found.push(Mention { path: text[start..end].to_string(), anchor, sections });
     }
     found
 }
@@ -137,13 +163,18 @@ fn problem(mention: &Mention, dir: &Path, root: &Path, files: &[PathBuf]) -> Opt
     let Some(target) = target else {
         return Some(format!("`{}` is not a file in the repository", mention.path));
     };
-    let anchor = mention.anchor.as_ref()?;
     let headings = anchors(&std::fs::read_to_string(&target).unwrap());
-    if headings.contains(anchor) {
-        None
-    } else {
-        Some(format!("`{}#{anchor}`: no such heading (headings: {headings:?})", mention.path))
+    if let Some(anchor) = &mention.anchor
+        && !headings.contains(anchor)
+    {
+        return Some(format!("`{}#{anchor}`: no such heading (headings: {headings:?})", mention.path));
     }
+    let missing: Vec<&String> =
+        mention.sections.iter().filter(|s| !headings.contains(&anchor_of(s))).collect();
+    if !missing.is_empty() {
+        return Some(format!("`{}`: no section named {missing:?} (headings: {headings:?})", mention.path));
+    }
+    None
 }
 
 #[test]
@@ -185,7 +216,10 @@ fn the_scanner_finds_names_and_anchors_and_skips_web_addresses() {
     let missing = format!("see docs/{}.{} and {}.{}#x", "nowhere", "md", "gone", "md");
     let found = mentions(&missing);
     assert_eq!(found.len(), 2, "{found:?}");
-    assert_eq!(found[0], Mention { path: format!("docs/{}.{}", "nowhere", "md"), anchor: None });
+    assert_eq!(
+        found[0],
+        Mention { path: format!("docs/{}.{}", "nowhere", "md"), anchor: None, sections: vec![] }
+    );
     assert_eq!(found[1].anchor.as_deref(), Some("x"));
     let skipped = format!(
         "<https://example.org/a/{}.{}>, a {}.{}x file, \"$OUT/e2e.{}\"",
@@ -216,5 +250,13 @@ fn the_scanner_finds_names_and_anchors_and_skips_web_addresses() {
     assert!(problem(&bad_anchor[0], &root, &root, &files).unwrap().contains("no such heading"));
     let good_anchor = mentions(&format!("README.{}#the-api", "md"));
     assert_eq!(problem(&good_anchor[0], &root, &root, &files), None);
+    let named = mentions(&format!("(README.{}, sections \"The API\" and \"Layout\"): more", "md"));
+    assert_eq!(named[0].sections, ["The API", "Layout"]);
+    assert_eq!(problem(&named[0], &root, &root, &files), None);
+    let misnamed = mentions(&format!("(README.{}, \"No such part\") and \"text\"", "md"));
+    assert_eq!(misnamed[0].sections, ["No such part"], "quotes after the parenthesis are prose");
+    assert!(problem(&misnamed[0], &root, &root, &files).unwrap().contains("no section named"));
+    let unclosed = mentions(&format!("(README.{}, sections \"The API\" and \"Lay", "md"));
+    assert_eq!(unclosed[0].sections, ["The API"], "a name the line does not close is left out");
     assert_eq!(anchor_of(" Cache tiers and keys (Redis, `memory`)"), "cache-tiers-and-keys-redis-memory");
 }

@@ -2,17 +2,19 @@
 //!
 //! ```text
 //! cargo bench -p vision-worker --bench vision -- [--reference FILE.json] [--sizes 512,800,1024]
-//!     [--masks 1,16,128,1024] [--no-trunk] [--no-pool] [--no-blocks] [--budget-s 60]
+//!     [--masks 1,16,128,1024] [--no-trunk] [--no-pool] [--no-blocks] [--no-ops] [--budget-s 60]
 //! ```
 //!
 //! a) The full-size ConvNeXt-L trunk (`[3,3,27,3]` x `[192,384,768,1536]`, random weights) at each
 //!    size: seconds per image (median; a few iterations, capped by `--budget-s` per size). With
 //!    `--reference` (the JSON of `tools/bench_vision_reference.py`: torch + timm, same thread
-//!    count) the ratio candle / torch.
-//! b) One block of each stage split into its depthwise 7x7 conv and the rest (layer norm, MLP, layer
-//!    scale, residual), to show where the trunk's time goes (and against torch with `--reference`).
-//! c) Mask pooling of all four levels of a 512 image's features for N masks at 640x480 (u8): our
-//!    custom op `mask_pool` against `mask_pool_naive` (plain candle ops) and against the memory-traffic
+//!    count) the ratio candle / torch. Unless `--no-ops`, also the same trunk with candle ops only
+//!    (`ConvNeXt::forward_ops`: no CPU kernels, the formulation before them) at the first size.
+//! b) One block of each stage: the whole block, its fused depthwise 7x7 conv + LayerNorm kernel
+//!    alone, and the block as candle ops, to show where the trunk's time goes (against torch's
+//!    block and depthwise conv with `--reference`).
+//! c) Mask pooling of all four levels of a 512 image's features for N masks at 640x480 (u8):
+//!    `mask_pool_levels` against `mask_pool_naive` (plain candle ops) and against the memory-traffic
 //!    floor: the four feature maps and the masks read once, at the copy bandwidth measured here.
 //!
 //! Markdown goes to stdout, progress to stderr. Speed is reported, never asserted.
@@ -20,11 +22,12 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Module, Shape, Tensor};
-use candle_nn::{Init, LayerNorm, Linear, VarBuilder, var_builder::SimpleBackend};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
 use vision_worker::VisionConfig;
-use vision_worker::models::clip_convnext::ConvNeXt;
-use vision_worker::pooling::{mask_pool, mask_pool_naive};
+use vision_worker::models::clip_convnext::{Block, ConvNeXt};
+use vision_worker::models::kernels::Simd;
+use vision_worker::pooling::{mask_pool_levels, mask_pool_naive};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -40,6 +43,7 @@ struct Args {
     trunk: bool,
     blocks: bool,
     pool: bool,
+    ops: bool,
     budget_s: f64,
 }
 
@@ -55,6 +59,7 @@ fn parse_args() -> Res<Args> {
         trunk: true,
         blocks: true,
         pool: true,
+        ops: true,
         budget_s: 60.0,
     };
     let mut it = std::env::args().skip(1);
@@ -68,6 +73,7 @@ fn parse_args() -> Res<Args> {
             "--no-trunk" => a.trunk = false,
             "--no-blocks" => a.blocks = false,
             "--no-pool" => a.pool = false,
+            "--no-ops" => a.ops = false,
             // `cargo bench` passes --bench to harness = false binaries.
             "--bench" => {}
             other => return Err(format!("unknown argument {other}").into()),
@@ -202,32 +208,56 @@ fn bench_trunk(args: &Args, cfg: &VisionConfig, reference: Option<&Reference>) -
             Ok(())
         })?;
         eprintln!("trunk {size}: {times:.3?}");
-        rows.push((size, times));
+        let ops = if args.ops && i == 0 {
+            let ops = time_runs(1, 3, args.budget_s, || {
+                trunk.forward_ops(&x)?.levels[3].dims4()?;
+                Ok(())
+            })?;
+            eprintln!("trunk {size} (candle ops): {ops:.3?}");
+            Some(ops)
+        } else {
+            None
+        };
+        rows.push((size, times, ops));
     }
 
     println!("### (a) ConvNeXt-L trunk, random weights, f32, batch 1\n");
-    println!("Seconds per image (res2..res5, no head); median of the runs listed.\n");
+    println!(
+        "Seconds per image (res2..res5, no head); median of the runs listed. Kernels: {} (`OSPREY_SIMD` \
+         caps it). Candle ops = the same trunk without the CPU kernels (`ConvNeXt::forward_ops`, \
+         the formulation before them: 49 shifted multiply-adds, unfused LayerNorm, GELU, scale and \
+         residual), first size only.\n",
+        Simd::detect().name()
+    );
     match reference {
         Some(r) => {
             println!(
-                "| input | runs | candle median s | candle min s | {} median s | candle / torch |",
+                "| input | runs | candle median s | candle min s | candle ops median s (runs) | {} median s | candle / torch | candle ops / torch |",
                 r.label
             );
-            println!("|---|---|---|---|---|---|");
+            println!("|---|---|---|---|---|---|---|---|");
         }
         None => {
-            println!("| input | runs | candle median s | candle min s |");
-            println!("|---|---|---|---|");
+            println!("| input | runs | candle median s | candle min s | candle ops median s (runs) |");
+            println!("|---|---|---|---|---|");
         }
     }
-    for (size, times) in &rows {
+    for (size, times, ops) in &rows {
         let m = median(times);
         let min = times.iter().copied().fold(f64::INFINITY, f64::min);
-        let base = format!("| {size}x{size} | {} | {m:.2} | {min:.2} |", times.len());
+        let ops_m = ops.as_ref().map(|o| median(o));
+        let ops_cell = match (ops_m, ops) {
+            (Some(o), Some(runs)) => format!("{o:.2} ({})", runs.len()),
+            _ => "-".to_string(),
+        };
+        let base = format!("| {size}x{size} | {} | {m:.2} | {min:.2} | {ops_cell} |", times.len());
         match reference {
             Some(r) => match r.trunk.get(size) {
-                Some(t) => println!("{base} {t:.2} | {:.2}x |", m / t),
-                None => println!("{base} not measured | - |"),
+                Some(t) => {
+                    let ops_ratio = ops_m.map_or("-".to_string(), |o| format!("{:.2}x", o / t));
+                    println!("{base} {t:.2} | {:.2}x | {ops_ratio} |", m / t)
+                }
+                None => println!("{base} not measured | - | - |"),
             },
             None => println!("{base}"),
         }
@@ -242,139 +272,82 @@ fn bench_trunk(args: &Args, cfg: &VisionConfig, reference: Option<&Reference>) -
     Ok(())
 }
 
-/// The operations of one ConvNeXt block (as `clip_convnext::Block` runs them), on random weights.
-struct BlockOps {
-    taps: Vec<Tensor>,
-    dw_bias: Tensor,
-    norm: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    gamma: Tensor,
-}
-
-impl BlockOps {
-    fn new(c: usize, dev: &Device) -> Res<Self> {
-        let taps =
-            (0..49).map(|_| Tensor::randn(0_f32, 1.0 / 7.0, (1, c, 1, 1), dev)).collect::<Result<_, _>>()?;
-        let lin = |i: usize, o: usize| -> Res<Linear> {
-            Ok(Linear::new(
-                Tensor::randn(0_f32, (i as f32).powf(-0.5), (o, i), dev)?,
-                Some(Tensor::zeros(o, DType::F32, dev)?),
-            ))
-        };
-        Ok(Self {
-            taps,
-            dw_bias: Tensor::zeros((1, c, 1, 1), DType::F32, dev)?,
-            norm: LayerNorm::new(Tensor::ones(c, DType::F32, dev)?, Tensor::zeros(c, DType::F32, dev)?, 1e-6),
-            fc1: lin(c, 4 * c)?,
-            fc2: lin(4 * c, c)?,
-            gamma: Tensor::full(0.1_f32, c, dev)?,
-        })
-    }
-
-    /// The depthwise 7x7 conv as 49 shifted multiply-adds (what `DepthwiseConv` does).
-    fn dwconv(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        let padded = x.pad_with_zeros(2, 3, 3)?.pad_with_zeros(3, 3, 3)?;
-        let mut acc = self.dw_bias.clone();
-        for (t, tap) in self.taps.iter().enumerate() {
-            let window = padded.narrow(2, t / 7, h)?.narrow(3, t % 7, w)?;
-            acc = acc.broadcast_add(&window.broadcast_mul(tap)?)?;
-        }
-        Ok(acc)
-    }
-
-    /// Everything after the depthwise conv: to NHWC, LN, fc1, GELU, fc2, gamma, back, residual.
-    fn rest(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let y = y.permute((0, 2, 3, 1))?.contiguous()?.reshape((b * h * w, c))?;
-        let y = self.norm.forward(&y)?;
-        let y = self.fc1.forward(&y)?.gelu_erf()?;
-        let y = self.fc2.forward(&y)?.broadcast_mul(&self.gamma)?;
-        let y = y.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
-        x + y
-    }
-}
-
 fn bench_blocks(cfg: &VisionConfig, reference: Option<&Reference>) -> Res<()> {
     let dev = Device::Cpu;
     let mut rows = Vec::new();
     for stage in 0..4 {
         let c = cfg.dims[stage];
         let s = 512 / (4 << stage);
-        let ops = BlockOps::new(c, &dev)?;
-        let x = Tensor::randn(0_f32, 1.0, (1, c, s, s), &dev)?;
-        let y = ops.dwconv(&x)?;
-        ops.rest(&x, &y)?;
-        let dw = median(&time_runs(3, 5, 5.0, || {
-            ops.dwconv(&x)?;
-            Ok(())
-        })?);
-        let rest = median(&time_runs(3, 5, 5.0, || {
-            ops.rest(&x, &y)?;
-            Ok(())
-        })?);
-        eprintln!("block stage {stage}: dwconv {:.1} ms, rest {:.1} ms", dw * 1e3, rest * 1e3);
-        rows.push((stage, c, s, dw * 1e3, rest * 1e3));
+        let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, dev.clone());
+        let block = Block::load(vb, c)?;
+        // Channels-last, as the trunk runs its blocks.
+        let x = Tensor::randn(0_f32, 1.0, (1, s, s, c), &dev)?;
+        block.forward(&x)?;
+        block.forward_ops(&x)?;
+        let timed = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> Res<f64> {
+            Ok(median(&time_runs(3, 5, 5.0, || {
+                f()?;
+                Ok(())
+            })?) * 1e3)
+        };
+        let whole = timed(&|| block.forward(&x))?;
+        let dw = timed(&|| block.dwconv_norm(&x))?;
+        let ops = timed(&|| block.forward_ops(&x))?;
+        eprintln!("block stage {stage}: block {whole:.1} ms, dwconv+norm {dw:.1} ms, candle ops {ops:.1} ms");
+        rows.push((stage, c, s, whole, dw, ops));
     }
     println!("### (b) Where the trunk's time goes: one block per stage at 512\n");
     println!(
-        "Median ms of one block's depthwise 7x7 conv (candle: 49 shifted multiply-adds, as in \
-         `clip_convnext.rs`) and of the rest of the block (NHWC permute, LayerNorm, fc1, GELU, fc2, \
-         layer scale, residual); x depth = the stage's share of a forward.\n"
+        "Median ms of one block (channels-last: fused depthwise 7x7 conv + bias + LayerNorm kernel, \
+         fc1 matmul, in-place bias + exact GELU, fc2 matmul, in-place bias + layer scale + residual), \
+         of its depthwise-conv kernel alone (LayerNorm included), and of the same block as candle ops \
+         (49 shifted multiply-adds, the formulation before the kernels); x depth = the stage's share \
+         of a forward. torch: timm's block (NCHW depthwise conv, then permute, LayerNorm, MLP, \
+         scale, permute, residual) and its depthwise conv alone.\n"
     );
     let depths = cfg.depths;
     let with_ref = reference.is_some_and(|r| !r.blocks.is_empty());
     if with_ref {
         println!(
-            "| stage | C x H x W | depth | candle dwconv ms | torch dwconv ms | ratio | candle rest ms | torch rest ms | ratio | candle stage s (est.) | torch stage s (est.) |"
+            "| stage | C x H x W | depth | candle block ms | torch block ms | ratio | candle dwconv+LN ms | torch dwconv ms | ratio | candle ops block ms | ops / torch |"
         );
         println!("|---|---|---|---|---|---|---|---|---|---|---|");
     } else {
-        println!("| stage | C x H x W | depth | candle dwconv ms | candle rest ms | candle stage s (est.) |");
+        println!(
+            "| stage | C x H x W | depth | candle block ms | candle dwconv+LN ms | candle ops block ms |"
+        );
         println!("|---|---|---|---|---|---|");
     }
-    let (mut tot_dw, mut tot_rest, mut tot_tdw, mut tot_trest) = (0.0, 0.0, 0.0, 0.0);
-    for (stage, c, s, dw, rest) in rows {
+    let (mut tot, mut tot_ops, mut tot_torch) = (0.0, 0.0, 0.0);
+    for (stage, c, s, whole, dw, ops) in rows {
         let d = depths[stage] as f64;
-        tot_dw += d * dw;
-        tot_rest += d * rest;
-        let est = d * (dw + rest) / 1e3;
+        tot += d * whole;
+        tot_ops += d * ops;
         match reference.and_then(|r| r.blocks.get(&stage)) {
             Some(&(tdw, trest)) if with_ref => {
-                tot_tdw += d * tdw;
-                tot_trest += d * trest;
+                let torch = tdw + trest;
+                tot_torch += d * torch;
                 println!(
-                    "| {stage} | {c}x{s}x{s} | {} | {dw:.1} | {tdw:.1} | {:.1}x | {rest:.1} | {trest:.1} | {:.1}x | {est:.2} | {:.2} |",
+                    "| {stage} | {c}x{s}x{s} | {} | {whole:.1} | {torch:.1} | {:.2}x | {dw:.1} | {tdw:.1} | {:.2}x | {ops:.1} | {:.2}x |",
                     depths[stage],
+                    whole / torch,
                     dw / tdw,
-                    rest / trest,
-                    d * (tdw + trest) / 1e3
+                    ops / torch
                 );
             }
             _ if with_ref => println!(
-                "| {stage} | {c}x{s}x{s} | {} | {dw:.1} | - | - | {rest:.1} | - | - | {est:.2} | - |",
+                "| {stage} | {c}x{s}x{s} | {} | {whole:.1} | - | - | {dw:.1} | - | - | {ops:.1} | - |",
                 depths[stage]
             ),
-            _ => println!("| {stage} | {c}x{s}x{s} | {} | {dw:.1} | {rest:.1} | {est:.2} |", depths[stage]),
+            _ => println!("| {stage} | {c}x{s}x{s} | {} | {whole:.1} | {dw:.1} | {ops:.1} |", depths[stage]),
         }
     }
     println!();
-    println!(
-        "Sum over the 36 blocks (candle): depthwise convs {:.2} s, rest {:.2} s ({:.0}% in the depthwise convs).",
-        tot_dw / 1e3,
-        tot_rest / 1e3,
-        100.0 * tot_dw / (tot_dw + tot_rest)
-    );
+    print!("Sum over the 36 blocks: candle {:.2} s, candle ops {:.2} s", tot / 1e3, tot_ops / 1e3);
     if with_ref {
-        println!(
-            "Sum over the 36 blocks (torch): depthwise convs {:.2} s, rest {:.2} s ({:.0}% in the depthwise convs).",
-            tot_tdw / 1e3,
-            tot_trest / 1e3,
-            100.0 * tot_tdw / (tot_tdw + tot_trest)
-        );
+        print!(", torch {:.2} s (candle / torch {:.2}x)", tot_torch / 1e3, tot / tot_torch);
     }
-    println!();
+    println!(".\n");
     Ok(())
 }
 
@@ -462,16 +435,15 @@ fn bench_pool(args: &Args, cfg: &VisionConfig) -> Res<()> {
     let all_masks = Tensor::from_vec(data, (max_n, h, w), &dev)?;
     eprintln!("pool: {max_n} masks, {:.1}% of pixels on", 100.0 * fill);
 
-    let pool_all =
-        |masks: &Tensor, f: fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>| -> Res<Vec<Tensor>> {
-            Ok(levels.iter().map(|l| f(masks, l)).collect::<Result<_, _>>()?)
-        };
+    let pool_naive = |masks: &Tensor| -> Res<Vec<Tensor>> {
+        Ok(levels.iter().map(|l| mask_pool_naive(masks, l)).collect::<Result<_, _>>()?)
+    };
     let mut rows = Vec::new();
     for &n in &args.masks {
         let masks = all_masks.narrow(0, 0, n)?;
         // Same results (checked once per N; relative to the largest pooled value).
-        let fast = pool_all(&masks, mask_pool)?;
-        let naive = pool_all(&masks, mask_pool_naive)?;
+        let fast = mask_pool_levels(&masks, &levels)?;
+        let naive = pool_naive(&masks)?;
         let mut err = 0_f32;
         for (a, b) in fast.iter().zip(&naive) {
             let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
@@ -480,7 +452,7 @@ fn bench_pool(args: &Args, cfg: &VisionConfig) -> Res<()> {
         }
         let (min_fast, max_fast) = if n <= 16 { (10, 50) } else { (3, 10) };
         let fast_t = time_runs(min_fast, max_fast, 10.0, || {
-            pool_all(&masks, mask_pool)?;
+            mask_pool_levels(&masks, &levels)?;
             Ok(())
         })?;
         let (min_naive, max_naive) = if n >= 1024 {
@@ -491,7 +463,7 @@ fn bench_pool(args: &Args, cfg: &VisionConfig) -> Res<()> {
             (3, 10)
         };
         let naive_t = time_runs(min_naive, max_naive, 15.0, || {
-            pool_all(&masks, mask_pool_naive)?;
+            pool_naive(&masks)?;
             Ok(())
         })?;
         let bytes = feature_bytes + n * h * w;
@@ -512,15 +484,15 @@ fn bench_pool(args: &Args, cfg: &VisionConfig) -> Res<()> {
         "Features res2..res5 = {:.1} MB f32; masks: filled ellipses (radii log-uniform 8-256 px, {:.1}% of pixels on). \
          Memory-traffic floor = (feature bytes + N x 640 x 480 mask bytes) / copy bandwidth, the \
          bandwidth of a 512 MiB memcpy measured in this run: {:.1} GB/s on 1 thread, {:.1} GB/s on 2 \
-         threads ((bytes read + bytes written) / s; the larger is used). `mask_pool` runs on one \
-         thread; the naive version's matmuls use all threads.\n",
+         threads ((bytes read + bytes written) / s; the larger is used). `mask_pool_levels` (all four \
+         levels in one call, each mask read once) and the naive version's matmuls use all threads.\n",
         feature_bytes as f64 / 1e6,
         100.0 * fill,
         bw1 / 1e9,
         bw2 / 1e9
     );
     println!(
-        "| N masks | bytes read once | floor ms | `mask_pool` median ms (runs) | `mask_pool_naive` median ms (runs) | naive / custom | custom / floor | max rel. diff |"
+        "| N masks | bytes read once | floor ms | `mask_pool_levels` median ms (runs) | `mask_pool_naive` median ms (runs) | naive / custom | custom / floor | max rel. diff |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for (n, fast_t, naive_t, bytes, floor, err) in rows {

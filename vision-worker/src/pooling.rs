@@ -1,17 +1,27 @@
 //! Mask pooling of Osprey's mask extractor (`osprey/model/layer.py::MaskPooling`,
-//! docs/osprey-model.md §2.1), as candle custom ops with a plain-Rust CPU implementation (the
-//! reference) and a CUDA kernel (`kernels/mask_pool.cu`, built with NVRTC at run time, only with
+//! docs/MODEL.md#mask-pooling), as candle custom ops with a CPU implementation (threads,
+//! run-encoded masks, prefix sums) and a CUDA kernel (`kernels/mask_pool.cu`, built with NVRTC at run time, only with
 //! the `cuda` feature).
 //!
 //! - [`mask_pool`]: masks `[N, H, W]` at the image resolution and one feature level `[C, h, w]`
 //!   give `[N, C]`: each mask is resized to `(h, w)` (PyTorch bilinear, `align_corners=False`, no
 //!   antialias), binarised with `> 0`, and averaged over: `sum_p F[c, p] * m[p] / (sum m + 1e-8)`.
 //!   Masks are never resized to the tower's input size first: that would give other masks.
+//! - [`mask_pool_levels`]: the same for several feature levels in one call, reading each mask
+//!   once (the CPU path's cost is dominated by that read).
 //! - [`mask_resize`]: masks resized to `(out_h, out_w)` without binarising (the `<pos>` input).
+//!
+//! The CPU implementation and the CUDA kernel compute the same sums by different routes: the
+//! kernel resizes every mask cell and adds the features of active cells; the CPU run-encodes each
+//! mask and reads sums off column prefix sums (see "CPU implementation" below). Both binarise the
+//! same bilinear values, and their results agree to float rounding (tested by `cuda_matches_cpu`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
-use osprey_common::resize::{bilinear_tap, torch_bilinear, torch_linear_taps};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Result, Shape, Storage, Tensor, bail,
+};
+use osprey_common::resize::{LinearTap, bilinear_tap, torch_bilinear, torch_linear_taps};
+use rayon::prelude::*;
 
 /// Added to the mask area before dividing, as upstream does (an empty mask pools to 0).
 const AREA_EPS: f32 = 1e-8;
@@ -20,6 +30,48 @@ const AREA_EPS: f32 = 1e-8;
 /// `[C, h, w]` f32 on the same device give `[N, C]` f32.
 pub fn mask_pool(masks: &Tensor, features: &Tensor) -> Result<Tensor> {
     masks.contiguous()?.apply_op2_no_bwd(&features.contiguous()?, &MaskPool)
+}
+
+/// [`mask_pool`] of every level in `features` (`[C_l, h_l, w_l]` f32 each), one `[N, C_l]` per
+/// level. On the CPU each mask is read once for all levels; elsewhere this is one op per level.
+pub fn mask_pool_levels(masks: &Tensor, features: &[Tensor]) -> Result<Vec<Tensor>> {
+    if !matches!(masks.device(), Device::Cpu) {
+        return features.iter().map(|f| mask_pool(masks, f)).collect();
+    }
+    let masks = masks.contiguous()?;
+    let features: Vec<Tensor> = features.iter().map(|f| f.contiguous()).collect::<Result<_>>()?;
+    let (mask_storage, mask_layout) = masks.storage_and_layout();
+    let mut guards = Vec::with_capacity(features.len());
+    for f in &features {
+        guards.push(f.storage_and_layout());
+    }
+    let mut levels = Vec::with_capacity(features.len());
+    let mut dims = None;
+    for (storage, layout) in &guards {
+        let d = pool_dims(mask_layout, mask_storage.dtype(), layout, storage.dtype())?;
+        dims = Some([d[0], d[1], d[2]]);
+        let feats = match &**storage {
+            Storage::Cpu(CpuStorage::F32(f)) => contiguous(f, layout, "mask-pool features")?,
+            Storage::Cpu(_) => bail!("mask-pool: features must be f32"),
+            _ => bail!("mask-pool: features and masks must be on the same device"),
+        };
+        levels.push((feats, [d[3], d[4], d[5]]));
+    }
+    let Some(mask_dims) = dims else { return Ok(Vec::new()) };
+    let pooled = match &*mask_storage {
+        Storage::Cpu(CpuStorage::U8(m)) => {
+            pool_levels_cpu(contiguous(m, mask_layout, "mask-pool masks")?, mask_dims, &levels)
+        }
+        Storage::Cpu(CpuStorage::F32(m)) => {
+            pool_levels_cpu(contiguous(m, mask_layout, "mask-pool masks")?, mask_dims, &levels)
+        }
+        _ => bail!("mask-pool: masks must be u8 or f32"),
+    };
+    pooled
+        .into_iter()
+        .zip(&levels)
+        .map(|(p, (_, [c, _, _]))| Tensor::from_vec(p, (mask_dims[0], *c), &Device::Cpu))
+        .collect()
 }
 
 /// Masks `[N, H, W]` (u8 or f32) resized to `[N, out_h * out_w]` f32, not binarised.
@@ -60,38 +112,218 @@ fn pool_dims(masks: &Layout, mask_dtype: DType, feats: &Layout, feat_dtype: DTyp
     Ok([n, in_h, in_w, c, h, w])
 }
 
-/// CPU reference of [`mask_pool`] for one dtype of masks.
-fn pool_cpu<T: Copy + Into<f32>>(
-    masks: &[T],
-    feats: &[f32],
-    [n, in_h, in_w, c, h, w]: [usize; 6],
-) -> Vec<f32> {
-    let ys = torch_linear_taps(in_h, h);
-    let xs = torch_linear_taps(in_w, w);
-    let hw = h * w;
-    let mut out = vec![0.0_f32; n * c];
-    let mut active = Vec::with_capacity(hw);
-    for (plane, out) in masks.chunks_exact(in_h * in_w).zip(out.chunks_exact_mut(c.max(1))) {
-        // Binarise after resizing: any source pixel with a non-zero weight turns the target on.
-        active.clear();
-        for (oy, ty) in ys.iter().enumerate() {
-            let r0 = &plane[ty.i0 * in_w..(ty.i0 + 1) * in_w];
-            let r1 = &plane[ty.i1 * in_w..(ty.i1 + 1) * in_w];
-            for (ox, tx) in xs.iter().enumerate() {
-                if bilinear_tap(r0, r1, tx, ty) > 0.0 {
-                    active.push(oy * w + ox);
-                }
-            }
-        }
-        // Upstream divides the mask by its area before the weighted sum: F * (m / den).
-        let weight = 1.0 / (active.len() as f32 + AREA_EPS);
-        for (channel, dst) in feats.chunks_exact(hw).zip(out.iter_mut()) {
-            // f64 accumulation keeps this the accurate reference whatever the area.
-            let sum: f64 = active.iter().map(|&p| f64::from(channel[p] * weight)).sum();
-            *dst = sum as f32;
+// ---- CPU implementation -------------------------------------------------------------------------
+//
+// Each level's sum over a mask's active pixels is taken from column prefix sums of the features:
+// with P[y][x] = sum of F[y'][x] over y' < y, a vertical run of active pixels y0..y1 in column x sums
+// to P[y1][x] - P[y0][x]. A mask's cost is then its number of runs (about its width in grid cells),
+// not its area, and the features are read once per level whatever the number of masks.
+//
+// 1. Per mask (threads over masks): find the rows and columns holding values > 0 (one read of the
+//    mask), then resize only the grid cells whose bilinear taps reach them (every other cell is 0),
+//    binarise, and record each level's vertical runs and count.
+// 2. Per level (threads over blocks of `BLOCK` channels): build the block's prefix sums in f64,
+//    channels innermost, so one run adds `BLOCK` contiguous values; then every mask's runs.
+
+/// Channels per prefix-sum block: 8 f64 = one 64-byte cache line per grid cell.
+const BLOCK: usize = 8;
+
+/// A mask element: u8 or f32.
+trait MaskValue: Copy + Into<f32> + Send + Sync {
+    /// Largest value of a row (vectorises; `NaN`s are skipped).
+    fn row_max(row: &[Self]) -> f32;
+    fn is_positive(self) -> bool;
+}
+
+impl MaskValue for u8 {
+    fn row_max(row: &[u8]) -> f32 {
+        f32::from(row.iter().fold(0_u8, |a, &b| a.max(b)))
+    }
+    fn is_positive(self) -> bool {
+        self > 0
+    }
+}
+
+impl MaskValue for f32 {
+    fn row_max(row: &[f32]) -> f32 {
+        row.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+    }
+    fn is_positive(self) -> bool {
+        self > 0.0
+    }
+}
+
+/// Bounds `[y0, y1, x0, x1]` (inclusive) of a plane's values > 0, `None` when there are none.
+/// Only these can make a resized value > 0: every bilinear weight is >= 0.
+fn positive_bounds<T: MaskValue>(plane: &[T], in_w: usize) -> Option<[usize; 4]> {
+    let mut bounds: Option<[usize; 4]> = None;
+    for (y, row) in plane.chunks_exact(in_w).enumerate() {
+        if T::row_max(row) > 0.0 {
+            let first = row.iter().position(|v| v.is_positive()).expect("a positive value");
+            let last = row.iter().rposition(|v| v.is_positive()).expect("a positive value");
+            bounds = Some(match bounds {
+                None => [y, y, first, last],
+                Some([y0, _, x0, x1]) => [y0, y, x0.min(first), x1.max(last)],
+            });
         }
     }
+    bounds
+}
+
+/// Output indices `lo..hi` whose taps reach source indices `first..=last` (taps are monotonic).
+fn reached(taps: &[LinearTap], first: usize, last: usize) -> std::ops::Range<usize> {
+    let lo = taps.partition_point(|t| t.i1 < first);
+    let hi = taps.partition_point(|t| t.i0 <= last);
+    lo..hi.max(lo)
+}
+
+/// One level's grid geometry and taps.
+struct LevelGrid {
+    h: usize,
+    w: usize,
+    ys: Vec<LinearTap>,
+    xs: Vec<LinearTap>,
+}
+
+/// A mask's vertical runs on one level: pairs `[end, start]` of prefix-sum cells (`y * w + x`).
+#[derive(Default)]
+struct LevelRuns {
+    runs: Vec<[u32; 2]>,
+    active: usize,
+}
+
+/// Resizes, binarises and run-encodes one mask on every level.
+fn mask_runs<T: MaskValue>(
+    plane: &[T],
+    in_w: usize,
+    grids: &[LevelGrid],
+    on: &mut Vec<bool>,
+) -> Vec<LevelRuns> {
+    let Some([y0, y1, x0, x1]) = positive_bounds(plane, in_w) else {
+        return grids.iter().map(|_| LevelRuns::default()).collect();
+    };
+    grids
+        .iter()
+        .map(|g| {
+            let (oys, oxs) = (reached(&g.ys, y0, y1), reached(&g.xs, x0, x1));
+            let bw = oxs.len();
+            on.clear();
+            for ty in &g.ys[oys.clone()] {
+                let r0 = &plane[ty.i0 * in_w..(ty.i0 + 1) * in_w];
+                let r1 = &plane[ty.i1 * in_w..(ty.i1 + 1) * in_w];
+                on.extend(g.xs[oxs.clone()].iter().map(|tx| bilinear_tap(r0, r1, tx, ty) > 0.0));
+            }
+            let mut level = LevelRuns::default();
+            for (bx, ox) in oxs.clone().enumerate() {
+                let mut start = None;
+                for (by, oy) in oys.clone().enumerate() {
+                    match (on[by * bw + bx], start) {
+                        (true, None) => start = Some(oy),
+                        (false, Some(s)) => {
+                            level.runs.push([(oy * g.w + ox) as u32, (s * g.w + ox) as u32]);
+                            level.active += oy - s;
+                            start = None;
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(s) = start {
+                    level.runs.push([(oys.end * g.w + ox) as u32, (s * g.w + ox) as u32]);
+                    level.active += oys.end - s;
+                }
+            }
+            level
+        })
+        .collect()
+}
+
+/// `[N, C]` masked averages of one level `[C, h, w]` from the masks' runs on it.
+fn pool_level(feats: &[f32], c: usize, grid: &LevelGrid, masks: &[&LevelRuns]) -> Vec<f32> {
+    let (h, w) = (grid.h, grid.w);
+    let hw = h * w;
+    let n = masks.len();
+    // Upstream divides the mask by its area before the weighted sum: F * (m / den).
+    let weights: Vec<f64> = masks.iter().map(|m| f64::from(1.0 / (m.active as f32 + AREA_EPS))).collect();
+    let blocks: Vec<Vec<f32>> = (0..c.div_ceil(BLOCK))
+        .into_par_iter()
+        .map_init(
+            || vec![0.0_f64; (h + 1) * w * BLOCK],
+            |prefix, block| {
+                let c0 = block * BLOCK;
+                let width = BLOCK.min(c - c0);
+                // prefix[(y * w + x) * BLOCK + k] = sum over y' < y of F[c0 + k][y'][x].
+                prefix[..w * BLOCK].fill(0.0);
+                for y in 0..h {
+                    let (done, next) = prefix.split_at_mut((y + 1) * w * BLOCK);
+                    let above = &done[y * w * BLOCK..];
+                    let next = &mut next[..w * BLOCK];
+                    for k in 0..BLOCK {
+                        let row = if k < width { Some(&feats[(c0 + k) * hw + y * w..][..w]) } else { None };
+                        for x in 0..w {
+                            let f = row.map_or(0.0, |r| f64::from(r[x]));
+                            next[x * BLOCK + k] = above[x * BLOCK + k] + f;
+                        }
+                    }
+                }
+                let mut out = vec![0.0_f32; n * BLOCK];
+                for ((mask, weight), dst) in masks.iter().zip(&weights).zip(out.chunks_exact_mut(BLOCK)) {
+                    let mut acc = [0.0_f64; BLOCK];
+                    for &[end, start] in &mask.runs {
+                        let hi = &prefix[end as usize * BLOCK..][..BLOCK];
+                        let lo = &prefix[start as usize * BLOCK..][..BLOCK];
+                        for k in 0..BLOCK {
+                            acc[k] += hi[k] - lo[k];
+                        }
+                    }
+                    for k in 0..BLOCK {
+                        dst[k] = (acc[k] * weight) as f32;
+                    }
+                }
+                out
+            },
+        )
+        .collect();
+    let mut out = vec![0.0_f32; n * c];
+    out.par_chunks_mut(c.max(1)).enumerate().for_each(|(i, row)| {
+        for (block, dst) in blocks.iter().zip(row.chunks_mut(BLOCK)) {
+            dst.copy_from_slice(&block[i * BLOCK..][..dst.len()]);
+        }
+    });
     out
+}
+
+/// CPU [`mask_pool_levels`]: masks `[n, in_h, in_w]` and levels `[c, h, w]` to `[n, c]` each.
+fn pool_levels_cpu<T: MaskValue>(
+    masks: &[T],
+    [n, in_h, in_w]: [usize; 3],
+    levels: &[(&[f32], [usize; 3])],
+) -> Vec<Vec<f32>> {
+    let grids: Vec<LevelGrid> = levels
+        .iter()
+        .map(|&(_, [_, h, w])| LevelGrid {
+            h,
+            w,
+            ys: torch_linear_taps(in_h, h),
+            xs: torch_linear_taps(in_w, w),
+        })
+        .collect();
+    let per_mask: Vec<Vec<LevelRuns>> = if n == 0 {
+        Vec::new()
+    } else {
+        masks
+            .par_chunks_exact(in_h * in_w)
+            .map_init(Vec::new, |on, plane| mask_runs(plane, in_w, &grids, on))
+            .collect()
+    };
+    levels
+        .iter()
+        .zip(&grids)
+        .enumerate()
+        .map(|(l, (&(feats, [c, _, _]), grid))| {
+            let runs: Vec<&LevelRuns> = per_mask.iter().map(|m| &m[l]).collect();
+            pool_level(feats, c, grid, &runs)
+        })
+        .collect()
 }
 
 impl CustomOp2 for MaskPool {
@@ -106,18 +338,22 @@ impl CustomOp2 for MaskPool {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = pool_dims(l1, s1.dtype(), l2, s2.dtype())?;
-        let [n, .., c, _, _] = dims;
+        let [n, in_h, in_w, c, h, w] = pool_dims(l1, s1.dtype(), l2, s2.dtype())?;
         let feats = match s2 {
             CpuStorage::F32(f) => contiguous(f, l2, "mask-pool features")?,
             _ => bail!("mask-pool: features must be f32"),
         };
-        let out = match s1 {
-            CpuStorage::U8(m) => pool_cpu(contiguous(m, l1, "mask-pool masks")?, feats, dims),
-            CpuStorage::F32(m) => pool_cpu(contiguous(m, l1, "mask-pool masks")?, feats, dims),
+        let level = [(feats, [c, h, w])];
+        let mut out = match s1 {
+            CpuStorage::U8(m) => {
+                pool_levels_cpu(contiguous(m, l1, "mask-pool masks")?, [n, in_h, in_w], &level)
+            }
+            CpuStorage::F32(m) => {
+                pool_levels_cpu(contiguous(m, l1, "mask-pool masks")?, [n, in_h, in_w], &level)
+            }
             _ => bail!("mask-pool: masks must be u8 or f32"),
         };
-        Ok((CpuStorage::F32(out), Shape::from((n, c))))
+        Ok((CpuStorage::F32(out.remove(0)), Shape::from((n, c))))
     }
 
     #[cfg(feature = "cuda")]
@@ -400,6 +636,88 @@ mod tests {
             let fast_f32 = mask_pool(&masks.to_dtype(DType::F32).unwrap(), &feats).unwrap();
             assert_eq!(fast.to_vec2::<f32>().unwrap(), fast_f32.to_vec2::<f32>().unwrap());
         }
+    }
+
+    /// The straightforward definition: resize every cell, binarise, average in f64.
+    fn reference_pool(masks: &Tensor, feats: &Tensor) -> Vec<Vec<f32>> {
+        let (n, in_h, in_w) = masks.dims3().unwrap();
+        let (c, h, w) = feats.dims3().unwrap();
+        let planes: Vec<f32> = masks.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let feats: Vec<f32> = feats.flatten_all().unwrap().to_vec1().unwrap();
+        let (ys, xs) = (torch_linear_taps(in_h, h), torch_linear_taps(in_w, w));
+        (0..n)
+            .map(|m| {
+                let plane = &planes[m * in_h * in_w..(m + 1) * in_h * in_w];
+                let mut active = Vec::new();
+                for (oy, ty) in ys.iter().enumerate() {
+                    let r0 = &plane[ty.i0 * in_w..(ty.i0 + 1) * in_w];
+                    let r1 = &plane[ty.i1 * in_w..(ty.i1 + 1) * in_w];
+                    for (ox, tx) in xs.iter().enumerate() {
+                        if bilinear_tap(r0, r1, tx, ty) > 0.0 {
+                            active.push(oy * w + ox);
+                        }
+                    }
+                }
+                let weight = 1.0 / (active.len() as f32 + AREA_EPS);
+                (0..c)
+                    .map(|ch| {
+                        let sum: f64 = active.iter().map(|&p| f64::from(feats[ch * h * w + p])).sum();
+                        (sum * f64::from(weight)) as f32
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// All levels in one call equal one call per level and the straightforward definition, for
+    /// u8 masks and f32 masks with negative values (only values > 0 can switch a cell on).
+    #[test]
+    fn levels_match_the_definition() {
+        let dev = Device::Cpu;
+        let (n, in_h, in_w) = (7, 45, 61);
+        let mut values: Vec<f32> = vec![0.0; n * in_h * in_w];
+        for (i, v) in values.iter_mut().enumerate() {
+            let (m, y, x) = (i / (in_h * in_w), (i / in_w) % in_h, i % in_w);
+            // Mask 0 empty, 1 full, 2 a single pixel at the corner, the rest blobs and stripes.
+            *v = match m {
+                0 => 0.0,
+                1 => 1.0,
+                2 => f32::from(y == in_h - 1 && x == in_w - 1),
+                3 => f32::from((y as i64 - 20).pow(2) + (x as i64 - 30).pow(2) < 150),
+                4 => f32::from(x % 9 == 0 || y % 13 == 5),
+                5 => f32::from((x + 2 * y) % 17 < 3),
+                _ => f32::from(x < 3 && y > 40),
+            };
+        }
+        let masks_u8 =
+            Tensor::from_vec(values.iter().map(|&v| v as u8).collect::<Vec<u8>>(), (n, in_h, in_w), &dev)
+                .unwrap();
+        // Negative values where the u8 masks hold 0 in every other row.
+        let signed: Vec<f32> = values
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| if v == 0.0 && (i / in_w) % 2 == 0 { -0.75 } else { v })
+            .collect();
+        let masks_signed = Tensor::from_vec(signed, (n, in_h, in_w), &dev).unwrap();
+        let levels: Vec<Tensor> = [(9, 16, 16), (5, 8, 8), (17, 3, 5), (3, 45, 61), (4, 90, 17)]
+            .iter()
+            .map(|&(c, h, w)| random_features(c, h, w, &dev))
+            .collect();
+        for masks in [&masks_u8, &masks_signed] {
+            let together = mask_pool_levels(masks, &levels).unwrap();
+            assert_eq!(together.len(), levels.len());
+            for (pooled, feats) in together.iter().zip(&levels) {
+                let alone = mask_pool(masks, feats).unwrap();
+                assert_eq!(pooled.to_vec2::<f32>().unwrap(), alone.to_vec2::<f32>().unwrap());
+                let want = reference_pool(masks, feats);
+                for (got, want) in pooled.to_vec2::<f32>().unwrap().iter().zip(&want) {
+                    for (a, b) in got.iter().zip(want) {
+                        assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{:?}: {a} vs {b}", feats.dims());
+                    }
+                }
+            }
+        }
+        assert!(mask_pool_levels(&masks_u8, &[]).unwrap().is_empty());
     }
 
     #[test]

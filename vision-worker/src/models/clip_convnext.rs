@@ -5,120 +5,192 @@
 //! - Upstream: timm `timm/models/convnext.py` (`ConvNeXt`, `ConvNeXtStage`, `ConvNeXtBlock` with
 //!   `conv_mlp=False`), wrapped by OpenCLIP `src/open_clip/timm_model.py`; Osprey's forward is
 //!   `osprey/model/multimodal_encoder/clip.py::CLIP.extract_features` (CircleRadon/Osprey).
-//! - Spec: docs/osprey-model.md §1.2, key names §1.5 (timm names relative to `visual.trunk.`).
+//! - Spec: docs/MODEL.md#clip-convnext-l-trunk, key names in docs/MODEL.md#checkpoints-and-weight-names
+//!   (timm names relative to `visual.trunk.`).
 //!
 //! candle-transformers has a timm ConvNeXt, but its forward returns only pooled features and its
 //! stage builders are private, so the trunk is written here.
+//!
+//! Between the stem and each stage output the activations are channels-last (`[B, H, W, C]`), so
+//! the block's LayerNorm, MLP and depthwise convolution all run over contiguous channels. On the
+//! CPU (f32) a block is three kernels around candle's two matmuls (see [`super::kernels`]); on
+//! other devices the same math runs as candle ops ([`Block::forward_ops`], also the CPU kernels'
+//! test oracle). The stage outputs are returned channels-first, as upstream's.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
+use super::kernels::{self, BiasGelu, DW_KERNEL, DwParams, NormParams, ScaleResidual};
 use crate::config::VisionConfig;
 
 /// timm's `LayerNorm2d` and block norms use eps 1e-6 (not PyTorch's 1e-5 default).
 const LN_EPS: f64 = 1e-6;
-/// Depthwise kernel of every block.
-const DW_KERNEL: usize = 7;
 
-/// Layer norm over the channel axis of an NCHW tensor (timm `LayerNorm2d`).
+/// `[B, C, H, W]` to `[B, H, W, C]` (contiguous).
+fn to_channels_last(x: &Tensor) -> Result<Tensor> {
+    x.permute((0, 2, 3, 1))?.contiguous()
+}
+
+/// `[B, H, W, C]` to `[B, C, H, W]` (contiguous).
+fn to_channels_first(x: &Tensor) -> Result<Tensor> {
+    x.permute((0, 3, 1, 2))?.contiguous()
+}
+
+/// A layer norm over the last axis, with its parameters also as CPU vectors for the kernels.
 #[derive(Debug, Clone)]
-struct LayerNorm2d(LayerNorm);
+struct Norm {
+    ops: LayerNorm,
+    cpu: Option<NormParams>,
+}
 
-impl LayerNorm2d {
+impl Norm {
     fn load(vb: VarBuilder, channels: usize) -> Result<Self> {
         let weight = vb.get(channels, "weight")?;
         let bias = vb.get(channels, "bias")?;
-        Ok(Self(LayerNorm::new(weight, bias, LN_EPS)))
+        let cpu = if kernels::is_cpu_f32(&weight) {
+            Some(NormParams { weight: weight.to_vec1()?, bias: bias.to_vec1()?, eps: LN_EPS as f32 })
+        } else {
+            None
+        };
+        Ok(Self { ops: LayerNorm::new(weight, bias, LN_EPS), cpu })
     }
-}
 
-impl Module for LayerNorm2d {
+    /// Over the last axis of a channels-last tensor.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // NCHW -> NHWC so that the channel axis is last, as the fused layer norm expects.
-        x.permute((0, 2, 3, 1))?.contiguous()?.apply(&self.0)?.permute((0, 3, 1, 2))
+        match &self.cpu {
+            Some(p) if kernels::is_cpu_f32(x) => kernels::layer_norm_last(x, p),
+            _ => x.contiguous()?.apply(&self.ops),
+        }
     }
 }
 
-/// Depthwise 7x7 convolution (`Conv2d(C, C, 7, padding=3, groups=C)`), computed as 49 shifted
-/// multiply-adds over the zero-padded input. candle's grouped `conv2d` runs one convolution per
-/// channel (768 per block in stage 3), which is 6-7x slower on the CPU and thousands of kernel
-/// launches on a GPU; the result is the same up to the order of the 49 additions.
+/// Depthwise 7x7 convolution (`Conv2d(C, C, 7, padding=3, groups=C)`) weights: tap-major CPU
+/// vectors for the kernel, and `[49, C]` for the candle-ops path. candle's grouped `conv2d` runs
+/// one convolution per channel, 6-7x slower than even 49 shifted multiply-adds.
 #[derive(Debug, Clone)]
 struct DepthwiseConv {
-    /// One `[1, C, 1, 1]` weight per kernel tap, row-major over the 7x7 window.
-    taps: Vec<Tensor>,
+    /// `[49, C]`: row t holds every channel's weight at kernel position t (row-major 7x7).
+    taps: Tensor,
     bias: Tensor,
+    cpu: Option<DwParams>,
 }
 
 impl DepthwiseConv {
     fn load(vb: VarBuilder, channels: usize) -> Result<Self> {
         let weight = vb.get((channels, 1, DW_KERNEL, DW_KERNEL), "weight")?;
-        let bias = vb.get(channels, "bias")?.reshape((1, channels, 1, 1))?;
-        let weight = weight.reshape((channels, DW_KERNEL * DW_KERNEL))?;
-        let taps = (0..DW_KERNEL * DW_KERNEL)
-            .map(|t| weight.narrow(1, t, 1)?.reshape((1, channels, 1, 1)))
-            .collect::<Result<_>>()?;
-        Ok(Self { taps, bias })
+        let bias = vb.get(channels, "bias")?;
+        let taps = weight.reshape((channels, DW_KERNEL * DW_KERNEL))?.t()?.contiguous()?;
+        let cpu = if kernels::is_cpu_f32(&weight) {
+            Some(DwParams::from_torch(&weight.flatten_all()?.to_vec1()?, &bias.to_vec1()?)?)
+        } else {
+            None
+        };
+        Ok(Self { taps, bias, cpu })
     }
-}
 
-impl Module for DepthwiseConv {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
+    /// The convolution of a channels-last `[B, H, W, C]` tensor as 49 shifted multiply-adds over
+    /// the zero-padded input (the candle-ops path).
+    fn forward_ops(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, h, w, _) = x.dims4()?;
         let pad = DW_KERNEL / 2;
-        let padded = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
+        let padded = x.pad_with_zeros(1, pad, pad)?.pad_with_zeros(2, pad, pad)?;
         let mut acc = self.bias.clone();
-        for (t, tap) in self.taps.iter().enumerate() {
+        for t in 0..DW_KERNEL * DW_KERNEL {
             let (dy, dx) = (t / DW_KERNEL, t % DW_KERNEL);
-            let window = padded.narrow(2, dy, h)?.narrow(3, dx, w)?;
-            acc = acc.broadcast_add(&window.broadcast_mul(tap)?)?;
+            let window = padded.narrow(1, dy, h)?.narrow(2, dx, w)?;
+            acc = acc.broadcast_add(&window.broadcast_mul(&self.taps.get(t)?)?)?;
         }
         Ok(acc)
     }
 }
 
-/// `ConvNeXtBlock`: `x + gamma * fc2(gelu(fc1(norm(dwconv7x7(x)))))`, the MLP channels-last.
+/// `ConvNeXtBlock`: `x + gamma * fc2(gelu(fc1(norm(dwconv7x7(x)))))`, channels-last.
 #[derive(Debug, Clone)]
-struct Block {
+pub struct Block {
     conv_dw: DepthwiseConv,
-    norm: LayerNorm,
+    norm: Norm,
     fc1: Linear,
     fc2: Linear,
     gamma: Tensor,
+    /// fc1's bias, fc2's bias and gamma as CPU vectors, for the fused kernels.
+    cpu: Option<BlockVectors>,
+}
+
+#[derive(Debug, Clone)]
+struct BlockVectors {
+    fc1_bias: Vec<f32>,
+    fc2_bias: Vec<f32>,
+    gamma: Vec<f32>,
 }
 
 impl Block {
-    fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
-        let norm = vb.pp("norm");
+    /// `vb` points at the block (`stages.N.blocks.M`).
+    pub fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let fc1 = candle_nn::linear(dim, 4 * dim, vb.pp("mlp.fc1"))?;
+        let fc2 = candle_nn::linear(4 * dim, dim, vb.pp("mlp.fc2"))?;
+        // The loader also finds this under `weight` (Hugging Face's rename of `gamma`).
+        let gamma = vb.get(dim, "gamma")?;
+        let cpu = match (fc1.bias(), fc2.bias()) {
+            (Some(b1), Some(b2)) if kernels::is_cpu_f32(&gamma) => Some(BlockVectors {
+                fc1_bias: b1.to_vec1()?,
+                fc2_bias: b2.to_vec1()?,
+                gamma: gamma.to_vec1()?,
+            }),
+            _ => None,
+        };
         Ok(Self {
             conv_dw: DepthwiseConv::load(vb.pp("conv_dw"), dim)?,
-            norm: LayerNorm::new(norm.get(dim, "weight")?, norm.get(dim, "bias")?, LN_EPS),
-            fc1: candle_nn::linear(dim, 4 * dim, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(4 * dim, dim, vb.pp("mlp.fc2"))?,
-            // The loader also finds this under `weight` (Hugging Face's rename of `gamma`).
-            gamma: vb.get(dim, "gamma")?,
+            norm: Norm::load(vb.pp("norm"), dim)?,
+            fc1,
+            fc2,
+            gamma,
+            cpu,
         })
     }
-}
 
-impl Module for Block {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let y = self.conv_dw.forward(x)?;
-        // Channels-last and flattened to [B*H*W, C] so the linears are plain matmuls.
-        let y = y.permute((0, 2, 3, 1))?.contiguous()?.reshape((b * h * w, c))?;
-        let y = self.norm.forward(&y)?;
+    /// The block on a channels-last `[B, H, W, C]` tensor: the CPU kernels where they apply.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match (&self.cpu, &self.conv_dw.cpu, &self.norm.cpu) {
+            (Some(v), Some(dw), Some(norm)) if kernels::is_cpu_f32(x) => {
+                let (b, h, w, c) = x.dims4()?;
+                let x = x.contiguous()?;
+                let y = kernels::dwconv_norm(&x, dw, norm)?.reshape((b * h * w, c))?;
+                let y = y.matmul(&self.fc1.weight().t()?)?;
+                y.inplace_op1(&BiasGelu { bias: &v.fc1_bias })?;
+                let z = y.matmul(&self.fc2.weight().t()?)?;
+                z.inplace_op2(
+                    &x.reshape((b * h * w, c))?,
+                    &ScaleResidual { bias: &v.fc2_bias, gamma: &v.gamma },
+                )?;
+                z.reshape((b, h, w, c))
+            }
+            _ => self.forward_ops(x),
+        }
+    }
+
+    /// `norm(dwconv7x7(x))` alone (the fused kernel on the CPU), channels-last.
+    pub fn dwconv_norm(&self, x: &Tensor) -> Result<Tensor> {
+        match (&self.conv_dw.cpu, &self.norm.cpu) {
+            (Some(dw), Some(norm)) if kernels::is_cpu_f32(x) => kernels::dwconv_norm(x, dw, norm),
+            _ => self.conv_dw.forward_ops(x)?.apply(&self.norm.ops),
+        }
+    }
+
+    /// The block as candle ops (any device).
+    pub fn forward_ops(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        let y = self.conv_dw.forward_ops(x)?.reshape((b * h * w, c))?;
+        let y = y.apply(&self.norm.ops)?;
         let y = self.fc1.forward(&y)?.gelu_erf()?;
         let y = self.fc2.forward(&y)?.broadcast_mul(&self.gamma)?;
-        let y = y.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
-        x + y
+        x + y.reshape((b, h, w, c))?
     }
 }
 
 /// `ConvNeXtStage`: an optional downsample (LayerNorm2d + 2x2 stride-2 conv) then the blocks.
 #[derive(Debug, Clone)]
 struct Stage {
-    downsample: Option<(LayerNorm2d, Conv2d)>,
+    downsample: Option<(Norm, Conv2d)>,
     blocks: Vec<Block>,
 }
 
@@ -130,7 +202,7 @@ impl Stage {
                 let vb = vb.pp("downsample");
                 let conv = Conv2dConfig { stride: 2, ..Default::default() };
                 Some((
-                    LayerNorm2d::load(vb.pp("0"), in_dim)?,
+                    Norm::load(vb.pp("0"), in_dim)?,
                     candle_nn::conv2d(in_dim, dim, /* kernel */ 2, conv, vb.pp("1"))?,
                 ))
             }
@@ -139,16 +211,19 @@ impl Stage {
             (0..depth).map(|i| Block::load(vb.pp(format!("blocks.{i}")), dim)).collect::<Result<_>>()?;
         Ok(Self { downsample, blocks })
     }
-}
 
-impl Module for Stage {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Channels-last in and out.
+    fn forward(&self, x: &Tensor, ops_only: bool) -> Result<Tensor> {
         let mut x = match &self.downsample {
-            Some((norm, conv)) => x.apply(norm)?.apply(conv)?,
+            // timm's `LayerNorm2d` normalises over channels: the last axis here.
+            Some((norm, conv)) => {
+                let y = if ops_only { x.apply(&norm.ops)? } else { norm.forward(x)? };
+                to_channels_last(&to_channels_first(&y)?.apply(conv)?)?
+            }
             None => x.clone(),
         };
         for block in &self.blocks {
-            x = x.apply(block)?;
+            x = if ops_only { block.forward_ops(&x)? } else { block.forward(&x)? };
         }
         Ok(x)
     }
@@ -176,7 +251,7 @@ impl Features {
 #[derive(Debug, Clone)]
 pub struct ConvNeXt {
     stem_conv: Conv2d,
-    stem_norm: LayerNorm2d,
+    stem_norm: Norm,
     stages: Vec<Stage>,
 }
 
@@ -187,7 +262,7 @@ impl ConvNeXt {
         let stem = Conv2dConfig { stride: 4, ..Default::default() };
         let stem_conv =
             candle_nn::conv2d(/* rgb */ 3, dims[0], /* kernel */ 4, stem, vb.pp("stem.0"))?;
-        let stem_norm = LayerNorm2d::load(vb.pp("stem.1"), dims[0])?;
+        let stem_norm = Norm::load(vb.pp("stem.1"), dims[0])?;
         let stages = (0..4)
             .map(|i| {
                 // The patch stem replaces stage 0's downsample.
@@ -201,11 +276,21 @@ impl ConvNeXt {
     /// `pixel_values` `[B, 3, S, S]` (normalised) to res2..res5. The trunk's `norm_pre` is the
     /// identity and its head is not used.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Features> {
-        let mut x = pixel_values.apply(&self.stem_conv)?.apply(&self.stem_norm)?;
+        self.run(pixel_values, false)
+    }
+
+    /// [`Self::forward`] with candle ops only, never the CPU kernels: the kernels' reference.
+    pub fn forward_ops(&self, pixel_values: &Tensor) -> Result<Features> {
+        self.run(pixel_values, true)
+    }
+
+    fn run(&self, pixel_values: &Tensor, ops_only: bool) -> Result<Features> {
+        let x = to_channels_last(&pixel_values.apply(&self.stem_conv)?)?;
+        let mut x = if ops_only { x.apply(&self.stem_norm.ops)? } else { self.stem_norm.forward(&x)? };
         let mut levels = Vec::with_capacity(4);
         for stage in &self.stages {
-            x = x.apply(stage)?;
-            levels.push(x.clone());
+            x = stage.forward(&x, ops_only)?;
+            levels.push(to_channels_first(&x)?);
         }
         let levels: [Tensor; 4] = levels.try_into().expect("four stages. This is a bug.");
         Ok(Features { levels })
@@ -218,20 +303,68 @@ mod tests {
 
     use candle_core::{DType, Device};
 
-    /// The shifted multiply-adds equal candle's grouped convolution (the PyTorch semantics).
+    fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let norm = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        (diff / norm).sqrt()
+    }
+
+    /// The shifted multiply-adds and the CPU kernel equal candle's grouped convolution (the
+    /// PyTorch semantics), on channel counts that exercise every chunk width of the kernel.
     #[test]
     fn depthwise_matches_grouped_conv2d() {
         let dev = Device::Cpu;
-        let (c, h, w) = (6, 9, 5);
-        let weight = Tensor::randn(0_f32, 1.0, (c, 1, DW_KERNEL, DW_KERNEL), &dev).unwrap();
-        let bias = Tensor::randn(0_f32, 1.0, c, &dev).unwrap();
-        let x = Tensor::randn(0_f32, 1.0, (2, c, h, w), &dev).unwrap();
-        let tensors = [("weight".to_string(), weight.clone()), ("bias".to_string(), bias.clone())];
-        let vb = VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, &dev);
-        let ours = DepthwiseConv::load(vb, c).unwrap().forward(&x).unwrap();
-        let cfg = Conv2dConfig { padding: DW_KERNEL / 2, groups: c, ..Default::default() };
-        let reference = Conv2d::new(weight, Some(bias), cfg).forward(&x).unwrap();
-        let diff = (ours - reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        for (c, h, w) in [(6, 9, 5), (45, 8, 13), (3, 3, 2)] {
+            let weight = Tensor::randn(0_f32, 1.0, (c, 1, DW_KERNEL, DW_KERNEL), &dev).unwrap();
+            let bias = Tensor::randn(0_f32, 1.0, c, &dev).unwrap();
+            let x = Tensor::randn(0_f32, 1.0, (2, c, h, w), &dev).unwrap();
+            let tensors = [("weight".to_string(), weight.clone()), ("bias".to_string(), bias.clone())];
+            let vb = VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, &dev);
+            let conv = DepthwiseConv::load(vb, c).unwrap();
+            let cfg = Conv2dConfig { padding: DW_KERNEL / 2, groups: c, ..Default::default() };
+            let reference = Conv2d::new(weight, Some(bias), cfg).forward(&x).unwrap();
+            let ops = to_channels_first(&conv.forward_ops(&to_channels_last(&x).unwrap()).unwrap()).unwrap();
+            assert!(rel_l2(&ops, &reference) < 1e-6, "{c}x{h}x{w}");
+            // The kernel fuses the LayerNorm: an identity-free check with unit weights against
+            // candle's LayerNorm of the reference convolution.
+            let norm = NormParams { weight: vec![1.0; c], bias: vec![0.0; c], eps: 1e-6 };
+            let ln = LayerNorm::new(
+                Tensor::ones(c, DType::F32, &dev).unwrap(),
+                Tensor::zeros(c, DType::F32, &dev).unwrap(),
+                1e-6,
+            );
+            let fused =
+                kernels::dwconv_norm(&to_channels_last(&x).unwrap(), conv.cpu.as_ref().unwrap(), &norm)
+                    .unwrap();
+            let want = to_channels_last(&reference).unwrap().apply(&ln).unwrap();
+            assert!(rel_l2(&fused, &want) < 1e-5, "{c}x{h}x{w}: {}", rel_l2(&fused, &want));
+        }
+    }
+
+    /// A trunk with random weights: the CPU kernels against the candle-ops path, every level.
+    #[test]
+    fn kernels_match_candle_ops() {
+        let dev = Device::Cpu;
+        let cfg = VisionConfig::from_json(
+            r#"{"hidden_size": 32, "image_size": 64, "vision_depths": [1, 1, 2, 1], "vision_dims": [8, 16, 40, 64]}"#,
+        );
+        let Ok(cfg) = cfg else { panic!("config: {:?}", cfg.err()) };
+        let varmap = candle_nn::VarMap::new();
+        // A first load creates the variables; they get random values (VarMap initialises biases
+        // and norms to constants), and the second load reads those into the kernels' vectors.
+        ConvNeXt::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg).unwrap();
+        for var in varmap.all_vars() {
+            let r = Tensor::randn(0_f32, 0.3, var.dims(), &dev).unwrap();
+            var.set(&(r + 0.1).unwrap()).unwrap();
+        }
+        let trunk = ConvNeXt::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg).unwrap();
+        let x = Tensor::randn(0_f32, 1.0, (2, 3, 64, 64), &dev).unwrap();
+        let fast = trunk.forward(&x).unwrap();
+        let ops = trunk.forward_ops(&x).unwrap();
+        for (a, b) in fast.levels.iter().zip(&ops.levels) {
+            assert_eq!(a.dims(), b.dims());
+            let err = rel_l2(a, b);
+            assert!(err < 1e-5, "{:?}: {err}", a.dims());
+        }
     }
 }

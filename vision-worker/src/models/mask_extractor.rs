@@ -3,9 +3,9 @@
 //! - Paper: "Osprey: Pixel Understanding with Visual Instruction Tuning",
 //!   <https://arxiv.org/abs/2312.10032>.
 //! - Upstream: `osprey/model/layer.py` (`MaskExtractor`, `MaskPooling`, `MLP`) in CircleRadon/Osprey.
-//! - Spec: docs/osprey-model.md §2 (keys `mask_extractor.*`, math §2.1, pitfalls §9).
+//! - Spec: docs/MODEL.md#mask-extractor (keys `mask_extractor.*`), docs/MODEL.md#mask-pooling.
 //!
-//! `<mask>`: each level res2..res5 is mask-pooled ([`crate::pooling::mask_pool`]), projected to
+//! `<mask>`: each level res2..res5 is mask-pooled ([`crate::pooling::mask_pool_levels`]), projected to
 //! `mask_embed_dim` by its own linear, the four are summed and `feat_linear` maps the sum to the LLM
 //! width. `<pos>`: the mask resized to `mask_shape²` (not binarised) through a 3-layer ReLU MLP.
 //! Everything runs in f32, as upstream does whatever the checkpoint dtype.
@@ -15,7 +15,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use super::clip_convnext::Features;
 use crate::config::VisionConfig;
-use crate::pooling::{mask_pool, mask_resize};
+use crate::pooling::{mask_pool_levels, mask_resize};
 
 /// The two tokens of N regions, with the intermediates the parity tests compare.
 #[derive(Debug, Clone)]
@@ -65,12 +65,14 @@ impl MaskExtractor {
     /// the features of one image (batch 1).
     pub fn forward(&self, features: &Features, masks: &Tensor) -> Result<RegionTokens> {
         masks.dims3()?;
-        let mut pooled = Vec::with_capacity(4);
+        let levels_f32: Vec<Tensor> =
+            features.levels.iter().map(|f| f.get(0)?.to_dtype(DType::F32)).collect::<Result<_>>()?;
+        // All four levels in one call: each mask is read once.
+        let pooled = mask_pool_levels(masks, &levels_f32)?;
         let mut acc: Option<Tensor> = None;
-        for (feat, proj) in features.levels.iter().zip(&self.levels) {
+        for ((feat, proj), p) in features.levels.iter().zip(&self.levels).zip(&pooled) {
             let feat_dtype = feat.dtype();
-            let p = mask_pool(masks, &feat.get(0)?.to_dtype(DType::F32)?)?;
-            let mut y = forward_rows(proj, &p)?;
+            let mut y = forward_rows(proj, p)?;
             // Upstream casts each projection back to the feature dtype before summing in f32; a
             // no-op for f32 features, a rounding for f16/bf16 ones.
             if feat_dtype != DType::F32 {
@@ -80,7 +82,6 @@ impl MaskExtractor {
                 None => y,
                 Some(a) => (a + y)?,
             });
-            pooled.push(p);
         }
         let mask_acc = acc.expect("four levels. This is a bug.");
         let mask_tokens = forward_rows(&self.feat_linear, &mask_acc)?;

@@ -1,6 +1,7 @@
 //! Osprey's vision models and the loader that builds them from a checkpoint directory.
 
 pub mod clip_convnext;
+pub mod kernels;
 pub mod mask_extractor;
 
 use std::path::Path;

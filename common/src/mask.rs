@@ -508,10 +508,14 @@ pub fn mask_from_proto(
 ) -> Result<Mask, MaskError> {
     use osprey_proto::v1::mask::Format;
     let decoded = match &mask.format {
-        Some(Format::Rle(rle)) => rle_from_proto(rle)?.to_mask(),
+        Some(Format::Rle(rle)) => {
+            // The size first: counts that sum to a huge declared size would allocate it.
+            check_declared_size(rle.height, rle.width, height, width)?;
+            rle_from_proto(rle)?.to_mask()
+        }
         Some(Format::Png(png)) => Mask::from_png(png, limits)?,
         Some(Format::Polygon(polygon)) => {
-            Mask::empty(polygon.height, polygon.width).check_size(height, width)?;
+            check_declared_size(polygon.height, polygon.width, height, width)?;
             let polygons: Vec<Vec<f64>> = polygon.polygons.iter().map(|p| p.xy.clone()).collect();
             Mask::from_polygons(height, width, &polygons)?
         }
@@ -519,6 +523,19 @@ pub fn mask_from_proto(
     };
     decoded.check_size(height, width)?;
     Ok(decoded)
+}
+
+/// A mask's declared size must be the image's, checked before its pixels are made.
+fn check_declared_size(mask_height: u32, mask_width: u32, height: u32, width: u32) -> Result<(), MaskError> {
+    if (mask_height, mask_width) != (height, width) {
+        return Err(MaskError::SizeMismatch {
+            height,
+            width,
+            got_height: mask_height,
+            got_width: mask_width,
+        });
+    }
+    Ok(())
 }
 
 /// A COCO RLE of the API (compressed string or counts), validated.

@@ -129,3 +129,35 @@ fn malformed_rle_strings_are_errors_not_panics() {
         assert!(matches!(Rle::from_compressed(h + 1, w, &case.rle), Err(MaskError::CountsSum { .. })));
     }
 }
+
+/// A mask's declared size is checked against the image's before any pixel is made: RLE counts
+/// that sum to 60000x60000 (or a polygon declaring it) would otherwise allocate 3.6 GB.
+#[test]
+fn a_huge_declared_mask_size_is_refused_before_decoding() {
+    use osprey_common::image::ImageLimits;
+    use osprey_common::mask::mask_from_proto;
+    use osprey_proto::v1;
+    let huge_rle = v1::Mask {
+        format: Some(v1::mask::Format::Rle(v1::RleMask {
+            height: 60_000,
+            width: 60_000,
+            counts: Some(v1::rle_mask::Counts::Uncompressed(v1::RunLengths {
+                counts: vec![1_800_000_000, 1_800_000_000],
+            })),
+        })),
+    };
+    let huge_polygon = v1::Mask {
+        format: Some(v1::mask::Format::Polygon(v1::PolygonMask {
+            height: 60_000,
+            width: 60_000,
+            polygons: vec![v1::Polygon { xy: vec![1.0, 1.0, 20.0, 5.0, 4.0, 9.0] }],
+        })),
+    };
+    for mask in [huge_rle, huge_polygon] {
+        let err = mask_from_proto(&mask, 30, 40, &ImageLimits::default()).unwrap_err();
+        assert!(
+            matches!(err, MaskError::SizeMismatch { got_height: 60_000, got_width: 60_000, .. }),
+            "{err:?}"
+        );
+    }
+}

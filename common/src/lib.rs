@@ -1,6 +1,7 @@
 //! What every Osprey service shares: image decoding and image keys, mask codecs (COCO RLE, PNG,
 //! polygons, boxes), resizing with the reference libraries' exact arithmetic, the error type that
-//! maps onto gRPC status codes, telemetry (logs, traces, metrics) and gRPC server plumbing.
+//! maps onto gRPC status codes, telemetry (logs, traces, metrics), gRPC server plumbing and the
+//! model workers' skeleton ([`worker`]: model thread with batching, `ask`, serve / warm-up / drain).
 
 pub mod error;
 pub mod grpc;
@@ -10,5 +11,6 @@ pub mod mask;
 pub mod resize;
 pub mod telemetry;
 pub mod tensor;
+pub mod worker;
 
 pub use error::ServiceError;

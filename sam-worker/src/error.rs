@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use osprey_common::ServiceError;
 use osprey_common::image::ImageError;
 use osprey_common::resize::ResizeError;
 
@@ -40,22 +41,42 @@ pub enum SamError {
 }
 
 impl SamError {
-    /// Short label for metrics (`osprey_request_failure{err=...}`).
-    pub fn error_type(&self) -> &'static str {
-        match self {
-            SamError::InvalidPrompt { .. }
-            | SamError::InvalidParams { .. }
-            | SamError::NoImage
-            | SamError::Image(_) => "validation",
+    pub(crate) fn prompt(prompt: &str, field: &'static str, problem: impl Into<String>) -> Self {
+        SamError::InvalidPrompt { prompt: prompt.to_string(), field, problem: problem.into() }
+    }
+}
+
+/// The client is blamed only for what it sent, each problem under the request field it is in
+/// (`prompts[1].points`, `params.crop_n_layers`, `image`); a model or device failure is INTERNAL,
+/// so the gateway tries another replica.
+impl From<SamError> for ServiceError {
+    fn from(err: SamError) -> Self {
+        match err {
+            SamError::InvalidPrompt { prompt, field, problem } => {
+                ServiceError::invalid(format!("{prompt}.{}", request_field(field)), problem)
+            }
+            SamError::InvalidParams { field, problem } => {
+                ServiceError::invalid(format!("params.{field}"), problem)
+            }
+            SamError::Image(_) | SamError::Resize(ResizeError::ZeroSize { .. }) => {
+                ServiceError::invalid("image", err)
+            }
+            SamError::NoImage => ServiceError::FailedPrecondition(err.to_string()),
             SamError::Config(_)
             | SamError::Io { .. }
             | SamError::Weights { .. }
-            | SamError::CudaUnavailable => "start",
-            SamError::Resize(_) | SamError::Inference(_) => "inference",
+            | SamError::CudaUnavailable
+            | SamError::Resize(_)
+            | SamError::Inference(_) => ServiceError::Internal(err.to_string()),
         }
     }
+}
 
-    pub(crate) fn prompt(prompt: &str, field: &'static str, problem: impl Into<String>) -> Self {
-        SamError::InvalidPrompt { prompt: prompt.to_string(), field, problem: problem.into() }
+/// The `SamPrompt` field a [`crate::Prompt`] field comes from (points and labels are one list there).
+fn request_field(prompt_field: &str) -> &str {
+    match prompt_field {
+        "point_coords" | "point_labels" => "points",
+        "bbox" => "box",
+        other => other,
     }
 }

@@ -1,8 +1,10 @@
 //! Osprey's SAM worker: Segment Anything (ViT-B/L/H) as a synchronous predictor, plus the `dump`
-//! debugging command, automatic mask generation ([`amg`]) and the gRPC service ([`service`]).
+//! debugging command, automatic mask generation ([`amg`]), the model thread ([`engine`]) and the
+//! gRPC edge ([`service`]), both on the shared worker skeleton (`osprey_common::worker`).
 
 pub mod amg;
 pub mod dump;
+pub mod engine;
 pub mod error;
 pub mod models;
 pub mod predictor;

@@ -1,7 +1,7 @@
-//! The SAM worker as a gRPC service (`osprey.worker.v1.Sam`): a model thread fed over `mpsc` with
-//! `oneshot` replies, a byte-bounded LRU of image embeddings keyed by image key (architecture.md §3:
-//! a click or a box on a resident image costs only the prompt encoder and mask decoder), prompt
-//! decoding and automatic mask generation.
+//! The SAM worker's gRPC edge (`osprey.worker.v1.Sam`): flags, request checks, a byte-bounded LRU
+//! of image embeddings keyed by image key (a click or a box on a resident image costs only the
+//! prompt encoder and mask decoder; docs/ARCHITECTURE.md, "Cache tiers and keys"), and hand-off to
+//! the model thread ([`crate::engine`]) on the shared worker skeleton.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,25 +9,25 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use osprey_common::ServiceError;
-use osprey_common::error::{check_image_key, respond};
+use osprey_common::error::check_image_key;
 use osprey_common::grpc::Admission;
-use osprey_common::grpc::{serve, shutdown_signal, standard_routes};
 use osprey_common::image::RgbImage;
 use osprey_common::lru::ResidentCache;
 use osprey_common::mask::rle_to_proto;
 use osprey_common::telemetry::{TelemetryArgs, set_parent_from_metadata};
+use osprey_common::worker::{self, ModelQueue, elapsed_ns, handle, image_from_proto, request_deadline};
 use osprey_proto::v1::{self, LowResLogits, ProposedMask, SamPrompt, Timing};
 use osprey_proto::worker::v1::sam_server::{Sam, SamServer};
 use osprey_proto::worker::v1::{
     EmbedRequest, EmbedResponse, EverythingRequest, EverythingResponse, PredictRequest, PredictResponse,
     PromptMasks,
 };
-use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, Span, instrument};
+use tracing::{Span, instrument};
 
-use crate::amg::{AmgParams, GeneratedMask, generate, mask_to_box};
+use crate::amg::{AmgParams, GeneratedMask, mask_to_box};
 use crate::dump::resolve_config;
+use crate::engine::{EmbedJob, EverythingJob, EverythingOutput, PredictJob, SamEngine, SamJob};
 use crate::error::SamError;
 use crate::predictor::{ImageEmbedding, Prediction, SamPredictor, load_sam};
 use crate::prompt::Prompt;
@@ -76,111 +76,9 @@ pub struct ServeArgs {
     pub telemetry: TelemetryArgs,
 }
 
-/// What the model thread is asked to do.
-enum Command {
-    Embed(EmbedJob),
-    Predict(PredictJob),
-    Everything(EverythingJob),
-}
-
-struct EmbedJob {
-    image: RgbImage,
-    span: Span,
-    reply: oneshot::Sender<Result<Arc<ImageEmbedding>, SamError>>,
-}
-
-struct PredictJob {
-    embedding: Arc<ImageEmbedding>,
-    prompts: Vec<Prompt>,
-    span: Span,
-    reply: oneshot::Sender<Result<Vec<Prediction>, SamError>>,
-}
-
-/// The masks, and the whole-image embedding when one was computed or used (to keep resident).
-type EverythingOutput = (Vec<GeneratedMask>, Option<Arc<ImageEmbedding>>);
-
-struct EverythingJob {
-    image: Option<RgbImage>,
-    embedding: Option<Arc<ImageEmbedding>>,
-    params: AmgParams,
-    span: Span,
-    reply: oneshot::Sender<Result<EverythingOutput, SamError>>,
-}
-
-/// Runs commands until every sender is gone. Predict requests waiting together are served in one
-/// wake-up; requests whose client has gone are dropped before compute.
-fn model_thread(predictor: SamPredictor, mut commands: mpsc::Receiver<Command>, max_batch_size: usize) {
-    let mut deferred: Option<Command> = None;
-    loop {
-        let Some(command) = deferred.take().or_else(|| commands.blocking_recv()) else { return };
-        match command {
-            Command::Embed(job) => {
-                if job.reply.is_closed() {
-                    continue;
-                }
-                let _enter = job.span.enter();
-                metrics::counter!("osprey_sam_encoder_runs_total").increment(1);
-                let _ = job.reply.send(predictor.embed(&job.image).map(Arc::new));
-            }
-            Command::Everything(job) => {
-                if job.reply.is_closed() {
-                    continue;
-                }
-                let _enter = job.span.enter();
-                let result = (|| {
-                    // The whole-image embedding is computed once here so the service can keep it.
-                    let embedding = match (job.embedding, &job.image) {
-                        (Some(e), _) => Some(e),
-                        (None, Some(image)) => {
-                            metrics::counter!("osprey_sam_encoder_runs_total").increment(1);
-                            Some(Arc::new(predictor.embed(image)?))
-                        }
-                        (None, None) => None,
-                    };
-                    let masks = generate(&predictor, job.image.as_ref(), embedding.as_deref(), &job.params)?;
-                    Ok((masks, embedding))
-                })();
-                let _ = job.reply.send(result);
-            }
-            Command::Predict(first) => {
-                let mut batch = vec![first];
-                while batch.len() < max_batch_size {
-                    match commands.try_recv() {
-                        Ok(Command::Predict(job)) => batch.push(job),
-                        Ok(other) => {
-                            deferred = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                batch.retain(|job| !job.reply.is_closed());
-                metrics::histogram!("osprey_sam_predict_batch_size").record(batch.len() as f64);
-                for job in batch {
-                    let _enter = job.span.enter();
-                    let result = predictor.predict_batch(&job.embedding, &job.prompts);
-                    let _ = job.reply.send(result);
-                }
-            }
-        }
-    }
-}
-
-impl From<SamError> for ServiceError {
-    fn from(err: SamError) -> Self {
-        match err {
-            SamError::InvalidPrompt { .. } | SamError::InvalidParams { .. } | SamError::Image(_) => {
-                ServiceError::InvalidArgument(err.to_string())
-            }
-            SamError::NoImage => ServiceError::FailedPrecondition(err.to_string()),
-            other => ServiceError::Internal(other.to_string()),
-        }
-    }
-}
-
 /// The gRPC handlers: admission, the resident LRU, and hand-off to the model thread.
 pub struct SamService {
-    commands: mpsc::Sender<Command>,
+    model: ModelQueue<SamJob>,
     resident: ResidentCache<Arc<ImageEmbedding>>,
     admission: Admission,
     low_res_size: usize,
@@ -192,15 +90,15 @@ pub struct SamService {
 impl SamService {
     /// Starts the model thread and returns the service in front of it.
     pub fn start(predictor: SamPredictor, args: &ServeArgs) -> Self {
-        let (commands, receiver) = mpsc::channel(args.max_concurrent_requests.max(1));
         let low_res_size = predictor.config().low_res_size();
-        let max_batch_size = args.max_batch_size.max(1);
-        std::thread::Builder::new()
-            .name("sam-model".into())
-            .spawn(move || model_thread(predictor, receiver, max_batch_size))
-            .expect("spawning the model thread");
         Self {
-            commands,
+            model: ModelQueue::start(
+                "sam",
+                "sam-model",
+                SamEngine::new(predictor),
+                args.max_concurrent_requests,
+                args.max_batch_size,
+            ),
             resident: ResidentCache::new(
                 args.max_resident_bytes,
                 "osprey_sam_resident_lookups_total",
@@ -214,37 +112,12 @@ impl SamService {
         }
     }
 
-    async fn ask<T>(
-        &self,
-        command: Command,
-        reply: oneshot::Receiver<Result<T, SamError>>,
-    ) -> Result<T, ServiceError> {
-        self.commands
-            .send(command)
-            .await
-            .map_err(|_| ServiceError::Unavailable("model thread stopped".into()))?;
-        reply
-            .await
-            .map_err(|_| ServiceError::Internal("model thread dropped the request".into()))?
-            .map_err(Into::into)
-    }
-
-    fn check_image(&self, image: osprey_proto::worker::v1::RgbImage) -> Result<RgbImage, ServiceError> {
-        if image.width as u64 * image.height as u64 > self.max_pixels {
-            return Err(ServiceError::invalid(
-                "image",
-                format!("over the limit of {} pixels", self.max_pixels),
-            ));
-        }
-        RgbImage::from_raw(image.width, image.height, image.rgb)
-            .map_err(|e| ServiceError::invalid("image", e))
-    }
-
     /// The resident embedding of `key`, or the embedding of `image` (then kept): `(embedding, was_resident)`.
     async fn embedding(
         &self,
         key: &str,
         image: Option<osprey_proto::worker::v1::RgbImage>,
+        deadline: Option<Instant>,
     ) -> Result<(Arc<ImageEmbedding>, bool), ServiceError> {
         if let Some(embedding) = self.resident.get(key) {
             return Ok((embedding, true));
@@ -254,21 +127,40 @@ impl SamService {
                 "the embedding of image {key} is not resident on this worker; send `image` or call Embed"
             )));
         };
-        let image = self.check_image(image)?;
+        let image = image_from_proto(image, self.max_pixels)?;
         let start = Instant::now();
-        let (reply, receiver) = oneshot::channel();
-        let embedding =
-            self.ask(Command::Embed(EmbedJob { image, span: Span::current(), reply }), receiver).await?;
+        let embedding = self.embed(image, deadline).await?;
         metrics::histogram!("osprey_sam_embed_duration").record(start.elapsed().as_secs_f64());
         self.resident.insert(key, embedding.clone(), embedding.bytes());
         Ok((embedding, false))
     }
 
-    async fn handle_embed(&self, request: EmbedRequest) -> Result<EmbedResponse, ServiceError> {
+    async fn embed(
+        &self,
+        image: RgbImage,
+        deadline: Option<Instant>,
+    ) -> Result<Arc<ImageEmbedding>, ServiceError> {
+        self.model.ask(|reply| SamJob::Embed(EmbedJob { image, reply }), deadline).await
+    }
+
+    async fn predict(
+        &self,
+        embedding: Arc<ImageEmbedding>,
+        prompts: Vec<Prompt>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Prediction>, ServiceError> {
+        self.model.ask(|reply| SamJob::Predict(PredictJob { embedding, prompts, reply }), deadline).await
+    }
+
+    async fn handle_embed(
+        &self,
+        request: EmbedRequest,
+        deadline: Option<Instant>,
+    ) -> Result<EmbedResponse, ServiceError> {
         let start = Instant::now();
         check_image_key(&request.image_key)?;
         let image = Some(request.image.ok_or_else(|| ServiceError::invalid("image", "required"))?);
-        let (_, was_resident) = self.embedding(&request.image_key, image).await?;
+        let (_, was_resident) = self.embedding(&request.image_key, image, deadline).await?;
         let ns = elapsed_ns(start);
         Ok(EmbedResponse {
             was_resident,
@@ -276,7 +168,11 @@ impl SamService {
         })
     }
 
-    async fn handle_predict(&self, request: PredictRequest) -> Result<PredictResponse, ServiceError> {
+    async fn handle_predict(
+        &self,
+        request: PredictRequest,
+        deadline: Option<Instant>,
+    ) -> Result<PredictResponse, ServiceError> {
         let start = Instant::now();
         check_image_key(&request.image_key)?;
         if request.prompts.len() > self.max_prompts {
@@ -291,11 +187,9 @@ impl SamService {
             .enumerate()
             .map(|(i, p)| prompt_from_proto(i, p, self.low_res_size, self.max_points_per_prompt))
             .collect::<Result<Vec<_>, _>>()?;
-        let (embedding, was_resident) = self.embedding(&request.image_key, request.image).await?;
+        let (embedding, was_resident) = self.embedding(&request.image_key, request.image, deadline).await?;
         let decode_start = Instant::now();
-        let (reply, receiver) = oneshot::channel();
-        let job = PredictJob { embedding, prompts, span: Span::current(), reply };
-        let predictions = self.ask(Command::Predict(job), receiver).await?;
+        let predictions = self.predict(embedding, prompts, deadline).await?;
         metrics::histogram!("osprey_sam_predict_duration").record(decode_start.elapsed().as_secs_f64());
         let prompts = predictions.iter().map(prompt_masks).collect::<Result<Vec<_>, _>>()?;
         let ns = elapsed_ns(start);
@@ -309,6 +203,7 @@ impl SamService {
     async fn handle_everything(
         &self,
         request: EverythingRequest,
+        deadline: Option<Instant>,
     ) -> Result<EverythingResponse, ServiceError> {
         let start = Instant::now();
         check_image_key(&request.image_key)?;
@@ -316,16 +211,15 @@ impl SamService {
         params.validate()?;
         let embedding = self.resident.get(&request.image_key);
         let was_resident = embedding.is_some();
-        let image = request.image.map(|i| self.check_image(i)).transpose()?;
+        let image = request.image.map(|i| image_from_proto(i, self.max_pixels)).transpose()?;
         if image.is_none() && (embedding.is_none() || params.crop_n_layers > 0) {
             return Err(ServiceError::FailedPrecondition(format!(
                 "image {} is not resident on this worker (or crop layers need its pixels); send `image`",
                 request.image_key
             )));
         }
-        let (reply, receiver) = oneshot::channel();
-        let job = EverythingJob { image, embedding, params, span: Span::current(), reply };
-        let (masks, whole) = self.ask(Command::Everything(job), receiver).await?;
+        let job = |reply| SamJob::Everything(EverythingJob { image, embedding, params, reply });
+        let (masks, whole): EverythingOutput = self.model.ask(job, deadline).await?;
         if let (false, Some(whole)) = (was_resident, whole) {
             let bytes = whole.bytes();
             self.resident.insert(&request.image_key, whole, bytes);
@@ -499,24 +393,20 @@ fn generated_to_proto(m: &GeneratedMask) -> ProposedMask {
     }
 }
 
-fn elapsed_ns(start: Instant) -> u64 {
-    start.elapsed().as_nanos() as u64
-}
-
 #[tonic::async_trait]
 impl Sam for SamService {
     #[instrument(skip_all, fields(image_key = %request.get_ref().image_key))]
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
-        let _permit = self.admission.admit()?;
-        respond(self.handle_embed(request.into_inner()).await)
+        let deadline = request_deadline(request.metadata());
+        handle(&self.admission, self.handle_embed(request.into_inner(), deadline)).await
     }
 
     #[instrument(skip_all, fields(image_key = %request.get_ref().image_key, prompts = request.get_ref().prompts.len()))]
     async fn predict(&self, request: Request<PredictRequest>) -> Result<Response<PredictResponse>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
-        let _permit = self.admission.admit()?;
-        respond(self.handle_predict(request.into_inner()).await)
+        let deadline = request_deadline(request.metadata());
+        handle(&self.admission, self.handle_predict(request.into_inner(), deadline)).await
     }
 
     #[instrument(skip_all, fields(image_key = %request.get_ref().image_key))]
@@ -525,8 +415,8 @@ impl Sam for SamService {
         request: Request<EverythingRequest>,
     ) -> Result<Response<EverythingResponse>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
-        let _permit = self.admission.admit()?;
-        respond(self.handle_everything(request.into_inner()).await)
+        let deadline = request_deadline(request.metadata());
+        handle(&self.admission, self.handle_everything(request.into_inner(), deadline)).await
     }
 }
 
@@ -550,14 +440,13 @@ pub fn describe_metrics() {
     describe_gauge!("osprey_sam_resident_bytes", Unit::Bytes, "Bytes of resident embeddings");
 }
 
-/// Loads the model, warms it up, serves until SIGTERM/ctrl-c (or `shutdown`), then drains.
+/// Loads the model, warms it up, serves until `shutdown` completes, then drains.
 pub async fn run(
     args: ServeArgs,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     describe_metrics();
-    let (routes, health) = standard_routes(&["osprey.worker.v1.Sam"]).await;
     let device = osprey_checkpoint::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let (weights, config) = (args.weights.clone(), args.config.clone());
     let predictor = tokio::task::spawn_blocking(move || -> Result<SamPredictor, SamError> {
@@ -567,39 +456,33 @@ pub async fn run(
     .await??;
     tracing::info!("sam model loaded");
     let service = Arc::new(SamService::start(predictor, &args));
-    warm_up(&service).await?;
-    let sam = SamServer::from_arc(service)
+    let sam = SamServer::from_arc(service.clone())
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
-    let routes = routes.add_service(sam);
-    health.set_serving().await;
-    tracing::info!(address = %listener.local_addr()?, "serving");
-    serve(listener, routes, &health, shutdown).await?;
-    Ok(())
+    worker::serve_worker("osprey.worker.v1.Sam", listener, shutdown, warm_up(&service), |routes| {
+        routes.add_service(sam)
+    })
+    .await
 }
 
-/// One embed and one prompt decode through the model thread before reporting SERVING.
+/// One embed and one prompt decode through the model thread before the worker reports SERVING.
 async fn warm_up(service: &SamService) -> anyhow::Result<()> {
     let (w, h) = (32u32, 24u32);
     let image = RgbImage::from_raw(w, h, vec![127; (w * h * 3) as usize])?;
-    let (reply, receiver) = oneshot::channel();
-    let embedding = service
-        .ask(Command::Embed(EmbedJob { image, span: Span::current(), reply }), receiver)
-        .instrument(tracing::info_span!("warm_up"))
-        .await?;
+    let embedding = service.embed(image, None).await?;
     let mut prompt = Prompt::named("warm_up");
     prompt.point_coords = Some(vec![vec![16.0, 12.0]]);
     prompt.point_labels = Some(vec![1.0]);
-    let (reply, receiver) = oneshot::channel();
-    let job = PredictJob { embedding, prompts: vec![prompt], span: Span::current(), reply };
-    service.ask(Command::Predict(job), receiver).await?;
+    service.predict(embedding, vec![prompt], None).await?;
     Ok(())
 }
 
-/// `sam-worker serve`: telemetry, then [`run`] until a shutdown signal.
+/// `sam-worker serve`: telemetry, then [`run`] until SIGTERM or ctrl-c.
 pub async fn main(args: ServeArgs) -> anyhow::Result<()> {
-    let _telemetry = osprey_common::telemetry::init_telemetry(&args.telemetry, "sam-worker")?;
-    tracing::info!(?args, "starting");
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    run(args, listener, shutdown_signal()).await
+    let telemetry = args.telemetry.clone();
+    worker::main("sam-worker", &telemetry, args.listen, |listener, shutdown| {
+        tracing::info!(?args, "starting");
+        run(args, listener, shutdown)
+    })
+    .await
 }

@@ -18,7 +18,7 @@ use osprey_e2e::*;
 use osprey_proto::v1::{self, CacheTier};
 use tonic::Code;
 use vision_worker::VisionModel;
-use vision_worker::service::VisionCore;
+use vision_worker::VisionCore;
 
 /// New tokens per answer: enough to tell answers apart, short enough for two cores.
 const MAX_NEW_TOKENS: u32 = 8;

@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 
+use osprey_common::ServiceError;
+use osprey_common::resize::ResizeError;
+
 use crate::weights::WeightsError;
 
 /// Everything that can go wrong between a checkpoint directory, an image, masks and the tokens.
@@ -30,10 +33,33 @@ pub enum VisionError {
     /// A failure inside candle; with valid inputs this is a bug or an out-of-memory.
     #[error("model: {0}")]
     Candle(#[source] Box<candle_core::Error>),
+    /// A failure of the worker itself (not of the request).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl From<candle_core::Error> for VisionError {
     fn from(e: candle_core::Error) -> Self {
         Self::Candle(Box::new(e))
+    }
+}
+
+/// The client is blamed only for what it sent: a bad image or mask is INVALID_ARGUMENT; a model,
+/// device or start-up failure is INTERNAL, so the gateway tries another replica.
+impl From<VisionError> for ServiceError {
+    fn from(err: VisionError) -> Self {
+        match err {
+            VisionError::MaskSize { index, .. } => ServiceError::invalid(format!("masks[{index}]"), &err),
+            VisionError::Image(_) | VisionError::Resize(ResizeError::ZeroSize { .. }) => {
+                ServiceError::invalid("image", &err)
+            }
+            VisionError::InvalidInput(_) => ServiceError::InvalidArgument(err.to_string()),
+            VisionError::Io { .. }
+            | VisionError::Config { .. }
+            | VisionError::Weights(_)
+            | VisionError::Resize(_)
+            | VisionError::Candle(_)
+            | VisionError::Internal(_) => ServiceError::Internal(err.to_string()),
+        }
     }
 }

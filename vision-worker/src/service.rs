@@ -1,33 +1,33 @@
-//! The vision worker as a gRPC service (`osprey.worker.v1.Vision`): a model thread that batches
-//! concurrent encodes into one forward pass, a resident LRU of image features keyed by image key,
-//! and pooling from resident features or from a feature blob sent along (architecture.md §3).
+//! The vision worker's gRPC edge (`osprey.worker.v1.Vision`): flags, request checks, the resident
+//! LRU of image features keyed by image key, and hand-off to the model thread ([`crate::engine`]),
+//! where concurrent encodes share one forward pass. Pool reads resident features or a feature blob
+//! sent along (docs/ARCHITECTURE.md, "Cache tiers and keys").
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use osprey_common::ServiceError;
-use osprey_common::error::{check_image_key, respond};
+use osprey_common::error::check_image_key;
 use osprey_common::grpc::Admission;
-use osprey_common::grpc::{serve, shutdown_signal, standard_routes};
 use osprey_common::image::RgbImage;
 use osprey_common::lru::ResidentCache;
 use osprey_common::mask::{Mask, rle_from_proto};
 use osprey_common::telemetry::{TelemetryArgs, set_parent_from_metadata};
 use osprey_common::tensor::f32_to_proto;
+use osprey_common::worker::{self, ModelQueue, elapsed_ns, handle, image_from_proto, request_deadline};
 use osprey_proto::v1::Timing;
 use osprey_proto::worker::v1::vision_server::{Vision, VisionServer};
 use osprey_proto::worker::v1::{EncodeRequest, EncodeResponse, FeatureBlob, PoolRequest, PoolResponse};
-use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, Span, instrument};
+use tracing::{Span, instrument};
 
-use crate::error::VisionError;
+use crate::engine::{
+    EncodeJob, FeatureDtype, ImageFeatures, PoolJob, VisionCore, VisionEngine, VisionJob, checkpoint_revision,
+};
 use crate::models::VisionModel;
-use crate::models::clip_convnext::Features;
-use crate::preprocess::preprocess;
 
 /// `vision-worker serve` flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -73,255 +73,9 @@ pub struct ServeArgs {
     pub telemetry: TelemetryArgs,
 }
 
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FeatureDtype {
-    F16,
-    F32,
-}
-
-impl FeatureDtype {
-    fn dtype(self) -> DType {
-        match self {
-            Self::F16 => DType::F16,
-            Self::F32 => DType::F32,
-        }
-    }
-}
-
-/// Features of one image, as kept resident and shipped: res2..res5 `[1, C, h, w]` in the feature
-/// dtype, and the original image size (masks must match it).
-#[derive(Debug)]
-pub struct ImageFeatures {
-    pub levels: [Tensor; 4],
-    pub height: u32,
-    pub width: u32,
-}
-
-impl ImageFeatures {
-    fn bytes(&self) -> usize {
-        self.levels.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
-    }
-
-    /// The compact blob: safetensors bytes with `res2`..`res5` and `image_hw` (u32 [2]).
-    pub fn to_blob(&self, model_revision: &str) -> Result<FeatureBlob, VisionError> {
-        let image_hw = Tensor::new(&[self.height, self.width], &Device::Cpu)?;
-        let levels: Vec<Tensor> =
-            self.levels.iter().map(|t| t.to_device(&Device::Cpu)).collect::<Result<_, _>>()?;
-        let mut named: Vec<(&str, &Tensor)> = Features::NAMES.iter().copied().zip(levels.iter()).collect();
-        named.push(("image_hw", &image_hw));
-        let bytes = safetensors::serialize(named, None)
-            .map_err(|e| VisionError::InvalidInput(format!("serialising features: {e}")))?;
-        Ok(FeatureBlob { safetensors: bytes, model_revision: model_revision.to_string() })
-    }
-
-    /// Reads a blob, checking every level's shape against the model's.
-    pub fn from_blob(
-        blob: &FeatureBlob,
-        expected_shapes: &[[usize; 4]; 4],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self, String> {
-        let tensors = candle_core::safetensors::load_buffer(&blob.safetensors, device)
-            .map_err(|e| format!("not a safetensors blob: {e}"))?;
-        let level = |i: usize| -> Result<Tensor, String> {
-            let name = Features::NAMES[i];
-            let t = tensors.get(name).ok_or_else(|| format!("missing tensor {name}"))?;
-            if t.dims() != expected_shapes[i] {
-                return Err(format!(
-                    "{name} has shape {:?}, the model's is {:?}",
-                    t.dims(),
-                    expected_shapes[i]
-                ));
-            }
-            t.to_dtype(dtype).map_err(|e| e.to_string())
-        };
-        let levels = [level(0)?, level(1)?, level(2)?, level(3)?];
-        let hw = tensors
-            .get("image_hw")
-            .and_then(|t| t.to_vec1::<u32>().ok())
-            .filter(|hw| hw.len() == 2 && hw[0] > 0 && hw[1] > 0)
-            .ok_or("missing or bad tensor image_hw")?;
-        Ok(Self { levels, height: hw[0], width: hw[1] })
-    }
-}
-
-/// What the model thread is asked to do.
-enum Command {
-    Encode(EncodeJob),
-    Pool(PoolJob),
-}
-
-struct EncodeJob {
-    image: RgbImage,
-    span: Span,
-    reply: oneshot::Sender<Result<Arc<ImageFeatures>, VisionError>>,
-}
-
-struct PoolJob {
-    features: Arc<ImageFeatures>,
-    masks: Vec<Mask>,
-    image_tokens: bool,
-    span: Span,
-    reply: oneshot::Sender<Result<PoolOutput, VisionError>>,
-}
-
-/// Region tokens (and image tokens when asked) as row-major f32 with their shapes.
-pub struct PoolOutput {
-    pub mask_tokens: (Vec<usize>, Vec<f32>),
-    pub pos_tokens: (Vec<usize>, Vec<f32>),
-    pub image_tokens: Option<(Vec<usize>, Vec<f32>)>,
-}
-
-/// The model and what it needs to serve: runs synchronously on its own thread.
-pub struct VisionCore {
-    model: VisionModel,
-    feature_dtype: DType,
-}
-
-impl VisionCore {
-    pub fn new(model: VisionModel, feature_dtype: DType) -> Self {
-        Self { model, feature_dtype }
-    }
-
-    /// Shapes of res2..res5 for one image.
-    pub fn level_shapes(&self) -> [[usize; 4]; 4] {
-        let cfg = &self.model.config;
-        let sizes = cfg.level_sizes();
-        std::array::from_fn(|i| [1, cfg.dims[i], sizes[i], sizes[i]])
-    }
-
-    /// Encodes several images in one forward pass.
-    pub fn encode_batch(&self, images: &[&RgbImage]) -> Result<Vec<ImageFeatures>, VisionError> {
-        let size = self.model.config.image_size;
-        let inputs = images
-            .iter()
-            .map(|image| {
-                let (w, h) = (image.width() as usize, image.height() as usize);
-                preprocess(image.pixels(), w, h, size, self.model.device()).map(|p| p.pixel_values)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let features = self.model.trunk.forward(&Tensor::cat(&inputs, 0)?)?;
-        images
-            .iter()
-            .enumerate()
-            .map(|(i, image)| {
-                let level = |l: usize| features.levels[l].narrow(0, i, 1)?.to_dtype(self.feature_dtype);
-                Ok(ImageFeatures {
-                    levels: [level(0)?, level(1)?, level(2)?, level(3)?],
-                    height: image.height(),
-                    width: image.width(),
-                })
-            })
-            .collect()
-    }
-
-    /// `<mask>`/`<pos>` tokens of masks at the image's resolution.
-    pub fn pool(
-        &self,
-        features: &ImageFeatures,
-        masks: &[Mask],
-        image_tokens: bool,
-    ) -> Result<PoolOutput, VisionError> {
-        let (h, w) = (features.height as usize, features.width as usize);
-        let mut data = Vec::with_capacity(masks.len() * h * w);
-        for (index, mask) in masks.iter().enumerate() {
-            if (mask.height() as usize, mask.width() as usize) != (h, w) {
-                return Err(VisionError::MaskSize {
-                    index,
-                    mask_height: mask.height() as usize,
-                    mask_width: mask.width() as usize,
-                    image_height: h,
-                    image_width: w,
-                });
-            }
-            data.extend_from_slice(mask.data());
-        }
-        let device = self.model.device();
-        let masks = Tensor::from_vec(data, (masks.len(), h, w), device)?;
-        let levels: Vec<Tensor> = features
-            .levels
-            .iter()
-            .map(|t| t.to_device(device)?.to_dtype(DType::F32))
-            .collect::<Result<_, _>>()?;
-        let features_f32 = Features { levels: levels.try_into().expect("four levels. This is a bug.") };
-        let tokens = self.model.regions(&features_f32, &masks, (h, w))?;
-        let flat = |t: &Tensor| -> Result<(Vec<usize>, Vec<f32>), VisionError> {
-            Ok((t.dims().to_vec(), t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?))
-        };
-        Ok(PoolOutput {
-            mask_tokens: flat(&tokens.mask_tokens)?,
-            pos_tokens: flat(&tokens.pos_tokens)?,
-            image_tokens: if image_tokens { Some(flat(&features_f32.image_tokens()?)?) } else { None },
-        })
-    }
-}
-
-/// Runs commands until every sender is gone. Encodes waiting together run as one batch.
-fn model_thread(core: VisionCore, mut commands: mpsc::Receiver<Command>, max_batch_size: usize) {
-    let mut deferred: Option<Command> = None;
-    loop {
-        let Some(command) = deferred.take().or_else(|| commands.blocking_recv()) else { return };
-        match command {
-            Command::Pool(job) => {
-                if job.reply.is_closed() {
-                    continue; // the caller has gone: skip the work
-                }
-                let _enter = job.span.enter();
-                let result = core.pool(&job.features, &job.masks, job.image_tokens);
-                let _ = job.reply.send(result);
-            }
-            Command::Encode(first) => {
-                let mut batch = vec![first];
-                while batch.len() < max_batch_size {
-                    match commands.try_recv() {
-                        Ok(Command::Encode(job)) => batch.push(job),
-                        Ok(other) => {
-                            deferred = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                batch.retain(|job| !job.reply.is_closed());
-                if batch.is_empty() {
-                    continue;
-                }
-                metrics::histogram!("osprey_vision_encode_batch_size").record(batch.len() as f64);
-                let images: Vec<&RgbImage> = batch.iter().map(|job| &job.image).collect();
-                let span = batch[0].span.clone();
-                let _enter = span.enter();
-                match core.encode_batch(&images) {
-                    Ok(features) => {
-                        for (job, features) in batch.into_iter().zip(features) {
-                            let _ = job.reply.send(Ok(Arc::new(features)));
-                        }
-                    }
-                    Err(err) => {
-                        let message = err.to_string();
-                        for job in batch {
-                            let _ = job.reply.send(Err(VisionError::InvalidInput(message.clone())));
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-impl From<VisionError> for ServiceError {
-    fn from(err: VisionError) -> Self {
-        match err {
-            VisionError::MaskSize { .. } | VisionError::InvalidInput(_) | VisionError::Image(_) => {
-                ServiceError::InvalidArgument(err.to_string())
-            }
-            other => ServiceError::Internal(other.to_string()),
-        }
-    }
-}
-
 /// The gRPC handlers: admission, the resident LRU, and hand-off to the model thread.
 pub struct VisionService {
-    commands: mpsc::Sender<Command>,
+    model: ModelQueue<VisionJob>,
     resident: ResidentCache<Arc<ImageFeatures>>,
     level_shapes: [[usize; 4]; 4],
     feature_dtype: DType,
@@ -334,16 +88,17 @@ pub struct VisionService {
 impl VisionService {
     /// Starts the model thread and returns the service in front of it.
     pub fn start(core: VisionCore, args: &ServeArgs, model_revision: String) -> Self {
-        let (commands, receiver) = mpsc::channel(args.max_concurrent_requests.max(1));
         let level_shapes = core.level_shapes();
-        let feature_dtype = core.feature_dtype;
-        let max_batch_size = args.max_batch_size.max(1);
-        std::thread::Builder::new()
-            .name("vision-model".into())
-            .spawn(move || model_thread(core, receiver, max_batch_size))
-            .expect("spawning the model thread");
+        let feature_dtype = core.feature_dtype();
+        let engine = VisionEngine::new(core, None);
         Self {
-            commands,
+            model: ModelQueue::start(
+                "vision",
+                "vision-model",
+                engine,
+                args.max_concurrent_requests,
+                args.max_batch_size,
+            ),
             resident: ResidentCache::new(
                 args.max_resident_bytes,
                 "osprey_vision_resident_lookups_total",
@@ -358,22 +113,22 @@ impl VisionService {
         }
     }
 
-    async fn ask<T>(
+    /// Features of `image` from the model thread.
+    async fn encode_image(
         &self,
-        command: Command,
-        reply: oneshot::Receiver<Result<T, VisionError>>,
-    ) -> Result<T, ServiceError> {
-        self.commands
-            .send(command)
-            .await
-            .map_err(|_| ServiceError::Unavailable("model thread stopped".into()))?;
-        reply
-            .await
-            .map_err(|_| ServiceError::Internal("model thread dropped the request".into()))?
-            .map_err(Into::into)
+        image_key: &str,
+        image: RgbImage,
+        deadline: Option<Instant>,
+    ) -> Result<Arc<ImageFeatures>, ServiceError> {
+        let image_key = image_key.to_string();
+        self.model.ask(|reply| VisionJob::Encode(EncodeJob { image_key, image, reply }), deadline).await
     }
 
-    async fn handle_encode(&self, request: EncodeRequest) -> Result<EncodeResponse, ServiceError> {
+    async fn handle_encode(
+        &self,
+        request: EncodeRequest,
+        deadline: Option<Instant>,
+    ) -> Result<EncodeResponse, ServiceError> {
         let start = Instant::now();
         check_image_key(&request.image_key)?;
         if let Some(features) = self.resident.get(&request.image_key) {
@@ -384,17 +139,8 @@ impl VisionService {
             });
         }
         let image = request.image.ok_or_else(|| ServiceError::invalid("image", "required"))?;
-        if image.width as u64 * image.height as u64 > self.max_pixels {
-            return Err(ServiceError::invalid(
-                "image",
-                format!("over the limit of {} pixels", self.max_pixels),
-            ));
-        }
-        let image = RgbImage::from_raw(image.width, image.height, image.rgb)
-            .map_err(|e| ServiceError::invalid("image", e))?;
-        let (reply, receiver) = oneshot::channel();
-        let features =
-            self.ask(Command::Encode(EncodeJob { image, span: Span::current(), reply }), receiver).await?;
+        let image = image_from_proto(image, self.max_pixels)?;
+        let features = self.encode_image(&request.image_key, image, deadline).await?;
         let encode_ns = elapsed_ns(start);
         metrics::histogram!("osprey_vision_encode_duration").record(encode_ns as f64 / 1e9);
         self.resident.insert(&request.image_key, features.clone(), features.bytes());
@@ -409,7 +155,11 @@ impl VisionService {
         wanted.then(|| features.to_blob(&self.model_revision)).transpose().map_err(Into::into)
     }
 
-    async fn handle_pool(&self, request: PoolRequest) -> Result<PoolResponse, ServiceError> {
+    async fn handle_pool(
+        &self,
+        request: PoolRequest,
+        deadline: Option<Instant>,
+    ) -> Result<PoolResponse, ServiceError> {
         let start = Instant::now();
         check_image_key(&request.image_key)?;
         if request.masks.len() > self.max_masks {
@@ -463,15 +213,7 @@ impl VisionService {
                 Ok(mask.to_mask())
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let (reply, receiver) = oneshot::channel();
-        let job = PoolJob {
-            features,
-            masks,
-            image_tokens: request.return_image_tokens,
-            span: Span::current(),
-            reply,
-        };
-        let output = self.ask(Command::Pool(job), receiver).await?;
+        let output = self.pool_masks(features, masks, request.return_image_tokens, deadline).await?;
         let pool_ns = elapsed_ns(start);
         metrics::histogram!("osprey_vision_pool_duration").record(pool_ns as f64 / 1e9);
         Ok(PoolResponse {
@@ -482,10 +224,28 @@ impl VisionService {
             timing: Some(Timing { pool_ns, total_ns: elapsed_ns(start), ..Timing::default() }),
         })
     }
-}
 
-fn elapsed_ns(start: Instant) -> u64 {
-    start.elapsed().as_nanos() as u64
+    /// Region tokens of `masks` from the model thread.
+    async fn pool_masks(
+        &self,
+        features: Arc<ImageFeatures>,
+        masks: Vec<Mask>,
+        image_tokens: bool,
+        deadline: Option<Instant>,
+    ) -> Result<crate::engine::PoolOutput, ServiceError> {
+        let job = |reply| VisionJob::Pool(PoolJob { features, masks, image_tokens, reply });
+        self.model.ask(job, deadline).await
+    }
+
+    /// One encode and one pool through the model thread before the worker reports SERVING.
+    async fn warm_up(&self) -> anyhow::Result<()> {
+        let (w, h) = (32u32, 24u32);
+        let image = RgbImage::from_raw(w, h, vec![127; (w * h * 3) as usize])?;
+        let features = self.encode_image("warm-up", image, None).await?;
+        let masks = vec![Mask::from_row_major(h, w, &vec![1; (w * h) as usize])?];
+        self.pool_masks(features, masks, true, None).await?;
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
@@ -493,46 +253,24 @@ impl Vision for VisionService {
     #[instrument(skip_all, fields(image_key = %request.get_ref().image_key))]
     async fn encode(&self, request: Request<EncodeRequest>) -> Result<Response<EncodeResponse>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
-        let _permit = self.admission.admit()?;
-        respond(self.handle_encode(request.into_inner()).await)
+        let deadline = request_deadline(request.metadata());
+        handle(&self.admission, self.handle_encode(request.into_inner(), deadline)).await
     }
 
     #[instrument(skip_all, fields(image_key = %request.get_ref().image_key, masks = request.get_ref().masks.len()))]
     async fn pool(&self, request: Request<PoolRequest>) -> Result<Response<PoolResponse>, Status> {
         set_parent_from_metadata(&Span::current(), request.metadata());
-        let _permit = self.admission.admit()?;
-        respond(self.handle_pool(request.into_inner()).await)
+        let deadline = request_deadline(request.metadata());
+        handle(&self.admission, self.handle_pool(request.into_inner(), deadline)).await
     }
 }
 
-/// A revision string for a checkpoint directory: config and weight file names and sizes.
-pub fn checkpoint_revision(dir: &std::path::Path) -> Result<String, VisionError> {
-    let io = |source| VisionError::Io { path: dir.to_path_buf(), source };
-    let mut entries: Vec<(String, u64)> = std::fs::read_dir(dir)
-        .map_err(io)?
-        .filter_map(Result::ok)
-        .filter_map(|e| Some((e.file_name().to_string_lossy().into_owned(), e.metadata().ok()?.len())))
-        .filter(|(name, _)| {
-            name.ends_with(".json") || name.ends_with(".bin") || name.ends_with(".safetensors")
-        })
-        .collect();
-    entries.sort();
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&std::fs::read(dir.join("config.json")).map_err(io)?);
-    for (name, size) in entries {
-        hasher.update(name.as_bytes());
-        hasher.update(&size.to_le_bytes());
-    }
-    Ok(hasher.finalize().to_hex()[..16].to_string())
-}
-
-/// Loads the model, warms it up, serves until SIGTERM/ctrl-c (or `shutdown`), then drains.
+/// Loads the model, warms it up, serves until `shutdown` completes, then drains.
 pub async fn run(
     args: ServeArgs,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (routes, health) = standard_routes(&["osprey.worker.v1.Vision"]).await;
     let device = osprey_checkpoint::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let weights = args.weights.clone();
     let model = tokio::task::spawn_blocking(move || VisionModel::from_dir(&weights, &device)).await??;
@@ -543,37 +281,21 @@ pub async fn run(
     tracing::info!(revision, "vision model loaded");
     let service =
         Arc::new(VisionService::start(VisionCore::new(model, args.feature_dtype.dtype()), &args, revision));
-    warm_up(&service).await?;
-    let vision = VisionServer::from_arc(service)
+    let vision = VisionServer::from_arc(service.clone())
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
-    let routes = routes.add_service(vision);
-    health.set_serving().await;
-    tracing::info!(address = %listener.local_addr()?, "serving");
-    serve(listener, routes, &health, shutdown).await?;
-    Ok(())
+    worker::serve_worker("osprey.worker.v1.Vision", listener, shutdown, service.warm_up(), |routes| {
+        routes.add_service(vision)
+    })
+    .await
 }
 
-/// One encode and one pool through the model thread before reporting SERVING.
-async fn warm_up(service: &VisionService) -> anyhow::Result<()> {
-    let (w, h) = (32u32, 24u32);
-    let image = RgbImage::from_raw(w, h, vec![127; (w * h * 3) as usize])?;
-    let (reply, receiver) = oneshot::channel();
-    let features = service
-        .ask(Command::Encode(EncodeJob { image, span: Span::current(), reply }), receiver)
-        .instrument(tracing::info_span!("warm_up"))
-        .await?;
-    let (reply, receiver) = oneshot::channel();
-    let masks = vec![Mask::from_row_major(h, w, &vec![1; (w * h) as usize])?];
-    let job = PoolJob { features, masks, image_tokens: true, span: Span::current(), reply };
-    service.ask(Command::Pool(job), receiver).await?;
-    Ok(())
-}
-
-/// `vision-worker serve`: telemetry, then [`run`] until a shutdown signal.
+/// `vision-worker serve`: telemetry, then [`run`] until SIGTERM or ctrl-c.
 pub async fn main(args: ServeArgs) -> anyhow::Result<()> {
-    let _telemetry = osprey_common::telemetry::init_telemetry(&args.telemetry, "vision-worker")?;
-    tracing::info!(?args, "starting");
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    run(args, listener, shutdown_signal()).await
+    let telemetry = args.telemetry.clone();
+    worker::main("vision-worker", &telemetry, args.listen, |listener, shutdown| {
+        tracing::info!(?args, "starting");
+        run(args, listener, shutdown)
+    })
+    .await
 }

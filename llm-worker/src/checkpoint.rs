@@ -8,6 +8,9 @@
 //! unchanged. Keys the model never asks for are left unread: the `*.rotary_emb.inv_freq` buffers
 //! transformers 4.31 saved (the rotary tables are computed from `rope_theta`), and the vision
 //! tower and mask extractor tensors of a full Osprey checkpoint.
+//!
+//! [`load_model`] and [`load_tokenizer`] also take a GGUF file written by `llm-worker quantize`
+//! ([`crate::gguf`]) in place of the directory.
 
 use std::path::Path;
 
@@ -16,7 +19,9 @@ use candle_nn::VarBuilder;
 use osprey_checkpoint::{Checkpoint, WeightsError, var_builder};
 
 use crate::error::LlmError;
-use crate::models::osprey_llama::Config;
+use crate::gguf::{GgufModel, GgufOptions, KEY_TOKENIZER_JSON, is_gguf};
+use crate::models::osprey_llama::{Config, OspreyLlama, WeightSource};
+use crate::tokenizer::OspreyTokenizer;
 
 /// Parses `dir/config.json`.
 pub fn load_config(dir: &Path) -> Result<Config, LlmError> {
@@ -49,4 +54,41 @@ fn checkpoint_error(dir: &Path, err: WeightsError) -> LlmError {
         },
         other => LlmError::Checkpoint { path: dir.to_path_buf(), msg: other.to_string() },
     }
+}
+
+/// The model at `path`: a checkpoint directory, or a GGUF file written by `llm-worker quantize`
+/// (recognised by its `.gguf` extension or its magic), whose linear layers stay quantized.
+pub fn load_model(path: &Path, dtype: DType, device: &Device) -> Result<OspreyLlama, LlmError> {
+    load_model_with(path, dtype, device, GgufOptions::default())
+}
+
+/// [`load_model`] with the GGUF options (ignored for a checkpoint directory).
+pub fn load_model_with(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    options: GgufOptions,
+) -> Result<OspreyLlama, LlmError> {
+    if is_gguf(path) {
+        let file = GgufModel::open(path, options)?;
+        let cfg = file.config().clone();
+        let source = WeightSource::Gguf { file: &file, dtype, device: device.clone() };
+        Ok(OspreyLlama::load_from(&source, &cfg)?)
+    } else {
+        let cfg = load_config(path)?;
+        Ok(OspreyLlama::load(load_checkpoint(path, dtype, device)?, &cfg)?)
+    }
+}
+
+/// The tokenizer of a checkpoint directory, or the one a GGUF file carries.
+pub fn load_tokenizer(path: &Path) -> Result<OspreyTokenizer, LlmError> {
+    if !is_gguf(path) {
+        return Ok(OspreyTokenizer::from_dir(path)?);
+    }
+    let file = GgufModel::open(path, GgufOptions::default())?;
+    let json = file.metadata_str(KEY_TOKENIZER_JSON).ok_or_else(|| LlmError::Checkpoint {
+        path: path.to_path_buf(),
+        msg: format!("no {KEY_TOKENIZER_JSON} metadata (not written by llm-worker quantize?)"),
+    })?;
+    Ok(OspreyTokenizer::from_json(json)?)
 }

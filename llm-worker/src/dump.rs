@@ -11,15 +11,15 @@ use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 
-use crate::checkpoint::{load_checkpoint, load_config};
+use crate::checkpoint::load_model;
 use crate::error::LlmError;
-use crate::models::osprey_llama::{LogitsMode, OspreyLlama, PrefixKv, SeqCache, SeqStep};
+use crate::models::osprey_llama::{LogitsMode, PrefixKv, SeqCache, SeqStep};
 use crate::sampling::argmax;
 
 pub fn run(weights: &Path, inputs: &Path, out: &Path, max_new_tokens: usize) -> Result<(), LlmError> {
     let device = Device::Cpu;
-    let cfg = load_config(weights)?;
-    let model = OspreyLlama::load(load_checkpoint(weights, DType::F32, &device)?, &cfg)?;
+    let model = load_model(weights, DType::F32, &device)?;
+    let cfg = model.config().clone();
     let tensors = candle_core::safetensors::load(inputs, &device)?;
     let get = |name: &str| {
         tensors

@@ -19,8 +19,8 @@ enum Command {
     /// Run one spliced prompt from a safetensors file and write every position's logits and a
     /// greedy continuation (no EOS stop), for parity checks. CPU, f32.
     Dump {
-        /// Checkpoint directory: config.json plus model.safetensors[.index.json], or a Hugging
-        /// Face repo id.
+        /// Checkpoint directory: config.json plus model.safetensors[.index.json], a Hugging
+        /// Face repo id, or a GGUF file written by `quantize`.
         #[arg(long)]
         weights: PathBuf,
         /// Safetensors input: input_ids i64 [L] (one -200, <mask><pos> id pairs), image_features
@@ -33,6 +33,20 @@ enum Command {
         /// K, the number of greedy tokens.
         #[arg(long, default_value_t = 8)]
         max_new_tokens: usize,
+    },
+    /// Write the language model of a checkpoint as one GGUF file: the decoder's linear layers
+    /// quantized (llama.cpp's tensor names and `llama.*` metadata), embeddings and the projector
+    /// in f16, norms in f32, the tokenizer included. Serve it with `serve --weights FILE.gguf`.
+    Quantize {
+        /// Checkpoint directory (safetensors or torch `.bin` shards) or a Hugging Face repo id.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Output file, written as `<out>.partial` and renamed when complete.
+        #[arg(long)]
+        out: PathBuf,
+        /// Quantization of the decoder's linear layers.
+        #[arg(long = "type", value_enum)]
+        quant: llm_worker::quantize::QuantType,
     },
 }
 
@@ -50,6 +64,10 @@ fn main() -> anyhow::Result<()> {
         Command::Dump { weights, inputs, out, max_new_tokens } => {
             let weights = osprey_checkpoint::hub::resolve_dir(&weights)?;
             llm_worker::dump::run(&weights, &inputs, &out, max_new_tokens)?
+        }
+        Command::Quantize { weights, out, quant } => {
+            let weights = osprey_checkpoint::hub::resolve_dir(&weights)?;
+            llm_worker::quantize::run(&weights, &out, quant)?;
         }
     }
     Ok(())

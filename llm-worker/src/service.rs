@@ -23,10 +23,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span, instrument};
 
-use crate::checkpoint::{load_checkpoint, load_config};
+use crate::checkpoint::{load_model, load_tokenizer};
 use crate::engine::{Engine, EngineConfig, EngineHandle, Event, GenerateRequest, Question};
 use crate::error::LlmError;
-use crate::models::osprey_llama::OspreyLlama;
 use crate::prompt::{self, PostProcess, Task, Turn};
 use crate::sampling::{FinishReason, SamplingParams};
 use crate::tokenizer::OspreyTokenizer;
@@ -36,7 +35,7 @@ use crate::tokenizer::OspreyTokenizer;
 pub struct ServeArgs {
     /// Osprey checkpoint directory: config.json, weights, tokenizer.model or tokenizer.json and
     /// added_tokens.json; or a Hugging Face repo id (`sunshine-lwt/Osprey-7b[@revision]`) fetched
-    /// into `HF_HOME`.
+    /// into `HF_HOME`; or a GGUF file written by `llm-worker quantize` (quantized linear layers).
     #[arg(long, env = "OSPREY_WEIGHTS")]
     pub weights: PathBuf,
     /// Address to serve gRPC on.
@@ -104,10 +103,9 @@ impl LlmService {
     pub fn load(args: &ServeArgs) -> Result<Self, anyhow::Error> {
         let device = osprey_checkpoint::parse_device(&args.device).map_err(anyhow::Error::msg)?;
         let dtype = osprey_checkpoint::parse_dtype(&args.dtype, &device).map_err(anyhow::Error::msg)?;
-        let cfg = load_config(&args.weights)?;
-        let model = OspreyLlama::load(load_checkpoint(&args.weights, dtype, &device)?, &cfg)?;
+        let model = load_model(&args.weights, dtype, &device)?;
         tracing::info!(device = args.device, ?dtype, "model loaded");
-        let tokenizer = OspreyTokenizer::from_dir(&args.weights)?;
+        let tokenizer = load_tokenizer(&args.weights)?;
         let cfg = model.config();
         if (tokenizer.mask_id(), tokenizer.pos_id()) != (cfg.mask_token_id, cfg.pos_token_id) {
             anyhow::bail!(

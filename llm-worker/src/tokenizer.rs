@@ -299,6 +299,13 @@ impl OspreyTokenizer {
         Self::from_tokenizer(inner)
     }
 
+    /// Loads a tokenizer serialized with its `<mask>`/`<pos>` tokens (`Tokenizer::to_string`
+    /// of [`Self::inner`]), as a GGUF file written by `llm-worker quantize` carries it.
+    pub fn from_json(text: &str) -> Result<Self, TokenizerError> {
+        let inner: Tokenizer = text.parse()?;
+        Self::from_tokenizer(inner)
+    }
+
     fn from_tokenizer(inner: Tokenizer) -> Result<Self, TokenizerError> {
         let id = |t: &str| inner.token_to_id(t).ok_or_else(|| TokenizerError::MissingToken(t.to_string()));
         Ok(Self {

@@ -15,13 +15,19 @@
 //! - [`kv_cache`]: [`SeqCache`] and the shared [`PrefixKv`] blocks it starts from.
 //! - [`splice`]: prompt ids with the image sentinel and `<mask><pos>` pairs to input embeddings.
 //! - [`model`]: the projector, the decoder layers (attention, MLP) and [`OspreyLlama`].
+//! - [`linear`]: the decoder's linear layers, plain or quantized ([`QLinear`]);
+//!   [`weights`]: where tensors come from, a checkpoint or a GGUF file ([`WeightSource`]).
 
 pub mod config;
 pub mod kv_cache;
+pub mod linear;
 pub mod model;
 pub mod splice;
+pub mod weights;
 
 pub use config::Config;
 pub use kv_cache::{KvBlock, PrefixKv, SeqCache};
+pub use linear::QLinear;
 pub use model::{Generation, LogitsMode, MmProjector, OspreyLlama, SeqStep};
 pub use splice::{Segment, plan_counts, splice_plan};
+pub use weights::WeightSource;

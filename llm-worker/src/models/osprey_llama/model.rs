@@ -15,6 +15,9 @@
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
+use super::linear::QLinear;
+use super::weights::WeightSource;
+
 use super::config::Config;
 use super::kv_cache::{PrefixKv, SeqCache};
 use crate::error::LlmError;
@@ -28,29 +31,29 @@ pub struct MmProjector {
 }
 
 impl MmProjector {
-    /// `vb` at `model.mm_projector`.
+    /// `model.mm_projector.{0,2}` of `w`.
     pub fn load(
-        vb: VarBuilder,
+        w: &WeightSource,
         mm_hidden_size: Option<usize>,
         hidden_size: usize,
     ) -> candle_core::Result<Self> {
-        let vb0 = vb.pp("0");
+        let p = "model.mm_projector";
         let w0 = match mm_hidden_size {
-            Some(m) => vb0.get((hidden_size, m), "weight")?,
+            Some(m) => w.get(&[hidden_size, m], &format!("{p}.0.weight"))?,
             None => {
-                let w = vb0.get_unchecked("weight")?;
-                let (out, _) = w.dims2()?;
+                let w0 = w.get_unchecked(&format!("{p}.0.weight"))?;
+                let (out, _) = w0.dims2()?;
                 if out != hidden_size {
-                    candle_core::bail!(
-                        "model.mm_projector.0.weight is {:?}, expected [{hidden_size}, _]",
-                        w.dims()
-                    );
+                    candle_core::bail!("{p}.0.weight is {:?}, expected [{hidden_size}, _]", w0.dims());
                 }
-                w
+                w0
             }
         };
-        let fc1 = Linear::new(w0, Some(vb0.get(hidden_size, "bias")?));
-        let fc2 = candle_nn::linear(hidden_size, hidden_size, vb.pp("2"))?;
+        let fc1 = Linear::new(w0, Some(w.get(&[hidden_size], &format!("{p}.0.bias"))?));
+        let fc2 = Linear::new(
+            w.get(&[hidden_size, hidden_size], &format!("{p}.2.weight"))?,
+            Some(w.get(&[hidden_size], &format!("{p}.2.bias"))?),
+        );
         Ok(Self { fc1, fc2 })
     }
 
@@ -78,24 +81,25 @@ struct Batch<'a> {
 /// Self-attention with rotate-half RoPE and grouped key/value heads.
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: QLinear,
+    k_proj: QLinear,
+    v_proj: QLinear,
+    o_proj: QLinear,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+    /// `{prefix}.{q,k,v,o}_proj`.
+    fn load(w: &WeightSource, prefix: &str, cfg: &Config) -> candle_core::Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         Ok(Self {
-            q_proj: candle_nn::linear_no_bias(h, heads * d, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear_no_bias(h, kv_heads * d, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear_no_bias(h, kv_heads * d, vb.pp("v_proj"))?,
-            o_proj: candle_nn::linear_no_bias(heads * d, h, vb.pp("o_proj"))?,
+            q_proj: w.linear(h, heads * d, &format!("{prefix}.q_proj"))?,
+            k_proj: w.linear(h, kv_heads * d, &format!("{prefix}.k_proj"))?,
+            v_proj: w.linear(h, kv_heads * d, &format!("{prefix}.v_proj"))?,
+            o_proj: w.linear(heads * d, h, &format!("{prefix}.o_proj"))?,
             num_heads: heads,
             num_kv_heads: kv_heads,
             head_dim: d,
@@ -188,18 +192,19 @@ impl Attention {
 /// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: QLinear,
+    up_proj: QLinear,
+    down_proj: QLinear,
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
+    /// `{prefix}.{gate,up,down}_proj`.
+    fn load(w: &WeightSource, prefix: &str, cfg: &Config) -> candle_core::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: candle_nn::linear_no_bias(h, i, vb.pp("gate_proj"))?,
-            up_proj: candle_nn::linear_no_bias(h, i, vb.pp("up_proj"))?,
-            down_proj: candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?,
+            gate_proj: w.linear(h, i, &format!("{prefix}.gate_proj"))?,
+            up_proj: w.linear(h, i, &format!("{prefix}.up_proj"))?,
+            down_proj: w.linear(i, h, &format!("{prefix}.down_proj"))?,
         })
     }
 }
@@ -221,13 +226,17 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
-        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+    /// `model.layers.{layer}`.
+    fn load(w: &WeightSource, layer: usize, cfg: &Config) -> candle_core::Result<Self> {
+        let p = format!("model.layers.{layer}");
+        let norm = |name: &str| -> candle_core::Result<RmsNorm> {
+            Ok(RmsNorm::new(w.get(&[cfg.hidden_size], &format!("{p}.{name}.weight"))?, cfg.rms_norm_eps))
+        };
         Ok(Self {
-            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
-            input_layernorm: candle_nn::rms_norm(h, eps, vb.pp("input_layernorm"))?,
-            post_attention_layernorm: candle_nn::rms_norm(h, eps, vb.pp("post_attention_layernorm"))?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+            input_layernorm: norm("input_layernorm")?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
         })
     }
 
@@ -272,7 +281,7 @@ pub struct OspreyLlama {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: QLinear,
     mm_projector: MmProjector,
     /// RoPE inverse frequencies, `1 / theta^(2i / head_dim)` in f32 like transformers.
     inv_freq: Vec<f32>,
@@ -285,18 +294,24 @@ impl OspreyLlama {
     /// Loads from Hugging Face names (`model.embed_tokens`, `model.layers.{i}.…`, `model.norm`,
     /// `lm_head`, `model.mm_projector.{0,2}`), in `vb`'s dtype and device.
     pub fn load(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
-        let m = vb.pp("model");
-        let embed_tokens = candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, m.pp("embed_tokens"))?;
+        Self::load_from(&WeightSource::Checkpoint(vb), cfg)
+    }
+
+    /// Loads from a checkpoint or a GGUF file (see [`WeightSource`]).
+    pub fn load_from(w: &WeightSource, cfg: &Config) -> candle_core::Result<Self> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embeddings = w.get(&[v, h], "model.embed_tokens.weight")?;
+        let embed_tokens = Embedding::new(embeddings.clone(), h);
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(m.pp(format!("layers.{i}")), cfg))
+            .map(|i| DecoderLayer::load(w, i, cfg))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?;
+        let norm = RmsNorm::new(w.get(&[h], "model.norm.weight")?, cfg.rms_norm_eps);
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            QLinear::Plain(Linear::new(embeddings, None))
         } else {
-            candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+            w.linear(h, v, "lm_head")?
         };
-        let mm_projector = MmProjector::load(m.pp("mm_projector"), cfg.mm_hidden_size, cfg.hidden_size)?;
+        let mm_projector = MmProjector::load(w, cfg.mm_hidden_size, h)?;
         let d = cfg.head_dim;
         let theta = cfg.rope_theta as f32;
         let inv_freq = (0..d / 2).map(|i| 1.0f32 / theta.powf((2 * i) as f32 / d as f32)).collect();
@@ -310,8 +325,8 @@ impl OspreyLlama {
             mm_projector,
             inv_freq,
             cfg,
-            device: vb.device().clone(),
-            dtype: vb.dtype(),
+            device: w.device().clone(),
+            dtype: w.dtype(),
         })
     }
 

@@ -1,4 +1,5 @@
-//! The feature cache shared by every gateway replica (architecture.md §3): image features (and
+//! The feature cache shared by every gateway replica (docs/ARCHITECTURE.md, cache tiers): image
+//! features (and
 //! the pixels of registered images) keyed by image key, so that an image is encoded once however
 //! many regions, requests and replicas ask about it.
 //!
@@ -89,6 +90,18 @@ impl FeatureCache {
         found
     }
 
+    /// The first `n` bytes cached under `key` (fewer if the entry is shorter), or `None` on a miss
+    /// or a cache failure: a registered image's size without its pixels.
+    pub async fn get_prefix(&self, key: &str, n: usize) -> Option<Vec<u8>> {
+        let found = match &self.store {
+            Store::Memory(cache) => cache.get_prefix(key, n),
+            Store::Redis(cache) => cache.get_prefix(key, n).await,
+        };
+        metrics::counter!("osprey_feature_cache_lookups_total", "tier" => self.tier(), "hit" => found.is_some().to_string())
+            .increment(1);
+        found
+    }
+
     /// Stores `value` under `key` for the cache TTL (best effort).
     pub async fn put(&self, key: &str, value: Vec<u8>) {
         self.store(key, value, self.ttl).await;
@@ -99,7 +112,7 @@ impl FeatureCache {
         !self.result_ttl.is_zero()
     }
 
-    /// A cached answer (see [`result_key`]), or `None` on a miss, a cache failure, or when the
+    /// A cached answer (see [`crate::cache_entries::answer_key`]), or `None` on a miss, a cache failure, or when the
     /// result cache is off. Counted in `osprey_result_cache_lookups_total{tier,hit}`.
     pub async fn get_result(&self, key: &str) -> Option<Vec<u8>> {
         if !self.caches_results() {
@@ -138,29 +151,6 @@ fn redis_key(key: &str) -> String {
     format!("osprey:{key}")
 }
 
-/// The cache key of an image's vision features.
-pub fn features_key(image_key: &str) -> String {
-    format!("features:{image_key}")
-}
-
-/// The cache key of an image's decoded pixels (registered images).
-pub fn pixels_key(image_key: &str) -> String {
-    format!("pixels:{image_key}")
-}
-
-/// The cache key of one answer: a digest of everything the answer depends on (the image key,
-/// which includes the model revision, the masks, the question, earlier turns and the generation
-/// parameters), written by the caller as `parts`.
-pub fn result_key(parts: &[&[u8]]) -> String {
-    let mut hasher = blake3::Hasher::new();
-    for part in parts {
-        // Length-prefixed, so that parts cannot run into each other.
-        hasher.update(&(part.len() as u64).to_le_bytes());
-        hasher.update(part);
-    }
-    format!("result:{}", hasher.finalize().to_hex())
-}
-
 /// A value and when it expires.
 type Entry = (Instant, Vec<u8>);
 
@@ -178,6 +168,11 @@ impl MemoryCache {
     fn get(&self, key: &str) -> Option<Vec<u8>> {
         let hit = self.entries.lock().expect("cache lock poisoned. This is a bug.").get(&key.to_string());
         hit.filter(|entry| entry.0 > Instant::now()).map(|entry| entry.1.clone())
+    }
+
+    fn get_prefix(&self, key: &str, n: usize) -> Option<Vec<u8>> {
+        let hit = self.entries.lock().expect("cache lock poisoned. This is a bug.").get(&key.to_string());
+        hit.filter(|entry| entry.0 > Instant::now()).map(|entry| entry.1[..n.min(entry.1.len())].to_vec())
     }
 
     fn put(&self, key: &str, value: Vec<u8>, ttl: Duration) {
@@ -237,6 +232,20 @@ impl RedisCache {
         let result = async { self.connection().await?.get::<_, Option<Vec<u8>>>(redis_key(key)).await }.await;
         match result {
             Ok(value) => value,
+            Err(err) => {
+                self.failed("get", err).await;
+                None
+            }
+        }
+    }
+
+    /// GETRANGE answers an empty string for a missing key: that is a miss.
+    async fn get_prefix(&self, key: &str, n: usize) -> Option<Vec<u8>> {
+        let end = n.checked_sub(1)? as isize;
+        let result =
+            async { self.connection().await?.getrange::<_, Vec<u8>>(redis_key(key), 0, end).await }.await;
+        match result {
+            Ok(value) => (!value.is_empty()).then_some(value),
             Err(err) => {
                 self.failed("get", err).await;
                 None

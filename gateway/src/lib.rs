@@ -1,15 +1,37 @@
 //! Osprey's gateway: the only public endpoint. It validates requests, computes image keys, keeps
 //! image features in a cache shared by every replica so that many regions share one encoding,
-//! and routes work over sharded worker replicas (architecture.md §1–§6).
+//! and routes work over sharded worker replicas (docs/ARCHITECTURE.md).
 //!
-//! - [`cache`]: the shared feature cache (Redis, or process memory when no Redis is configured).
-//! - [`routing`]: rendezvous hashing of image keys over worker replicas.
-//! - [`workers`]: worker replicas: discovery, health checks, failover.
-//! - [`annotate`]: the `gateway annotate` client for folders and COCO files.
+//! Modules, bottom to top (each uses only those above it in this list):
+//! - [`config`]: the `gateway serve` flags.
+//! - [`deadline`]: one deadline per request; worker calls get the time left.
+//! - [`request`]: validated request shapes; every check on a public request.
+//! - [`cache`]: the shared cache store (Redis, or process memory); [`cache_entries`]: its keys and
+//!   byte formats.
+//! - [`routing`]: rendezvous hashing of image keys; [`workers`]: replica discovery, health, failover.
+//! - [`clients`]: typed worker clients (resident first, then payload; bytes counted).
+//! - [`images`]: a request's image: key and size, pixels on demand.
+//! - [`state`]: the gateway's shared state.
+//! - [`prepare`], [`features`], [`answers`], [`pipeline`]: the pipeline stages and the RPCs' pipelines.
+//! - [`auth`]: the API key check; [`handlers`]: the RPC handlers; [`service`]: server start.
+//! - [`local`], [`annotate`]: the `gateway local` and `gateway annotate` commands.
 
 pub mod annotate;
+pub mod answers;
+pub mod auth;
 pub mod cache;
+pub mod cache_entries;
+pub mod clients;
+pub mod config;
+pub mod deadline;
+pub mod features;
+pub mod handlers;
+pub mod images;
 pub mod local;
+pub mod pipeline;
+pub mod prepare;
+pub mod request;
 pub mod routing;
 pub mod service;
+pub mod state;
 pub mod workers;

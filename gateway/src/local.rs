@@ -60,7 +60,7 @@ pub struct LocalArgs {
     pub max_new_tokens: u32,
     /// Seconds each worker, then the gateway, may take to report SERVING (a first start with
     /// weights given by repo id downloads them in this time).
-    #[arg(long, default_value_t = 600.0, value_parser = crate::service::positive_seconds)]
+    #[arg(long, default_value_t = 600.0, value_parser = crate::config::positive_seconds)]
     pub start_timeout: f64,
 }
 

@@ -1,0 +1,188 @@
+//! What the gateway keeps in the shared cache: the keys of its entries and their byte formats
+//! (feature blobs, registered pixels, answers). The store itself is [`crate::cache`].
+
+use osprey_common::ServiceError;
+use osprey_common::image::RgbImage;
+use osprey_common::mask::Mask;
+use osprey_proto::v1;
+use osprey_proto::worker::v1 as worker;
+use prost::Message;
+
+/// The cache key of an image's vision features.
+pub fn features_key(image_key: &str) -> String {
+    format!("features:{image_key}")
+}
+
+/// The cache key of an image's decoded pixels (registered images).
+pub fn pixels_key(image_key: &str) -> String {
+    format!("pixels:{image_key}")
+}
+
+/// The cache key of one answer: a digest of everything the answer depends on (the image key,
+/// which includes the model revision, the masks, the question, earlier turns and the generation
+/// parameters), written by the caller as `parts`.
+pub fn result_key(parts: &[&[u8]]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for part in parts {
+        // Length-prefixed, so that parts cannot run into each other.
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    format!("result:{}", hasher.finalize().to_hex())
+}
+
+/// The result-cache key of `question` (tagged with its kind) about `masks` of image `image_key`,
+/// after `history`, generated with `parameters`.
+pub fn answer_key(
+    model_revision: &str,
+    image_key: &str,
+    masks: &[&Mask],
+    question: &str,
+    history: &[v1::Turn],
+    parameters: Option<&v1::GenerationParameters>,
+) -> String {
+    let mask_digests: Vec<[u8; 32]> = masks
+        .iter()
+        .map(|mask| {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(&mask.height().to_le_bytes());
+            hasher.update(&mask.width().to_le_bytes());
+            hasher.update(mask.data());
+            *hasher.finalize().as_bytes()
+        })
+        .collect();
+    let counts = [masks.len() as u64, history.len() as u64].map(u64::to_le_bytes);
+    let parameters = parameters.map(Message::encode_to_vec).unwrap_or_default();
+    let mut parts: Vec<&[u8]> =
+        vec![b"osprey-answer-v1", model_revision.as_bytes(), image_key.as_bytes(), &counts[0], &counts[1]];
+    parts.extend(mask_digests.iter().map(|d| d.as_slice()));
+    parts.push(question.as_bytes());
+    for turn in history {
+        parts.push(turn.question.as_bytes());
+        parts.push(turn.answer.as_bytes());
+    }
+    parts.push(&parameters);
+    result_key(&parts)
+}
+
+/// What the result cache keeps of an answer: the LLM's final response without its timings.
+pub fn answer_to_bytes(response: &worker::GenerateResponse) -> Vec<u8> {
+    worker::GenerateResponse {
+        question_index: 0,
+        text: String::new(),
+        finished: true,
+        timing: None,
+        prefix_cache_hit: false,
+        ..response.clone()
+    }
+    .encode_to_vec()
+}
+
+pub fn answer_from_bytes(bytes: &[u8]) -> Option<worker::GenerateResponse> {
+    worker::GenerateResponse::decode(bytes).ok()
+}
+
+/// Cached blob bytes: the model revision (length-prefixed) then the safetensors bytes.
+pub fn blob_to_bytes(blob: &worker::FeatureBlob) -> Vec<u8> {
+    let revision = blob.model_revision.as_bytes();
+    let mut bytes = Vec::with_capacity(4 + revision.len() + blob.safetensors.len());
+    bytes.extend_from_slice(&(revision.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(revision);
+    bytes.extend_from_slice(&blob.safetensors);
+    bytes
+}
+
+pub fn blob_from_bytes(bytes: &[u8]) -> Option<worker::FeatureBlob> {
+    let n = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let revision = std::str::from_utf8(bytes.get(4..4 + n)?).ok()?.to_string();
+    Some(worker::FeatureBlob { safetensors: bytes.get(4 + n..)?.to_vec(), model_revision: revision })
+}
+
+/// Bytes before the pixels of a registered image: its width and height.
+pub const PIXELS_HEADER_BYTES: usize = 8;
+
+/// Registered pixels: width and height (u32 little-endian) then RGB8.
+pub fn pixels_to_bytes(image: &RgbImage) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(PIXELS_HEADER_BYTES + image.pixels().len());
+    bytes.extend_from_slice(&image.width().to_le_bytes());
+    bytes.extend_from_slice(&image.height().to_le_bytes());
+    bytes.extend_from_slice(image.pixels());
+    bytes
+}
+
+/// Width and height from the first [`PIXELS_HEADER_BYTES`] of registered pixels.
+pub fn size_from_header(header: &[u8]) -> Result<(u32, u32), ServiceError> {
+    let word = |at: usize| {
+        header.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("four bytes. This is a bug.")))
+    };
+    match (word(0), word(4)) {
+        (Some(width), Some(height)) => Ok((width, height)),
+        _ => Err(corrupt()),
+    }
+}
+
+pub fn pixels_from_bytes(bytes: &[u8]) -> Result<RgbImage, ServiceError> {
+    let (width, height) = size_from_header(bytes)?;
+    RgbImage::from_raw(width, height, bytes[PIXELS_HEADER_BYTES..].to_vec()).map_err(|_| corrupt())
+}
+
+fn corrupt() -> ServiceError {
+    ServiceError::Internal("corrupt registered image in the cache".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_round_trip() {
+        let blob = worker::FeatureBlob { safetensors: vec![1, 2, 3], model_revision: "rev".into() };
+        assert_eq!(blob_from_bytes(&blob_to_bytes(&blob)), Some(blob));
+        assert_eq!(blob_from_bytes(&[9, 0, 0, 0, b'x']), None);
+
+        let image = RgbImage::from_raw(2, 1, vec![1, 2, 3, 4, 5, 6]).unwrap();
+        let bytes = pixels_to_bytes(&image);
+        assert_eq!(size_from_header(&bytes[..PIXELS_HEADER_BYTES]).unwrap(), (2, 1));
+        let back = pixels_from_bytes(&bytes).unwrap();
+        assert_eq!((back.width(), back.height(), back.pixels()), (2, 1, image.pixels()));
+        assert!(pixels_from_bytes(&bytes[..10]).is_err());
+        assert!(size_from_header(&bytes[..5]).is_err());
+    }
+
+    #[test]
+    fn answer_keys_change_with_every_input() {
+        let a = Mask::empty(2, 2);
+        let b = Mask::from_row_major(2, 2, &[1, 0, 0, 0]).unwrap();
+        let turn = v1::Turn { question: "q".into(), answer: "a".into() };
+        let greedy = v1::GenerationParameters { max_new_tokens: Some(5), ..Default::default() };
+        let base = answer_key("r", "img", &[&a], "task:0", &[], None);
+        assert_eq!(base, answer_key("r", "img", &[&a], "task:0", &[], None));
+        for other in [
+            answer_key("r2", "img", &[&a], "task:0", &[], None),
+            answer_key("r", "img2", &[&a], "task:0", &[], None),
+            answer_key("r", "img", &[&b], "task:0", &[], None),
+            answer_key("r", "img", &[&a, &a], "task:0", &[], None),
+            answer_key("r", "img", &[&a], "task:1", &[], None),
+            answer_key("r", "img", &[&a], "task:0", &[turn], None),
+            answer_key("r", "img", &[&a], "task:0", &[], Some(&greedy)),
+        ] {
+            assert_ne!(base, other);
+        }
+        assert!(base.starts_with("result:"));
+    }
+
+    #[test]
+    fn stored_answers_drop_timings() {
+        let response = worker::GenerateResponse {
+            question_index: 3,
+            answer: "a cat".into(),
+            timing: Some(v1::Timing { decode_ns: 5, ..Default::default() }),
+            prefix_cache_hit: true,
+            ..Default::default()
+        };
+        let stored = answer_from_bytes(&answer_to_bytes(&response)).unwrap();
+        assert_eq!(stored.answer, "a cat");
+        assert!(stored.finished && stored.timing.is_none() && !stored.prefix_cache_hit);
+        assert_eq!(stored.question_index, 0);
+    }
+}

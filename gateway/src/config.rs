@@ -1,0 +1,89 @@
+//! `gateway serve` flags: where the workers are, the limits on requests, TLS, the API key, the
+//! cache and telemetry.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use osprey_common::telemetry::TelemetryArgs;
+
+use crate::cache::CacheArgs;
+
+/// `gateway serve` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// Address to serve the public gRPC API on.
+    #[arg(long, env, default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// Vision workers, comma-separated `host:port` names (an `http://` prefix is accepted). Each
+    /// name is re-resolved every `--resolve-interval` and every address it resolves to is a
+    /// replica (a Kubernetes headless Service gives one per pod), e.g. `vision.osprey.svc:50052`.
+    #[arg(long, env, value_delimiter = ',', required = true)]
+    pub vision_workers: Vec<String>,
+    /// LLM workers, comma-separated `host:port` names, as `--vision-workers`.
+    #[arg(long, env, value_delimiter = ',', required = true)]
+    pub llm_workers: Vec<String>,
+    /// SAM workers, comma-separated `host:port` names, as `--vision-workers`; needed for Segment,
+    /// prompt regions and everything mode.
+    #[arg(long, env, value_delimiter = ',')]
+    pub sam_workers: Vec<String>,
+    /// Seconds between re-resolutions of the worker names (new addresses join, vanished ones leave).
+    #[arg(long, env, default_value_t = 10.0, value_parser = positive_seconds)]
+    pub resolve_interval: f64,
+    /// Seconds between `grpc.health.v1` checks of every replica; one that is not SERVING is
+    /// skipped until a check passes again.
+    #[arg(long, env, default_value_t = 2.0, value_parser = positive_seconds)]
+    pub health_interval: f64,
+    /// Serve TLS with this PEM certificate (chain); needs `--tls-key`. Plaintext when unset.
+    #[arg(long, env, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, env, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Clients must send this key as `authorization: Bearer KEY` or `x-api-key: KEY`. Open when unset.
+    #[arg(long, env)]
+    pub api_key: Option<String>,
+    /// Model revision mixed into image keys; change it when any model's weights change.
+    #[arg(long, env, default_value = "osprey-7b")]
+    pub model_revision: String,
+    /// Most regions in one request.
+    #[arg(long, env, default_value_t = 256)]
+    pub max_regions: usize,
+    /// Largest image file accepted, in bytes.
+    #[arg(long, env, default_value_t = 32 << 20)]
+    pub max_image_bytes: usize,
+    /// Largest decoded image accepted, in pixels.
+    #[arg(long, env, default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+    /// Longest question accepted, in bytes.
+    #[arg(long, env, default_value_t = 4096)]
+    pub max_question_bytes: usize,
+    /// Requests in flight at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env, default_value_t = 512)]
+    pub max_concurrent_requests: usize,
+    /// Deadline of a request whose client sets none (a client's `grpc-timeout` shorter than this
+    /// wins); past it the request ends with DEADLINE_EXCEEDED.
+    #[arg(long, env, default_value_t = 600)]
+    pub request_timeout_seconds: u64,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env, default_value_t = 64 << 20)]
+    pub max_message_bytes: usize,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+impl GatewayArgs {
+    /// The deadline of a request whose client sets none.
+    pub fn default_deadline(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_seconds.max(1))
+    }
+}
+
+/// A clap parser for intervals given in seconds.
+pub(crate) fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 => Ok(seconds),
+        _ => Err(format!("expected a positive number of seconds, got {text:?}")),
+    }
+}

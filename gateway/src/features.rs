@@ -1,0 +1,159 @@
+//! The vision stage: region tokens (and image tokens) of some regions of a prepared request, from
+//! the features resident on the routed vision replica, else the shared cache, else a fresh
+//! encoding. Features never travel back to the replica that computed them.
+
+use std::time::Instant;
+
+use osprey_common::ServiceError;
+use osprey_common::mask::rle_to_proto;
+use osprey_proto::v1::{self, CacheTier};
+use osprey_proto::worker::v1 as worker;
+
+use crate::cache_entries::{blob_from_bytes, blob_to_bytes, features_key};
+use crate::clients::resident_first;
+use crate::deadline::Deadline;
+use crate::images::RequestImage;
+use crate::prepare::Prepared;
+use crate::state::Gateway;
+
+/// Region tokens and image tokens for some of a request's regions.
+pub struct Pooled {
+    pub response: worker::PoolResponse,
+    pub tier: CacheTier,
+    pub encode_ns: u64,
+    pub pool_ns: u64,
+}
+
+impl Pooled {
+    /// `<mask>` tokens of rows `range` (rows are the pooled regions, in the order asked).
+    pub fn mask_tokens(&self, range: std::ops::Range<usize>) -> Result<v1::Tensor, ServiceError> {
+        rows(&self.response.mask_tokens, range)
+    }
+
+    /// `<pos>` tokens of rows `range`.
+    pub fn pos_tokens(&self, range: std::ops::Range<usize>) -> Result<v1::Tensor, ServiceError> {
+        rows(&self.response.pos_tokens, range)
+    }
+}
+
+impl Gateway {
+    /// Region and image tokens of the regions `indices` (rows in that order).
+    pub async fn pool(
+        &self,
+        prepared: &Prepared,
+        indices: &[usize],
+        deadline: Deadline,
+    ) -> Result<Pooled, ServiceError> {
+        let image = &prepared.image;
+        let request = worker::PoolRequest {
+            image_key: image.key.clone(),
+            features: None,
+            masks: indices.iter().map(|&i| rle_to_proto(&prepared.masks[i].to_rle())).collect(),
+            return_image_tokens: true,
+        };
+        let start = Instant::now();
+        let resident = async {
+            let response = self.vision.pool(deadline, &request).await?;
+            Ok(Pooled { response, tier: CacheTier::Resident, encode_ns: 0, pool_ns: elapsed_ns(start) })
+        };
+        resident_first(resident, async || {
+            let shared = self.cache.get(&features_key(&image.key)).await.and_then(|b| blob_from_bytes(&b));
+            let (blob, tier) = match shared {
+                Some(blob) => (blob, CacheTier::Shared),
+                None => (self.encode(image, deadline).await?, CacheTier::Computed),
+            };
+            let encode_ns = elapsed_ns(start);
+            let with_blob = worker::PoolRequest { features: Some(blob), ..request.clone() };
+            let response = match tier {
+                // The replica that encoded keeps the features resident: pool there without them, and
+                // send the blob only if another replica answers.
+                CacheTier::Computed => {
+                    resident_first(self.vision.pool(deadline, &request), async || {
+                        self.vision.pool(deadline, &with_blob).await
+                    })
+                    .await?
+                }
+                _ => self.vision.pool(deadline, &with_blob).await?,
+            };
+            Ok(Pooled { response, tier, encode_ns, pool_ns: elapsed_ns(start).saturating_sub(encode_ns) })
+        })
+        .await
+    }
+
+    /// Makes the image's features resident on its vision replica and present in the shared cache
+    /// (RegisterImage with `warm_features`); answers where they were found.
+    pub async fn warm_features(
+        &self,
+        image: &RequestImage,
+        deadline: Deadline,
+    ) -> Result<CacheTier, ServiceError> {
+        if self.cache.get(&features_key(&image.key)).await.and_then(|b| blob_from_bytes(&b)).is_some() {
+            return Ok(CacheTier::Shared);
+        }
+        self.encode(image, deadline).await?;
+        Ok(CacheTier::Computed)
+    }
+
+    /// Encodes the image on its routed vision replica (which keeps the features resident) and
+    /// stores the blob in the shared cache.
+    async fn encode(
+        &self,
+        image: &RequestImage,
+        deadline: Deadline,
+    ) -> Result<worker::FeatureBlob, ServiceError> {
+        let request = worker::EncodeRequest {
+            image_key: image.key.clone(),
+            image: Some(image.wire_pixels(&self.cache).await?),
+            return_features: true,
+        };
+        let blob = self
+            .vision
+            .encode(deadline, &request)
+            .await?
+            .features
+            .ok_or_else(|| ServiceError::Internal("vision worker sent no features".into()))?;
+        self.cache.put(&features_key(&image.key), blob_to_bytes(&blob)).await;
+        Ok(blob)
+    }
+}
+
+/// Rows `range` of an f32 `[N, C]` wire tensor.
+fn rows(tensor: &Option<v1::Tensor>, range: std::ops::Range<usize>) -> Result<v1::Tensor, ServiceError> {
+    let tensor = tensor
+        .as_ref()
+        .ok_or_else(|| ServiceError::Internal("vision worker sent no region tokens".into()))?;
+    let width =
+        *tensor.shape.get(1).ok_or_else(|| ServiceError::Internal("region tokens are not [N, C]".into()))?
+            as usize;
+    let bytes = tensor
+        .data
+        .get(range.start * width * 4..range.end * width * 4)
+        .ok_or_else(|| ServiceError::Internal("fewer region tokens than regions".into()))?;
+    Ok(v1::Tensor {
+        shape: vec![range.len() as u64, width as u64],
+        dtype: tensor.dtype,
+        data: bytes.to_vec(),
+    })
+}
+
+fn elapsed_ns(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_of_a_wire_tensor() {
+        let data: Vec<u8> = (0..3 * 2).flat_map(|v| (v as f32).to_le_bytes()).collect();
+        let tensor = Some(v1::Tensor { shape: vec![3, 2], dtype: 0, data });
+        let middle = rows(&tensor, 1..2).unwrap();
+        assert_eq!(middle.shape, [1, 2]);
+        let values: Vec<f32> =
+            middle.data.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        assert_eq!(values, [2.0, 3.0]);
+        assert!(rows(&tensor, 2..4).is_err());
+        assert!(rows(&None, 0..1).is_err());
+    }
+}

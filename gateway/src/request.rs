@@ -1,0 +1,416 @@
+//! Validated request shapes: every check the gateway makes on a public request, in one place and
+//! before any work (bad input is INVALID_ARGUMENT naming the field). Nothing here does I/O: a
+//! region's mask is checked against the image size by [`region_masks`] once that size is known.
+
+use osprey_common::ServiceError;
+use osprey_common::image::{ImageLimits, RgbImage, decode_image};
+use osprey_common::mask::{Mask, mask_from_proto};
+use osprey_proto::v1;
+use osprey_proto::worker::v1 as worker;
+
+/// The limits requests are held to.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_regions: usize,
+    pub max_question_bytes: usize,
+    pub image: ImageLimits,
+}
+
+/// The image of a request.
+#[derive(Debug)]
+pub enum ImageInput {
+    /// Sent as an encoded file, decoded here.
+    Decoded(RgbImage),
+    /// A key from RegisterImage; the gateway's cache holds its pixels.
+    Registered(String),
+}
+
+/// Where a region's mask comes from.
+#[derive(Debug, Clone)]
+pub enum RegionSource {
+    /// Given by the client (decoded once the image size is known).
+    Mask(v1::Mask),
+    /// Made by SAM from a prompt.
+    Prompt(v1::SamPrompt),
+}
+
+/// The image and regions of a Describe, Ask, Chat or Annotate request.
+#[derive(Debug)]
+pub struct RegionsInput {
+    pub image: ImageInput,
+    pub sources: Vec<RegionSource>,
+    pub labels: Vec<String>,
+    /// SAM's automatic masks over the whole image become the regions.
+    pub everything: Option<v1::EverythingParams>,
+}
+
+/// A Describe request (or Annotate item), validated.
+#[derive(Debug)]
+pub struct DescribeInput {
+    pub regions: RegionsInput,
+    pub task: worker::RegionTask,
+    pub parameters: Option<v1::GenerationParameters>,
+}
+
+/// An Ask or Chat request, validated.
+#[derive(Debug)]
+pub struct QuestionInput {
+    pub regions: RegionsInput,
+    pub question: String,
+    /// `question` is the whole user message (see `AskRequest.verbatim`).
+    pub verbatim: bool,
+    pub history: Vec<v1::Turn>,
+    pub parameters: Option<v1::GenerationParameters>,
+}
+
+/// A Segment request, validated.
+#[derive(Debug)]
+pub struct SegmentInput {
+    pub image: ImageInput,
+    pub work: SegmentWork,
+}
+
+#[derive(Debug)]
+pub enum SegmentWork {
+    Prompts(Vec<v1::SamPrompt>),
+    Everything(v1::EverythingParams),
+}
+
+/// A RegisterImage request's image, decoded.
+pub fn register(request: &v1::RegisterImageRequest, limits: &Limits) -> Result<RgbImage, ServiceError> {
+    decode_image(&request.encoded, &limits.image).map_err(|e| ServiceError::invalid("encoded", e))
+}
+
+pub fn describe(request: v1::DescribeRequest, limits: &Limits) -> Result<DescribeInput, ServiceError> {
+    let v1::DescribeRequest { image, regions, everything, task, parameters } = request;
+    describe_parts(image, regions, everything, task, parameters, limits)
+}
+
+pub fn annotate_item(item: v1::AnnotateRequest, limits: &Limits) -> Result<DescribeInput, ServiceError> {
+    let v1::AnnotateRequest { image, regions, everything, task, parameters, .. } = item;
+    describe_parts(image, regions, everything, task, parameters, limits)
+}
+
+fn describe_parts(
+    image: Option<v1::Image>,
+    regions: Vec<v1::Region>,
+    everything: Option<v1::EverythingParams>,
+    task: i32,
+    parameters: Option<v1::GenerationParameters>,
+    limits: &Limits,
+) -> Result<DescribeInput, ServiceError> {
+    let task = describe_task(task)?;
+    check_parameters(parameters.as_ref())?;
+    if regions.is_empty() && everything.is_none() {
+        return Err(ServiceError::invalid("regions", "at least one region is needed"));
+    }
+    let regions = regions_input(image, regions, everything, limits)?;
+    Ok(DescribeInput { regions, task, parameters })
+}
+
+pub fn ask(request: v1::AskRequest, limits: &Limits) -> Result<QuestionInput, ServiceError> {
+    let v1::AskRequest { image, regions, question, parameters, verbatim } = request;
+    question_parts(image, regions, vec![], question, verbatim, parameters, limits)
+}
+
+pub fn chat(request: v1::ChatRequest, limits: &Limits) -> Result<QuestionInput, ServiceError> {
+    let v1::ChatRequest { image, regions, history, question, parameters } = request;
+    question_parts(image, regions, history, question, false, parameters, limits)
+}
+
+fn question_parts(
+    image: Option<v1::Image>,
+    regions: Vec<v1::Region>,
+    history: Vec<v1::Turn>,
+    question: String,
+    verbatim: bool,
+    parameters: Option<v1::GenerationParameters>,
+    limits: &Limits,
+) -> Result<QuestionInput, ServiceError> {
+    if question.trim().is_empty() {
+        return Err(ServiceError::invalid("question", "must not be empty"));
+    }
+    if question.len() > limits.max_question_bytes {
+        return Err(ServiceError::invalid(
+            "question",
+            format!("{} bytes, over the limit of {}", question.len(), limits.max_question_bytes),
+        ));
+    }
+    check_parameters(parameters.as_ref())?;
+    if verbatim {
+        check_verbatim(&question, regions.len())?;
+    }
+    let regions = regions_input(image, regions, None, limits)?;
+    Ok(QuestionInput { regions, question, verbatim, history, parameters })
+}
+
+pub fn segment(request: v1::SegmentRequest, limits: &Limits) -> Result<SegmentInput, ServiceError> {
+    let v1::SegmentRequest { image, prompts, everything } = request;
+    let image = image_input(image, limits)?;
+    let work = match (everything, prompts.is_empty()) {
+        (Some(_), false) => {
+            return Err(ServiceError::invalid("everything", "send either prompts or everything"));
+        }
+        (None, true) => {
+            return Err(ServiceError::invalid("prompts", "at least one prompt (or everything) is needed"));
+        }
+        (None, false) => SegmentWork::Prompts(prompts),
+        (Some(params), true) => SegmentWork::Everything(params),
+    };
+    Ok(SegmentInput { image, work })
+}
+
+fn regions_input(
+    image: Option<v1::Image>,
+    regions: Vec<v1::Region>,
+    everything: Option<v1::EverythingParams>,
+    limits: &Limits,
+) -> Result<RegionsInput, ServiceError> {
+    if regions.len() > limits.max_regions {
+        return Err(ServiceError::invalid(
+            "regions",
+            format!("{} regions, over the limit of {}", regions.len(), limits.max_regions),
+        ));
+    }
+    if everything.is_some() && !regions.is_empty() {
+        return Err(ServiceError::invalid("everything", "send either regions or everything, not both"));
+    }
+    let image = image_input(image, limits)?;
+    let mut sources = Vec::with_capacity(regions.len());
+    let mut labels = Vec::with_capacity(regions.len());
+    for (i, region) in regions.into_iter().enumerate() {
+        sources.push(match region.source {
+            Some(v1::region::Source::Mask(mask)) => RegionSource::Mask(mask),
+            Some(v1::region::Source::Prompt(prompt)) => RegionSource::Prompt(prompt),
+            None => return Err(ServiceError::invalid(format!("regions[{i}]"), "set `mask` or `prompt`")),
+        });
+        labels.push(region.label);
+    }
+    Ok(RegionsInput { image, sources, labels, everything })
+}
+
+fn image_input(image: Option<v1::Image>, limits: &Limits) -> Result<ImageInput, ServiceError> {
+    match image.and_then(|i| i.source) {
+        Some(v1::image::Source::Encoded(bytes)) => decode_image(&bytes, &limits.image)
+            .map(ImageInput::Decoded)
+            .map_err(|e| ServiceError::invalid("image.encoded", e)),
+        Some(v1::image::Source::Key(key)) => Ok(ImageInput::Registered(key)),
+        None => Err(ServiceError::invalid("image", "required: set `encoded` or `key`")),
+    }
+}
+
+/// The client's masks decoded against the image size (`None` for regions SAM will make).
+pub fn region_masks(
+    sources: &[RegionSource],
+    height: u32,
+    width: u32,
+    limits: &Limits,
+) -> Result<Vec<Option<Mask>>, ServiceError> {
+    sources
+        .iter()
+        .enumerate()
+        .map(|(i, source)| match source {
+            RegionSource::Mask(mask) => mask_from_proto(mask, height, width, &limits.image)
+                .map(Some)
+                .map_err(|e| ServiceError::invalid(format!("regions[{i}].mask"), e)),
+            RegionSource::Prompt(_) => Ok(None),
+        })
+        .collect()
+}
+
+fn describe_task(task: i32) -> Result<worker::RegionTask, ServiceError> {
+    match v1::DescribeTask::try_from(task) {
+        Ok(v1::DescribeTask::Short) => Ok(worker::RegionTask::Short),
+        Ok(v1::DescribeTask::Detailed) => Ok(worker::RegionTask::Detailed),
+        Ok(v1::DescribeTask::Category) => Ok(worker::RegionTask::Category),
+        Err(_) => Err(ServiceError::invalid("task", format!("unknown task {task}"))),
+    }
+}
+
+fn check_parameters(p: Option<&v1::GenerationParameters>) -> Result<(), ServiceError> {
+    let Some(p) = p else { return Ok(()) };
+    if let Some(t) = p.temperature
+        && !(t.is_finite() && t >= 0.0)
+    {
+        return Err(ServiceError::invalid(
+            "parameters.temperature",
+            format!("must be finite and >= 0, got {t}"),
+        ));
+    }
+    if let Some(top_p) = p.top_p
+        && !(top_p > 0.0 && top_p <= 1.0)
+    {
+        return Err(ServiceError::invalid("parameters.top_p", format!("must be in (0, 1], got {top_p}")));
+    }
+    if p.max_new_tokens == Some(0) {
+        return Err(ServiceError::invalid("parameters.max_new_tokens", "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// A verbatim question names the image once and every region by one `<mask><pos>` pair; the LLM
+/// worker checks the exact layout. Checked before any region work, so a miscounted question costs
+/// no SAM or image work.
+fn check_verbatim(question: &str, regions: usize) -> Result<(), ServiceError> {
+    let images = question.matches("<image>").count();
+    if images != 1 {
+        return Err(ServiceError::invalid("question", format!("verbatim: {images} `<image>`, expected 1")));
+    }
+    let pairs = question.matches("<mask><pos>").count();
+    if pairs != regions {
+        return Err(ServiceError::invalid(
+            "question",
+            format!("verbatim: {pairs} `<mask><pos>` pairs for {regions} regions"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits { max_regions: 2, max_question_bytes: 32, image: ImageLimits::default() }
+    }
+
+    fn key_image() -> Option<v1::Image> {
+        Some(v1::Image { source: Some(v1::image::Source::Key("k".into())) })
+    }
+
+    fn prompt_region() -> v1::Region {
+        v1::Region { source: Some(v1::region::Source::Prompt(v1::SamPrompt::default())), label: "a".into() }
+    }
+
+    /// The field an INVALID_ARGUMENT names.
+    fn field<T: std::fmt::Debug>(result: Result<T, ServiceError>) -> String {
+        match result {
+            Err(ServiceError::InvalidField { field, .. }) => field,
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn describe_checks_each_field() {
+        let ok =
+            v1::DescribeRequest { image: key_image(), regions: vec![prompt_region()], ..Default::default() };
+        let input = describe(ok.clone(), &limits()).unwrap();
+        assert!(matches!(input.regions.image, ImageInput::Registered(ref k) if k == "k"));
+        assert_eq!(input.regions.labels, ["a"]);
+        assert_eq!(input.task, worker::RegionTask::Short);
+
+        let cases: Vec<(v1::DescribeRequest, &str)> = vec![
+            (v1::DescribeRequest { task: 9, ..ok.clone() }, "task"),
+            (v1::DescribeRequest { regions: vec![], ..ok.clone() }, "regions"),
+            (v1::DescribeRequest { regions: vec![prompt_region(); 3], ..ok.clone() }, "regions"),
+            (v1::DescribeRequest { everything: Some(Default::default()), ..ok.clone() }, "everything"),
+            (v1::DescribeRequest { image: None, ..ok.clone() }, "image"),
+            (
+                v1::DescribeRequest {
+                    image: Some(v1::Image {
+                        source: Some(v1::image::Source::Encoded(b"not an image".to_vec())),
+                    }),
+                    ..ok.clone()
+                },
+                "image.encoded",
+            ),
+            (
+                v1::DescribeRequest { regions: vec![prompt_region(), v1::Region::default()], ..ok.clone() },
+                "regions[1]",
+            ),
+            (
+                v1::DescribeRequest {
+                    parameters: Some(v1::GenerationParameters {
+                        temperature: Some(-1.0),
+                        ..Default::default()
+                    }),
+                    ..ok.clone()
+                },
+                "parameters.temperature",
+            ),
+            (
+                v1::DescribeRequest {
+                    parameters: Some(v1::GenerationParameters { top_p: Some(0.0), ..Default::default() }),
+                    ..ok.clone()
+                },
+                "parameters.top_p",
+            ),
+            (
+                v1::DescribeRequest {
+                    parameters: Some(v1::GenerationParameters {
+                        max_new_tokens: Some(0),
+                        ..Default::default()
+                    }),
+                    ..ok.clone()
+                },
+                "parameters.max_new_tokens",
+            ),
+        ];
+        for (request, expected) in cases {
+            assert_eq!(field(describe(request.clone(), &limits())), expected, "{request:?}");
+        }
+        // Everything mode alone needs no regions.
+        let everything = v1::DescribeRequest { regions: vec![], everything: Some(Default::default()), ..ok };
+        assert!(describe(everything, &limits()).unwrap().regions.everything.is_some());
+    }
+
+    #[test]
+    fn questions_are_checked_before_regions() {
+        let ok = v1::AskRequest { image: key_image(), question: "what?".into(), ..Default::default() };
+        assert_eq!(ask(ok.clone(), &limits()).unwrap().question, "what?");
+        assert_eq!(field(ask(v1::AskRequest { question: "  ".into(), ..ok.clone() }, &limits())), "question");
+        let long = "x".repeat(33);
+        assert_eq!(field(ask(v1::AskRequest { question: long, ..ok.clone() }, &limits())), "question");
+        // A miscounted verbatim question is refused even with a missing image.
+        let verbatim = v1::AskRequest {
+            image: None,
+            question: "<image> <mask><pos>".into(),
+            verbatim: true,
+            ..ok.clone()
+        };
+        assert_eq!(field(ask(verbatim.clone(), &limits())), "question");
+        let counted = v1::AskRequest { image: key_image(), regions: vec![prompt_region()], ..verbatim };
+        assert!(ask(counted, &limits()).unwrap().verbatim);
+
+        let chat_request = v1::ChatRequest {
+            image: key_image(),
+            history: vec![v1::Turn { question: "q".into(), answer: "a".into() }],
+            question: "and?".into(),
+            ..Default::default()
+        };
+        let input = chat(chat_request, &limits()).unwrap();
+        assert_eq!(input.history.len(), 1);
+        assert!(!input.verbatim);
+    }
+
+    #[test]
+    fn segment_wants_prompts_or_everything() {
+        let ok = v1::SegmentRequest {
+            image: key_image(),
+            prompts: vec![v1::SamPrompt::default()],
+            everything: None,
+        };
+        assert!(
+            matches!(segment(ok.clone(), &limits()).unwrap().work, SegmentWork::Prompts(ref p) if p.len() == 1)
+        );
+        let both = v1::SegmentRequest { everything: Some(Default::default()), ..ok.clone() };
+        assert_eq!(field(segment(both, &limits())), "everything");
+        let neither = v1::SegmentRequest { prompts: vec![], ..ok.clone() };
+        assert_eq!(field(segment(neither, &limits())), "prompts");
+        let everything = v1::SegmentRequest { prompts: vec![], everything: Some(Default::default()), ..ok };
+        assert!(matches!(segment(everything, &limits()).unwrap().work, SegmentWork::Everything(_)));
+        assert_eq!(field(register(&v1::RegisterImageRequest::default(), &limits())), "encoded");
+    }
+
+    #[test]
+    fn masks_are_checked_against_the_image_size() {
+        let mask = |height, width| {
+            let rle = osprey_common::mask::rle_to_proto(&Mask::empty(height, width).to_rle());
+            RegionSource::Mask(v1::Mask { format: Some(v1::mask::Format::Rle(rle)) })
+        };
+        let sources = [mask(4, 5), RegionSource::Prompt(v1::SamPrompt::default())];
+        let masks = region_masks(&sources, 4, 5, &limits()).unwrap();
+        assert!(masks[0].is_some() && masks[1].is_none());
+        assert_eq!(field(region_masks(&sources, 5, 5, &limits())), "regions[0].mask");
+    }
+}

@@ -230,8 +230,8 @@ impl Replicas {
     }
 
     /// Runs `call` on the replica preferred for `image_key`, moving on to the next replica when
-    /// one is unreachable or overloaded (an unreachable one is marked down until its health check
-    /// passes again). Other errors are final.
+    /// another one could succeed (see [`worth_another_replica`]); a replica that looks gone is
+    /// marked down until its health check passes again. Other errors are final.
     pub async fn call<T, F, Fut>(&self, image_key: &str, mut call: F) -> Result<T, ServiceError>
     where
         F: FnMut(Channel) -> Fut,
@@ -252,7 +252,7 @@ impl Replicas {
                     tracing::warn!(kind = self.kind, replica = url, %status, "replica failed; trying the next one");
                     metrics::counter!("osprey_gateway_replica_failures_total", "kind" => self.kind)
                         .increment(1);
-                    if status.code() != Code::ResourceExhausted {
+                    if replica_gone(&status) {
                         self.set_health(&url, false);
                     }
                     last = Some(status);
@@ -261,21 +261,33 @@ impl Replicas {
             }
         }
         let status = last.expect("at least one replica was tried. This is a bug.");
-        Err(ServiceError::Unavailable(format!(
-            "every {} worker failed; last: {}",
-            self.kind,
-            status.message()
-        )))
+        let message = format!("every {} worker failed; last: {}", self.kind, status.message());
+        // A model failure or overload everywhere is told as such; anything else, as no worker.
+        Err(match status.code() {
+            Code::Internal => ServiceError::Internal(message),
+            Code::ResourceExhausted => ServiceError::Overloaded(message),
+            _ => ServiceError::Unavailable(message),
+        })
     }
 }
 
-/// Failures another replica may not have: unreachable, overloaded, or the call's HTTP/2 stream
-/// failing without a gRPC status (tonic reports those as `h2 protocol error: ...`, INTERNAL for a
-/// stream refused by a draining server's GOAWAY, which the server never processed; and CANCELLED
-/// when the connection under the call went away: the gateway never cancels a call it still awaits).
+/// Failures another replica may not have: unreachable, overloaded, a model or resource failure
+/// of this replica (INTERNAL), or the call's HTTP/2 stream failing without a gRPC status (UNKNOWN;
+/// CANCELLED when the connection under the call went away: the gateway never cancels a call it
+/// still awaits, and a call past its deadline is answered before it gets here).
 fn worth_another_replica(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::ResourceExhausted | Code::Internal | Code::Unknown | Code::Cancelled
+    )
+}
+
+/// Failures that say the replica itself is gone, not just this call: unreachable, or the
+/// connection failing under the call (tonic reports a stream refused by a draining server's GOAWAY
+/// as INTERNAL `h2 protocol error: ...`).
+fn replica_gone(status: &tonic::Status) -> bool {
     match status.code() {
-        Code::Unavailable | Code::ResourceExhausted | Code::Unknown | Code::Cancelled => true,
+        Code::Unavailable | Code::Unknown | Code::Cancelled => true,
         Code::Internal => status.message().starts_with("h2 protocol error"),
         _ => false,
     }
@@ -330,23 +342,29 @@ mod tests {
     }
 
     #[test]
-    fn transport_failures_move_on_and_answers_do_not() {
+    fn failures_another_replica_may_not_have_move_on() {
         use tonic::Status;
         for status in [
             Status::unavailable("connection refused"),
             Status::resource_exhausted("queue full"),
             Status::internal("h2 protocol error: http2 error"),
+            Status::internal("model failed"),
             Status::cancelled("operation was canceled"),
         ] {
             assert!(worth_another_replica(&status), "{status:?}");
         }
         for status in [
-            Status::internal("model failed"),
             Status::invalid_argument("regions[0]"),
             Status::failed_precondition("no features"),
+            Status::deadline_exceeded("too late"),
         ] {
             assert!(!worth_another_replica(&status), "{status:?}");
         }
+        // Only a replica that looks gone is marked down; an overloaded or failing one stays up.
+        assert!(replica_gone(&Status::unavailable("connection refused")));
+        assert!(replica_gone(&Status::internal("h2 protocol error: http2 error")));
+        assert!(!replica_gone(&Status::internal("model failed")));
+        assert!(!replica_gone(&Status::resource_exhausted("queue full")));
     }
 
     #[test]

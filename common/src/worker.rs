@@ -43,6 +43,13 @@ pub struct Reply<T> {
 }
 
 impl<T> Reply<T> {
+    /// A reply and the receiver of its answer, to drive a [`Model`] directly (tests, benchmarks);
+    /// [`ModelQueue::ask`] makes its own.
+    pub fn new() -> (Self, oneshot::Receiver<Result<T, ServiceError>>) {
+        let (sender, receiver) = oneshot::channel();
+        (Self { sender, span: Span::current() }, receiver)
+    }
+
     /// Whether the request has gone (its deadline passed or its client hung up).
     pub fn is_closed(&self) -> bool {
         self.sender.is_closed()
@@ -58,9 +65,6 @@ impl<T> Reply<T> {
         let _ = self.sender.send(result);
     }
 }
-
-/// How long an overloaded worker asks its callers to wait before trying it again.
-pub const RETRY_AFTER_OVERLOAD: Duration = Duration::from_millis(100);
 
 /// The sending side of a model thread's queue.
 pub struct ModelQueue<J> {
@@ -88,14 +92,14 @@ impl<J: Send + 'static> ModelQueue<J> {
     }
 
     /// Queues the job `make` builds around a [`Reply`] and awaits its answer until `deadline`.
-    /// A full queue is refused at once (RESOURCE_EXHAUSTED), never waited on.
+    /// A full queue is refused at once (RESOURCE_EXHAUSTED, with a retry hint), never waited on.
     pub async fn ask<T>(
         &self,
         make: impl FnOnce(Reply<T>) -> J,
         deadline: Option<Instant>,
     ) -> Result<T, ServiceError> {
-        let (sender, receiver) = oneshot::channel();
-        let job = make(Reply { sender, span: Span::current() });
+        let (reply, receiver) = Reply::new();
+        let job = make(reply);
         self.jobs.try_send(job).map_err(|err| match err {
             mpsc::error::TrySendError::Full(_) => ServiceError::Overloaded(format!(
                 "the {} model queue is full; retry later or on another replica",

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use common::*;
+use osprey_common::error::StatusExt;
 use osprey_common::grpc::connect_when_serving;
 use osprey_common::image::{ImageLimits, decode_image};
 use osprey_common::mask::rle_from_proto;
@@ -234,4 +235,22 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     let ok = client.predict(predict("photo", None, vec![good])).await.unwrap().into_inner();
     assert!(ok.was_resident);
     assert_eq!(ok.prompts[0].masks.len(), 3);
+}
+
+/// A prompt's problem travels as a structured `google.rpc.BadRequest` field violation beside the
+/// readable message, so a caller can rename the field without reading the text.
+#[tokio::test]
+async fn a_bad_prompt_names_its_field_as_a_structured_detail() {
+    let (mut client, _stop) = start_worker(&[]).await;
+    let mut bad_label = fixture_prompts()[0].1.clone();
+    bad_label.points[0].label = 7;
+    let prompts = vec![fixture_prompts()[1].1.clone(), bad_label];
+    let status = client.predict(predict("photo", Some(photo()), prompts)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let details = status.get_error_details();
+    let violations = &details.bad_request().expect("a BadRequest detail").field_violations;
+    assert_eq!(violations.len(), 1);
+    assert_eq!(violations[0].field, "prompts[1].points[0].label");
+    assert!(violations[0].description.starts_with("7 is not a PointLabel"), "{}", violations[0].description);
+    assert!(status.message().starts_with("prompts[1].points[0].label: 7 is not a PointLabel"));
 }

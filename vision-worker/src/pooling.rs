@@ -23,6 +23,8 @@ use candle_core::{
 use osprey_common::resize::{LinearTap, bilinear_tap, torch_bilinear, torch_linear_taps};
 use rayon::prelude::*;
 
+use crate::models::kernels::{Simd, multiversion};
+
 /// Added to the mask area before dividing, as upstream does (an empty mask pools to 0).
 const AREA_EPS: f32 = 1e-8;
 
@@ -153,17 +155,47 @@ impl MaskValue for f32 {
     }
 }
 
+/// Index of the first value > 0, testing 32 values at a time (vectorised) before looking closer.
+fn first_positive<T: MaskValue>(row: &[T]) -> Option<usize> {
+    let mut base = 0;
+    for chunk in row.chunks(32) {
+        if T::row_max(chunk) > 0.0 {
+            return chunk.iter().position(|v| v.is_positive()).map(|i| base + i);
+        }
+        base += chunk.len();
+    }
+    None
+}
+
+/// Index of the last value > 0, as [`first_positive`] from the end.
+fn last_positive<T: MaskValue>(row: &[T]) -> Option<usize> {
+    let mut end = row.len();
+    for chunk in row.rchunks(32) {
+        end -= chunk.len();
+        if T::row_max(chunk) > 0.0 {
+            return chunk.iter().rposition(|v| v.is_positive()).map(|i| end + i);
+        }
+    }
+    None
+}
+
 /// Bounds `[y0, y1, x0, x1]` (inclusive) of a plane's values > 0, `None` when there are none.
-/// Only these can make a resized value > 0: every bilinear weight is >= 0.
+/// Only these can make a resized value > 0: every bilinear weight is >= 0. Each row is tested
+/// whole (vectorised); only the margins outside the columns found so far are searched further.
 fn positive_bounds<T: MaskValue>(plane: &[T], in_w: usize) -> Option<[usize; 4]> {
     let mut bounds: Option<[usize; 4]> = None;
     for (y, row) in plane.chunks_exact(in_w).enumerate() {
         if T::row_max(row) > 0.0 {
-            let first = row.iter().position(|v| v.is_positive()).expect("a positive value");
-            let last = row.iter().rposition(|v| v.is_positive()).expect("a positive value");
             bounds = Some(match bounds {
-                None => [y, y, first, last],
-                Some([y0, _, x0, x1]) => [y0, y, x0.min(first), x1.max(last)],
+                None => {
+                    let first = first_positive(row).expect("a positive value");
+                    [y, y, first, last_positive(row).expect("a positive value")]
+                }
+                Some([y0, _, x0, x1]) => {
+                    let first = first_positive(&row[..x0]).unwrap_or(x0);
+                    let last = last_positive(&row[x1 + 1..]).map_or(x1, |i| x1 + 1 + i);
+                    [y0, y, first, last]
+                }
             });
         }
     }
@@ -237,6 +269,67 @@ fn mask_runs<T: MaskValue>(
         .collect()
 }
 
+/// The `BLOCK` channel rows from `c0` of a level `[C, hw]`; rows past `C` read as zeros.
+fn block_rows<'a>(feats: &'a [f32], hw: usize, c0: usize, zeros: &'a [f32]) -> [&'a [f32]; BLOCK] {
+    std::array::from_fn(|k| feats.get((c0 + k) * hw..(c0 + k + 1) * hw).unwrap_or(zeros))
+}
+
+multiversion! {
+    /// `prefix[(y * w + x) * BLOCK + k]` = sum over y' < y of `rows[k][y' * w + x]`, in f64.
+    fn column_prefix_sums(rows: &[&[f32]; BLOCK], w: usize, prefix: &mut [f64]) {
+        prefix[..w * BLOCK].fill(0.0);
+        let h = rows[0].len() / w.max(1);
+        for y in 0..h {
+            let (done, next) = prefix.split_at_mut((y + 1) * w * BLOCK);
+            let above = &done[y * w * BLOCK..];
+            for (x, (next, above)) in next.chunks_exact_mut(BLOCK).zip(above.chunks_exact(BLOCK)).take(w).enumerate() {
+                for k in 0..BLOCK {
+                    next[k] = above[k] + f64::from(rows[k][y * w + x]);
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Each mask's sums over its runs off the prefix sums, times its weight, into `out` `[n, BLOCK]`.
+    fn sums_from_prefix(prefix: &[f64], masks: &[&LevelRuns], weights: &[f64], out: &mut [f32]) {
+        for ((mask, weight), dst) in masks.iter().zip(weights).zip(out.chunks_exact_mut(BLOCK)) {
+            let mut acc = [0.0_f64; BLOCK];
+            for &[end, start] in &mask.runs {
+                let hi = &prefix[end as usize * BLOCK..][..BLOCK];
+                let lo = &prefix[start as usize * BLOCK..][..BLOCK];
+                for k in 0..BLOCK {
+                    acc[k] += hi[k] - lo[k];
+                }
+            }
+            for k in 0..BLOCK {
+                dst[k] = (acc[k] * weight) as f32;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Each mask's sums cell by cell (cheaper than prefix sums when the masks cover fewer cells
+    /// than the grid has), in f64, times its weight, into `out` `[n, BLOCK]`.
+    fn sums_direct(rows: &[&[f32]; BLOCK], w: usize, masks: &[&LevelRuns], weights: &[f64], out: &mut [f32]) {
+        for ((mask, weight), dst) in masks.iter().zip(weights).zip(out.chunks_exact_mut(BLOCK)) {
+            let mut acc = [0.0_f64; BLOCK];
+            for &[end, start] in &mask.runs {
+                for cell in (start as usize..end as usize).step_by(w) {
+                    for k in 0..BLOCK {
+                        acc[k] += f64::from(rows[k][cell]);
+                    }
+                }
+            }
+            for k in 0..BLOCK {
+                dst[k] = (acc[k] * weight) as f32;
+            }
+        }
+    }
+}
+
 /// `[N, C]` masked averages of one level `[C, h, w]` from the masks' runs on it.
 fn pool_level(feats: &[f32], c: usize, grid: &LevelGrid, masks: &[&LevelRuns]) -> Vec<f32> {
     let (h, w) = (grid.h, grid.w);
@@ -244,40 +337,22 @@ fn pool_level(feats: &[f32], c: usize, grid: &LevelGrid, masks: &[&LevelRuns]) -
     let n = masks.len();
     // Upstream divides the mask by its area before the weighted sum: F * (m / den).
     let weights: Vec<f64> = masks.iter().map(|m| f64::from(1.0 / (m.active as f32 + AREA_EPS))).collect();
+    // Building prefix sums touches every cell once; summing cells directly touches each mask's.
+    let direct = masks.iter().map(|m| m.active).sum::<usize>() <= hw;
+    let zeros = vec![0.0_f32; hw];
+    let simd = Simd::detect();
     let blocks: Vec<Vec<f32>> = (0..c.div_ceil(BLOCK))
         .into_par_iter()
         .map_init(
-            || vec![0.0_f64; (h + 1) * w * BLOCK],
+            || if direct { Vec::new() } else { vec![0.0_f64; (h + 1) * w * BLOCK] },
             |prefix, block| {
-                let c0 = block * BLOCK;
-                let width = BLOCK.min(c - c0);
-                // prefix[(y * w + x) * BLOCK + k] = sum over y' < y of F[c0 + k][y'][x].
-                prefix[..w * BLOCK].fill(0.0);
-                for y in 0..h {
-                    let (done, next) = prefix.split_at_mut((y + 1) * w * BLOCK);
-                    let above = &done[y * w * BLOCK..];
-                    let next = &mut next[..w * BLOCK];
-                    for k in 0..BLOCK {
-                        let row = if k < width { Some(&feats[(c0 + k) * hw + y * w..][..w]) } else { None };
-                        for x in 0..w {
-                            let f = row.map_or(0.0, |r| f64::from(r[x]));
-                            next[x * BLOCK + k] = above[x * BLOCK + k] + f;
-                        }
-                    }
-                }
+                let rows = block_rows(feats, hw, block * BLOCK, &zeros);
                 let mut out = vec![0.0_f32; n * BLOCK];
-                for ((mask, weight), dst) in masks.iter().zip(&weights).zip(out.chunks_exact_mut(BLOCK)) {
-                    let mut acc = [0.0_f64; BLOCK];
-                    for &[end, start] in &mask.runs {
-                        let hi = &prefix[end as usize * BLOCK..][..BLOCK];
-                        let lo = &prefix[start as usize * BLOCK..][..BLOCK];
-                        for k in 0..BLOCK {
-                            acc[k] += hi[k] - lo[k];
-                        }
-                    }
-                    for k in 0..BLOCK {
-                        dst[k] = (acc[k] * weight) as f32;
-                    }
+                if direct {
+                    sums_direct(simd, &rows, w, masks, &weights, &mut out);
+                } else {
+                    column_prefix_sums(simd, &rows, w, prefix);
+                    sums_from_prefix(simd, prefix, masks, &weights, &mut out);
                 }
                 out
             },

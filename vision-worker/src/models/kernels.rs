@@ -22,7 +22,7 @@ use rayon::prelude::*;
 pub struct Simd(Level);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Level {
+pub(crate) enum Level {
     Baseline,
     Avx2,
     Avx512,
@@ -64,6 +64,11 @@ impl Simd {
         })
     }
 
+    /// The level (for the dispatch in `multiversion!`; only this module makes a `Simd`).
+    pub(crate) fn level(self) -> Level {
+        self.0
+    }
+
     pub fn name(self) -> &'static str {
         match self.0 {
             Level::Baseline => "baseline",
@@ -95,7 +100,8 @@ macro_rules! multiversion {
                 fn avx2($($arg: $ty),*) {
                     generic($($arg),*)
                 }
-                match simd.0 {
+                use $crate::models::kernels::Level;
+                match simd.level() {
                     // SAFETY: a `Simd` only holds a level the CPU has (see `Simd::available`).
                     Level::Avx512 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
@@ -109,6 +115,8 @@ macro_rules! multiversion {
         }
     };
 }
+
+pub(crate) use multiversion;
 
 /// Partial sums per reduction: enough independent lanes for 2 AVX-512 or 4 AVX2 registers.
 const LANES: usize = 32;

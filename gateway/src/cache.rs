@@ -112,8 +112,8 @@ impl FeatureCache {
         !self.result_ttl.is_zero()
     }
 
-    /// A cached answer (see [`crate::cache_entries::answer_key`]), or `None` on a miss, a cache failure, or when the
-    /// result cache is off. Counted in `osprey_result_cache_lookups_total{tier,hit}`.
+    /// A cached answer (keyed by `cache_entries::answer_key`), or `None` on a miss, a cache
+    /// failure, or when the result cache is off. Counted in `osprey_result_cache_lookups_total{tier,hit}`.
     pub async fn get_result(&self, key: &str) -> Option<Vec<u8>> {
         if !self.caches_results() {
             return None;

@@ -1,5 +1,6 @@
 //! What the gateway keeps in the shared cache: the keys of its entries and their byte formats
-//! (feature blobs, registered pixels, answers). The store itself is [`crate::cache`].
+//! (feature blobs, registered pixels, answers). The store itself is the `cache` module, which
+//! knows nothing of them.
 
 use osprey_common::ServiceError;
 use osprey_common::image::RgbImage;

@@ -23,6 +23,7 @@ use candle_nn::{Init, VarBuilder};
 
 mod device;
 pub mod hub;
+pub mod pickle_guard;
 pub use device::{parse_device, parse_dtype};
 
 /// Why weights could not be read.
@@ -242,7 +243,36 @@ fn open_reader(path: &Path) -> Result<Reader, WeightsError> {
             msg: "not a safetensors file (by extension) nor a torch.save zip archive".into(),
         });
     }
-    Ok(Reader::Pth(PthTensors::new(path, None).map_err(bad)?))
+    pickle_guard::check_archive(path)
+        .map_err(|msg| WeightsError::BadFile { path: path.to_path_buf(), msg })?;
+    // candle indexes into tensor records without checking their length; a malformed one panics.
+    let opened = std::panic::catch_unwind(|| PthTensors::new(path, None)).map_err(|_| {
+        WeightsError::BadFile { path: path.to_path_buf(), msg: "malformed tensor record".into() }
+    })?;
+    let pth = opened.map_err(bad)?;
+    let file_len = std::fs::metadata(path).map_err(io)?.len();
+    for (key, info) in pth.tensor_infos() {
+        check_tensor_fits(key, info, file_len)
+            .map_err(|msg| WeightsError::BadFile { path: path.to_path_buf(), msg })?;
+    }
+    Ok(Reader::Pth(pth))
+}
+
+/// A tensor's declared bytes must fit in the file before candle allocates them.
+fn check_tensor_fits(key: &str, info: &candle_core::pickle::TensorInfo, file_len: u64) -> Result<(), String> {
+    let elements = info.layout.dims().iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+    let bytes = elements
+        .and_then(|n| n.checked_mul(info.dtype.size_in_bytes() as u64))
+        .and_then(|n| n.checked_add(info.layout.start_offset() as u64));
+    match bytes {
+        Some(bytes) if bytes <= file_len => Ok(()),
+        _ => Err(format!(
+            "tensor {key} declares shape {:?} of {:?} at offset {}, more than the file's {file_len} bytes",
+            info.layout.dims(),
+            info.dtype,
+            info.layout.start_offset()
+        )),
+    }
 }
 
 /// Maps the names a model asks for onto checkpoint keys.

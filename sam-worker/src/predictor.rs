@@ -252,7 +252,7 @@ impl SamPredictor {
         prompt: &Prompt,
     ) -> Result<(Tensor, Tensor, bool), SamError> {
         let lr = self.model.config.low_res_size();
-        let valid = prompt.validate(lr)?;
+        let valid = prompt.validate_in_image(lr, state.original)?;
         let (oh, ow) = state.original;
         let (ih, iw) = state.input;
         // apply_coords: per-axis scale in float64, then float32 tensors.

@@ -95,7 +95,7 @@ fn parse(
 ) -> Result<(Parsed, Vec<String>), String> {
     let command = clap::Command::new("serve").no_binary_name(false);
     let command = match binary {
-        "gateway" => gateway::service::GatewayArgs::augment_args(command),
+        "gateway" => gateway::config::GatewayArgs::augment_args(command),
         "vision-worker" => vision_worker::service::ServeArgs::augment_args(command),
         "llm-worker" => llm_worker::service::ServeArgs::augment_args(command),
         "sam-worker" => sam_worker::service::ServeArgs::augment_args(command),
@@ -123,7 +123,7 @@ fn parse(
     let matches = command.try_get_matches_from(&argv).map_err(|e| format!("{argv:?}: {e}"))?;
     let parsed = match binary {
         "gateway" => {
-            let a = gateway::service::GatewayArgs::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+            let a = gateway::config::GatewayArgs::from_arg_matches(&matches).map_err(|e| e.to_string())?;
             Parsed {
                 listen_port: a.listen.port(),
                 prometheus_port: a.telemetry.prometheus_port,

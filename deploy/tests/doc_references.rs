@@ -169,8 +169,13 @@ fn problem(mention: &Mention, dir: &Path, root: &Path, files: &[PathBuf]) -> Opt
     {
         return Some(format!("`{}#{anchor}`: no such heading (headings: {headings:?})", mention.path));
     }
-    let missing: Vec<&String> =
-        mention.sections.iter().filter(|s| !headings.contains(&anchor_of(s))).collect();
+    // A section may be named by its heading's leading words ("Quantized LLM" for "Quantized LLM
+    // (`llm-worker quantize`)").
+    let named = |name: &String| {
+        let wanted = anchor_of(name);
+        headings.iter().any(|h| *h == wanted || h.starts_with(&format!("{wanted}-")))
+    };
+    let missing: Vec<&String> = mention.sections.iter().filter(|s| !named(s)).collect();
     if !missing.is_empty() {
         return Some(format!("`{}`: no section named {missing:?} (headings: {headings:?})", mention.path));
     }
@@ -252,6 +257,10 @@ fn the_scanner_finds_names_and_anchors_and_skips_web_addresses() {
     assert_eq!(problem(&good_anchor[0], &root, &root, &files), None);
     let named = mentions(&format!("(README.{}, sections \"The API\" and \"Layout\"): more", "md"));
     assert_eq!(named[0].sections, ["The API", "Layout"]);
+    let leading = mentions(&format!("(README.{}, \"The\")", "md"));
+    assert_eq!(problem(&leading[0], &root, &root, &files), None, "leading words of `The API`");
+    let partial_word = mentions(&format!("(README.{}, \"The AP\")", "md"));
+    assert!(problem(&partial_word[0], &root, &root, &files).is_some(), "whole words only");
     assert_eq!(problem(&named[0], &root, &root, &files), None);
     let misnamed = mentions(&format!("(README.{}, \"No such part\") and \"text\"", "md"));
     assert_eq!(misnamed[0].sections, ["No such part"], "quotes after the parenthesis are prose");

@@ -35,7 +35,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Run on the first CUDA device (needs a build with `--features cuda`).
-        #[arg(long, env = "SAM_CUDA")]
+        #[arg(long, env = "OSPREY_SAM_CUDA")]
         cuda: bool,
     },
 }

@@ -37,11 +37,11 @@ use crate::prompt::Prompt;
 pub struct ServeArgs {
     /// Checkpoint with the official key names (`sam_vit_b_01ec64.pth`, ..., `mobile_sam.pt`; `.pth` or safetensors).
     /// Or a Hugging Face repo id and file, `owner/name[@revision]:path/in/repo.pth`, fetched into `HF_HOME`.
-    #[arg(long, env = "SAM_WEIGHTS")]
+    #[arg(long, env = "OSPREY_SAM_WEIGHTS")]
     pub weights: PathBuf,
     /// JSON model config (fields of `SamConfig`); by default read off the checkpoint's tensor shapes
     /// (ViT-B/L/H, MobileSAM's TinyViT or a reduced model).
-    #[arg(long, env = "SAM_CONFIG")]
+    #[arg(long, env = "OSPREY_SAM_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to serve gRPC on.
     #[arg(long, env, default_value = "0.0.0.0:50054")]
@@ -49,8 +49,8 @@ pub struct ServeArgs {
     /// Compute device: `cpu`, or `cuda:N` in a build with `--features cuda`.
     #[arg(long, env, default_value = "cpu")]
     pub device: String,
-    /// Most queued Predict requests the model thread takes in one wake-up (they share the device
-    /// without returning to the queue in between).
+    /// Most queued Predict requests the model thread takes at once: the prompts of those on the
+    /// same image go through the mask decoder together, in one batched call.
     #[arg(long, env, default_value_t = 8)]
     pub max_batch_size: usize,
     /// Bytes of image embeddings kept resident, least recently used evicted first (a ViT embedding

@@ -326,3 +326,60 @@ pub fn checkpoint_revision(dir: &std::path::Path) -> Result<String, VisionError>
     }
     Ok(hasher.finalize().to_hex()[..16].to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use osprey_common::worker::{Model, Reply};
+
+    use super::*;
+
+    fn engine(fault_image_key: Option<&str>) -> VisionEngine {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/vision/tiny/tiny_st");
+        let model = VisionModel::from_dir(&dir, &Device::Cpu).unwrap();
+        VisionEngine::new(VisionCore::new(model, DType::F32), fault_image_key.map(String::from))
+    }
+
+    fn encode(
+        key: &str,
+        width: u32,
+    ) -> (VisionJob, tokio::sync::oneshot::Receiver<Result<Arc<ImageFeatures>, ServiceError>>) {
+        let image = RgbImage::from_raw(width, 24, vec![90; width as usize * 24 * 3]).unwrap();
+        let (reply, answer) = Reply::new();
+        (VisionJob::Encode(EncodeJob { image_key: key.into(), image, reply }), answer)
+    }
+
+    #[test]
+    fn a_failed_batch_is_internal_for_every_request_in_it() {
+        let mut engine = engine(Some("poisoned"));
+        let (jobs, answers): (Vec<_>, Vec<_>) =
+            [encode("a", 32), encode("poisoned", 40), encode("b", 28)].into_iter().unzip();
+        engine.run(jobs);
+        for mut answer in answers {
+            let err = answer.try_recv().unwrap().unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+            assert!(err.to_string().contains("injected fault"), "{err}");
+        }
+        // The same images in a batch without the poisoned one are encoded.
+        let (jobs, answers): (Vec<_>, Vec<_>) = [encode("a", 32), encode("b", 28)].into_iter().unzip();
+        engine.run(jobs);
+        for mut answer in answers {
+            assert!(answer.try_recv().unwrap().is_ok());
+        }
+    }
+
+    #[test]
+    fn an_image_preprocessing_refuses_fails_alone_naming_the_image() {
+        let mut engine = engine(None);
+        let (thin, thin_answer) = {
+            let image = RgbImage::from_raw(400, 1, vec![0; 400 * 3]).unwrap();
+            let (reply, answer) = Reply::new();
+            (VisionJob::Encode(EncodeJob { image_key: "thin".into(), image, reply }), answer)
+        };
+        let (good, good_answer) = encode("good", 32);
+        engine.run(vec![thin, good]);
+        let err = { thin_answer }.try_recv().unwrap().unwrap_err();
+        assert_eq!(err.field(), Some("image"), "{err:?}");
+        assert!({ good_answer }.try_recv().unwrap().is_ok());
+    }
+}

@@ -65,10 +65,16 @@ pub struct ServeArgs {
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env, default_value_t = 512 << 20)]
     pub max_message_bytes: usize,
-    /// Model revision reported with feature blobs and mixed into cache keys; defaults to a hash
-    /// of the checkpoint's config and weight file names and sizes.
+    /// Revision of the weights that compute features: tags every feature blob this worker sends,
+    /// and a blob with another tag is refused. Defaults to a hash of the checkpoint's config and
+    /// weight file names and sizes. (The gateway's `--model-revision`, which keys its caches, is
+    /// a different setting.)
     #[arg(long, env)]
-    pub model_revision: Option<String>,
+    pub feature_revision: Option<String>,
+    /// Testing only: an encode batch holding this image key fails in the model, as a device
+    /// error would (to test how model failures are answered and failed over).
+    #[arg(long, hide = true)]
+    pub fault_image_key: Option<String>,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
@@ -79,7 +85,7 @@ pub struct VisionService {
     resident: ResidentCache<Arc<ImageFeatures>>,
     level_shapes: [[usize; 4]; 4],
     feature_dtype: DType,
-    model_revision: String,
+    feature_revision: String,
     admission: Admission,
     max_masks: usize,
     max_pixels: u64,
@@ -87,10 +93,10 @@ pub struct VisionService {
 
 impl VisionService {
     /// Starts the model thread and returns the service in front of it.
-    pub fn start(core: VisionCore, args: &ServeArgs, model_revision: String) -> Self {
+    pub fn start(core: VisionCore, args: &ServeArgs, feature_revision: String) -> Self {
         let level_shapes = core.level_shapes();
         let feature_dtype = core.feature_dtype();
-        let engine = VisionEngine::new(core, None);
+        let engine = VisionEngine::new(core, args.fault_image_key.clone());
         Self {
             model: ModelQueue::start(
                 "vision",
@@ -106,7 +112,7 @@ impl VisionService {
             ),
             level_shapes,
             feature_dtype,
-            model_revision,
+            feature_revision,
             admission: Admission::new("vision worker", args.max_concurrent_requests),
             max_masks: args.max_masks,
             max_pixels: args.max_pixels,
@@ -152,7 +158,7 @@ impl VisionService {
     }
 
     fn blob_if(&self, wanted: bool, features: &ImageFeatures) -> Result<Option<FeatureBlob>, ServiceError> {
-        wanted.then(|| features.to_blob(&self.model_revision)).transpose().map_err(Into::into)
+        wanted.then(|| features.to_blob(&self.feature_revision)).transpose().map_err(Into::into)
     }
 
     async fn handle_pool(
@@ -171,10 +177,10 @@ impl VisionService {
         let (features, was_resident) = match (self.resident.get(&request.image_key), &request.features) {
             (Some(features), _) => (features, true),
             (None, Some(blob)) => {
-                if blob.model_revision != self.model_revision {
+                if blob.model_revision != self.feature_revision {
                     return Err(ServiceError::FailedPrecondition(format!(
-                        "features were computed by model revision {:?}, this worker runs {:?}",
-                        blob.model_revision, self.model_revision
+                        "features were computed by weights of revision {:?}, this worker runs {:?}",
+                        blob.model_revision, self.feature_revision
                     )));
                 }
                 let features =
@@ -274,7 +280,7 @@ pub async fn run(
     let device = osprey_checkpoint::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let weights = args.weights.clone();
     let model = tokio::task::spawn_blocking(move || VisionModel::from_dir(&weights, &device)).await??;
-    let revision = match &args.model_revision {
+    let revision = match &args.feature_revision {
         Some(revision) => revision.clone(),
         None => checkpoint_revision(&args.weights)?,
     };

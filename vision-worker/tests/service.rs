@@ -1,10 +1,12 @@
 //! The vision worker over real gRPC: health after warm-up, encode/pool against the reference
-//! fixtures, the resident LRU, feature blobs moving to another replica, and bad input.
+//! fixtures, the resident LRU, feature blobs moving to another replica, bad input (INVALID_ARGUMENT
+//! with the field as a structured detail) and a failed model batch (INTERNAL).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use osprey_common::error::StatusExt;
 use osprey_common::grpc::connect_when_serving;
 use osprey_common::image::{ImageLimits, decode_image};
 use osprey_common::mask::{Mask, rle_to_proto};
@@ -170,6 +172,10 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     let status = client.pool(pool_request("photo", &too_many)).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("over the limit of 3"), "{}", status.message());
+    // The field also travels structured, as a google.rpc.BadRequest field violation.
+    let details = status.get_error_details();
+    let violations = &details.bad_request().expect("a BadRequest detail").field_violations;
+    assert_eq!(violations[0].field, "masks");
 
     let mut bad_rle = pool_request("photo", &[]);
     bad_rle.masks.push(osprey_proto::v1::RleMask {
@@ -198,4 +204,44 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
 
     // The worker is still healthy and answering.
     assert!(client.pool(pool_request("photo", &fixture_masks()[..2])).await.is_ok());
+}
+
+/// A model failure is the worker's, not the client's: every request that shared the failed
+/// encode batch is answered INTERNAL (so the gateway tries another replica), never
+/// INVALID_ARGUMENT, and the worker goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_encode_batch_is_internal_for_every_request_in_it() {
+    let (client, _stop) = start_worker(&["--fault-image-key", "poisoned", "--max-batch-size", "16"]).await;
+    let encode = |key: String| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            client
+                .encode(EncodeRequest { image_key: key, image: Some(photo()), return_features: false })
+                .await
+        })
+    };
+    let alone = encode("poisoned".into()).await.unwrap().unwrap_err();
+    assert_eq!(alone.code(), Code::Internal, "{alone:?}");
+
+    // Sent at once, the requests queue behind one another and the model thread takes them in
+    // batches; those in the poisoned one's batch fail with it, the others are encoded.
+    let mut failed_with_it = 0;
+    for attempt in 0..20 {
+        let mut calls = vec![encode("poisoned".into())];
+        calls.extend((0..8).map(|i| encode(format!("innocent-{attempt}-{i}"))));
+        for call in calls {
+            if let Err(status) = call.await.unwrap() {
+                assert_eq!(status.code(), Code::Internal, "{status:?}");
+                assert!(status.message().contains("injected fault"), "{}", status.message());
+                failed_with_it += 1;
+            }
+        }
+        if failed_with_it > 1 {
+            break;
+        }
+    }
+    assert!(failed_with_it > 1, "no request ever shared a batch with the poisoned one");
+
+    let fine = encode("fine".into()).await.unwrap().unwrap().into_inner();
+    assert!(!fine.was_resident);
 }

@@ -8,7 +8,7 @@
 //!   antialias), binarised with `> 0`, and averaged over: `sum_p F[c, p] * m[p] / (sum m + 1e-8)`.
 //!   Masks are never resized to the tower's input size first: that would give other masks.
 //! - [`mask_pool_levels`]: the same for several feature levels in one call, reading each mask
-//!   once (the CPU path's cost is dominated by that read).
+//!   once (at large N the per-mask work, not the features, costs most).
 //! - [`mask_resize`]: masks resized to `(out_h, out_w)` without binarising (the `<pos>` input).
 //!
 //! The CPU implementation and the CUDA kernel compute the same sums by different routes: the

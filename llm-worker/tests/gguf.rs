@@ -295,3 +295,26 @@ fn bad_files_are_refused_naming_the_problem() {
     let msg = load_error(&not_gguf);
     assert!(msg.contains("not a readable GGUF file"), "{msg}");
 }
+
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    serve: llm_worker::service::ServeArgs,
+}
+
+/// `serve --weights FILE.gguf` loads model and tokenizer from the file; a GGUF without a
+/// tokenizer is refused naming the missing key.
+#[tokio::test]
+async fn serve_loads_a_gguf() {
+    let dir = scratch("serve");
+    let args = |path: &Path| {
+        <Cli as clap::Parser>::parse_from(["llm-worker", "--weights", path.to_str().unwrap()]).serve
+    };
+    let tiny = dir.join("tiny.gguf");
+    quantize("tiny", QuantType::Q8_0, &tiny);
+    llm_worker::service::LlmService::load(&args(&tiny)).expect("serves the GGUF");
+    let no_tokenizer = dir.join("tiny_gqa.gguf");
+    quantize("tiny_gqa", QuantType::Q8_0, &no_tokenizer);
+    let err = llm_worker::service::LlmService::load(&args(&no_tokenizer)).err().unwrap();
+    assert!(err.to_string().contains("osprey.tokenizer_json"), "{err}");
+}

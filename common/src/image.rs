@@ -95,7 +95,7 @@ impl RgbImage {
         self.pixels
     }
 
-    /// The cache key of this image for a given model revision (architecture.md §3): BLAKE3 over
+    /// The cache key of this image for a given model revision (docs/ARCHITECTURE.md#image-keys): BLAKE3 over
     /// the dimensions, the preprocessing version, the model revision and the pixels.
     pub fn key(&self, model_revision: &str) -> String {
         let mut hasher = blake3::Hasher::new();

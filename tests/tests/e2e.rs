@@ -17,8 +17,8 @@ use osprey_common::mask::Mask;
 use osprey_e2e::*;
 use osprey_proto::v1::{self, CacheTier};
 use tonic::Code;
-use vision_worker::VisionModel;
 use vision_worker::VisionCore;
+use vision_worker::VisionModel;
 
 /// New tokens per answer: enough to tell answers apart, short enough for two cores.
 const MAX_NEW_TOKENS: u32 = 8;

@@ -210,9 +210,16 @@ pub fn region_masks(
         .iter()
         .enumerate()
         .map(|(i, source)| match source {
-            RegionSource::Mask(mask) => mask_from_proto(mask, height, width, &limits.image)
-                .map(Some)
-                .map_err(|e| ServiceError::invalid(format!("regions[{i}].mask"), e)),
+            RegionSource::Mask(mask) => {
+                let field = || format!("regions[{i}].mask");
+                let mask = mask_from_proto(mask, height, width, &limits.image)
+                    .map_err(|e| ServiceError::invalid(field(), e))?;
+                // Pooling divides by the mask's area: an empty mask has no region to describe.
+                if mask.area() == 0 {
+                    return Err(ServiceError::invalid(field(), "the mask is empty (no pixel is set)"));
+                }
+                Ok(Some(mask))
+            }
             RegionSource::Prompt(_) => Ok(None),
         })
         .collect()
@@ -404,13 +411,18 @@ mod tests {
 
     #[test]
     fn masks_are_checked_against_the_image_size() {
-        let mask = |height, width| {
-            let rle = osprey_common::mask::rle_to_proto(&Mask::empty(height, width).to_rle());
+        let mask = |height, width, pixel: bool| {
+            let mut values = vec![0u8; (height * width) as usize];
+            values[0] = u8::from(pixel);
+            let mask = Mask::from_row_major(height, width, &values).unwrap();
+            let rle = osprey_common::mask::rle_to_proto(&mask.to_rle());
             RegionSource::Mask(v1::Mask { format: Some(v1::mask::Format::Rle(rle)) })
         };
-        let sources = [mask(4, 5), RegionSource::Prompt(v1::SamPrompt::default())];
+        let sources = [mask(4, 5, true), RegionSource::Prompt(v1::SamPrompt::default())];
         let masks = region_masks(&sources, 4, 5, &limits()).unwrap();
         assert!(masks[0].is_some() && masks[1].is_none());
         assert_eq!(field(region_masks(&sources, 5, 5, &limits())), "regions[0].mask");
+        let empty = [RegionSource::Prompt(v1::SamPrompt::default()), mask(4, 5, false)];
+        assert_eq!(field(region_masks(&empty, 4, 5, &limits())), "regions[1].mask");
     }
 }

@@ -381,23 +381,6 @@ fn rows(image: &TestImage) -> Vec<Row> {
     ]
 }
 
-/// Rows that do not get their expected status today (the row states what should happen). Each
-/// must still fail its expectation: one that starts passing fails the test, to be removed here.
-/// - an all-zero mask is accepted and described;
-/// - the SAM worker's request path does not yet apply `Prompt::validate` / `validate_in_image` to
-///   gRPC prompts (they are accepted and decoded).
-const KNOWN_GAPS: &[&str] = &[
-    "empty (all-zero) mask",
-    "point at negative x",
-    "point below the image",
-    "point outside (Segment)",
-    "box of zero area",
-    "box entirely outside",
-    "box entirely outside (Segment)",
-    "prompt with neither points nor box",
-    "prompt with neither points nor box (Segment)",
-];
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_get_their_status_naming_the_field() {
     let mut vision = vision_worker(loopback(61), &[]).unwrap();
@@ -435,14 +418,6 @@ async fn bad_inputs_get_their_status_naming_the_field() {
                         status.message()
                     ));
                 }
-            }
-        }
-        if KNOWN_GAPS.contains(&row.name) {
-            match failures.last() {
-                Some(f) if f.starts_with(&format!("{}:", row.name)) => {
-                    eprintln!("known gap: {}", failures.pop().unwrap());
-                }
-                _ => failures.push(format!("{}: now passes; remove it from KNOWN_GAPS", row.name)),
             }
         }
         eprintln!("{:<50} {:>6} ms", row.name, took.as_millis());

@@ -22,9 +22,9 @@ The loop is sequential, so the time per question does not depend on N: at most -
 per N (the JSON says how many: measured_questions).
 
 Run (model venv, pins in tools/requirements-llm.txt):
-    /work/.venv-llm/bin/python tools/bench_llm_reference.py [--threads 1] [--budget-s 170] [--ns 1,4,16,64] \
+    .venv-llm/bin/python tools/bench_llm_reference.py [--threads 1] [--budget-s 170] [--ns 1,4,16,64] \
         [--max-questions 16] [--prompt osprey-short|random]
-(any venv with torch and transformers works, e.g. /work/.venv-vision; tools/run_benchmarks.sh passes --threads 2,
+(any venv with torch and transformers works, e.g. .venv-vision; tools/run_benchmarks.sh passes --threads 2,
 the Rust bench's thread count.)
 The run stops starting new questions once --budget-s seconds have passed (an N cut short reports the median of the
 questions it timed; one with none is reported as skipped), so it stays within about 3 minutes on 2 cores.

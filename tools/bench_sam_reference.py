@@ -7,7 +7,7 @@ package, real weights) encoding the photo (set_image), one decode, and SamAutoma
 defaults. Median of --iters runs after a warm-up, float32 on the CPU with --threads threads.
 Prints JSON {key: seconds} to stdout.
 
-    /work/.venv-mobilesam/bin/python tools/bench_sam_reference.py --threads 2 --iters 3 > sam_reference.json
+    .venv-mobilesam/bin/python tools/bench_sam_reference.py --threads 2 --iters 3 > sam_reference.json
 (the venv of tools/requirements-mobilesam.txt plus segment-anything==1.0)
 """
 

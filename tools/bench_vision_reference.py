@@ -9,8 +9,8 @@ weights N(0, 1/fan_in)), at each --sizes input, under torch.inference_mode(), wi
 Rust run's thread count).  It also times one block per stage at 512 split into the depthwise 7x7 conv and the rest
 (NHWC permute, LayerNorm, fc1, GELU, fc2, layer scale, residual), the breakdown the Rust bench prints.
 
-Run (vision venv, /work/.venv-vision: torch, timm, open_clip):
-    /work/.venv-vision/bin/python tools/bench_vision_reference.py [--threads 2] [--sizes 512,800,1024] \
+Run (vision venv, .venv-vision: torch, timm, open_clip):
+    .venv-vision/bin/python tools/bench_vision_reference.py [--threads 2] [--sizes 512,800,1024] \
         [--budget-s 60] > vision_reference.json
 Each size runs a warm-up, then 3-5 timed forwards at 512 and 1-3 above, stopping once --budget-s seconds are spent at
 that size (after the first).  Prints JSON: median seconds per image and per-block milliseconds.

@@ -18,9 +18,9 @@ Produces (all paths relative to the repository root):
 
 Run (deterministic, re-runnable; overwrites the fixtures):
 
-    python3 -m venv /work/.venv-codecs
-    /work/.venv-codecs/bin/pip install -r tools/requirements-codecs.txt
-    /work/.venv-codecs/bin/python tools/make_codec_fixtures.py
+    python3 -m venv .venv-codecs
+    .venv-codecs/bin/pip install -r tools/requirements-codecs.txt
+    .venv-codecs/bin/python tools/make_codec_fixtures.py
 
 Byte-identical output needs the exact versions pinned in
 tools/requirements-codecs.txt (the encoders live inside Pillow's wheel).

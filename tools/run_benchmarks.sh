@@ -8,7 +8,7 @@
 # Usage: tools/run_benchmarks.sh            (from anywhere; about 11 minutes on 2 idle cores, 20+ when loaded)
 #        tools/run_benchmarks.sh --doc-only (rewrite the report from the outputs of the last run in $BENCH_OUT)
 # Environment:
-#   BENCH_VENV       venv with torch, timm, transformers (default /work/.venv-vision); VISION_VENV / LLM_VENV
+#   BENCH_VENV       venv with torch, timm, transformers (default .venv-vision); VISION_VENV / LLM_VENV
 #                    override it per reference
 #   BENCH_THREADS    threads for candle (RAYON_NUM_THREADS) and torch (default 2)
 #   BENCH_SIZES      trunk input sizes (default 512,800,1024)
@@ -21,7 +21,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-VENV="${BENCH_VENV:-/work/.venv-vision}"
+VENV="${BENCH_VENV:-.venv-vision}"
 VISION_VENV="${VISION_VENV:-$VENV}"
 LLM_VENV="${LLM_VENV:-$VENV}"
 THREADS="${BENCH_THREADS:-2}"

@@ -5,6 +5,8 @@
 //! Workers keep what they computed (SAM embeddings, vision features) resident under the image
 //! key, so a call first goes without its payload, and only a FAILED_PRECONDITION ("not resident
 //! here") makes the caller fetch the payload and call again: [`resident_first`] is that protocol.
+//! LLM workers keep the image tokens they were sent the same way, so those travel only to a
+//! replica that lacks them.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -153,12 +155,26 @@ pub struct Llm(pub Arc<Replicas>);
 impl Llm {
     const KIND: &'static str = "llm";
 
+    /// Opens the answer stream of `request`, which goes without image tokens: the replica uses the
+    /// ones it keeps for the image key and feature revision, and only when it has none are they
+    /// fetched (`image_tokens`: a vision answer carrying them and their feature revision) and sent.
     pub async fn generate(
         &self,
         deadline: Deadline,
-        request: &worker::GenerateRequest,
+        request: worker::GenerateRequest,
+        image_tokens: impl AsyncFnOnce() -> Result<worker::PoolResponse, ServiceError>,
     ) -> Result<Answers, ServiceError> {
-        let stream = unary_stream(&self.0, &request.image_key, deadline, request).await?;
+        let request = worker::GenerateRequest { image_tokens: None, ..request };
+        let stream = resident_first(unary_stream(&self.0, deadline, &request), async || {
+            let pooled = image_tokens().await?;
+            let request = worker::GenerateRequest {
+                image_tokens: pooled.image_tokens,
+                feature_revision: pooled.feature_revision,
+                ..request.clone()
+            };
+            unary_stream(&self.0, deadline, &request).await
+        })
+        .await?;
         Ok(Answers(stream))
     }
 }
@@ -166,12 +182,11 @@ impl Llm {
 /// Opens a Generate stream (its messages are counted as they arrive, by [`Answers`]).
 async fn unary_stream(
     replicas: &Replicas,
-    image_key: &str,
     deadline: Deadline,
     request: &worker::GenerateRequest,
 ) -> Result<Streaming<worker::GenerateResponse>, ServiceError> {
     replicas
-        .call(image_key, |channel| {
+        .call(&request.image_key, |channel| {
             let request = deadline.worker_request(request.clone());
             async move {
                 let request = request.map_err(Status::from)?;

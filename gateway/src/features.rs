@@ -1,6 +1,7 @@
-//! The vision stage: region tokens (and image tokens) of some regions of a prepared request, from
-//! the features resident on the routed vision replica, else the shared cache, else a fresh
-//! encoding. Features never travel back to the replica that computed them.
+//! The vision stage: region tokens of some regions of a prepared request (and, for an LLM replica
+//! that lacks them, the image tokens), from the features resident on the routed vision replica,
+//! else the shared cache, else a fresh encoding. Features never travel back to the replica that
+//! computed them.
 
 use std::time::Instant;
 
@@ -16,7 +17,7 @@ use crate::images::RequestImage;
 use crate::prepare::Prepared;
 use crate::state::Gateway;
 
-/// Region tokens and image tokens for some of a request's regions.
+/// Region tokens for some of a request's regions.
 pub struct Pooled {
     pub response: worker::PoolResponse,
     pub tier: CacheTier,
@@ -37,20 +38,50 @@ impl Pooled {
 }
 
 impl Gateway {
-    /// Region and image tokens of the regions `indices` (rows in that order).
+    /// Region tokens of the regions `indices` (rows in that order), without the image tokens.
     pub async fn pool(
         &self,
         prepared: &Prepared,
         indices: &[usize],
         deadline: Deadline,
     ) -> Result<Pooled, ServiceError> {
-        let image = &prepared.image;
+        let request = worker::PoolRequest {
+            image_key: prepared.image.key.clone(),
+            features: None,
+            masks: indices.iter().map(|&i| rle_to_proto(&prepared.masks[i].to_rle())).collect(),
+            return_image_tokens: false,
+        };
+        self.pool_request(&prepared.image, request, deadline).await
+    }
+
+    /// The image's tokens for the LLM with the feature revision that names them, as vision's
+    /// answer (for an LLM replica that does not keep them).
+    pub async fn image_tokens(
+        &self,
+        image: &RequestImage,
+        deadline: Deadline,
+    ) -> Result<worker::PoolResponse, ServiceError> {
         let request = worker::PoolRequest {
             image_key: image.key.clone(),
             features: None,
-            masks: indices.iter().map(|&i| rle_to_proto(&prepared.masks[i].to_rle())).collect(),
+            masks: vec![],
             return_image_tokens: true,
         };
+        let response = self.pool_request(image, request, deadline).await?.response;
+        if response.image_tokens.is_none() {
+            return Err(ServiceError::Internal("vision worker sent no image tokens".into()));
+        }
+        Ok(response)
+    }
+
+    /// `request` (without features) on the routed vision replica, with the features sent only when
+    /// that replica does not hold them.
+    async fn pool_request(
+        &self,
+        image: &RequestImage,
+        request: worker::PoolRequest,
+        deadline: Deadline,
+    ) -> Result<Pooled, ServiceError> {
         let start = Instant::now();
         let resident = async {
             let response = self.vision.pool(deadline, &request).await?;

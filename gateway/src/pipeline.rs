@@ -217,7 +217,8 @@ impl Gateway {
         answer_metadata(prepared, pooled, response.timing.as_ref(), response.prefix_cache_hit, start)
     }
 
-    /// Sends questions to the routed LLM replica and returns its response stream.
+    /// Sends questions to the routed LLM replica and returns its response stream. The image tokens
+    /// are fetched from vision and sent only when that replica does not keep them.
     async fn generate(
         &self,
         prepared: &Prepared,
@@ -228,11 +229,14 @@ impl Gateway {
     ) -> Result<Answers, ServiceError> {
         let request = worker::GenerateRequest {
             image_key: prepared.image.key.clone(),
-            image_tokens: pooled.response.image_tokens.clone(),
+            image_tokens: None,
             questions,
             parameters,
+            feature_revision: pooled.response.feature_revision.clone(),
         };
-        self.llm.generate(deadline, &request).await
+        self.llm
+            .generate(deadline, request, async || self.image_tokens(&prepared.image, deadline).await)
+            .await
     }
 
     /// The result-cache key of a question about `regions` of `prepared`, or `None` when the

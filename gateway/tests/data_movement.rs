@@ -1,7 +1,10 @@
 //! Data stays where it is: bytes between the gateway and its workers, read from
 //! `osprey_gateway_worker_bytes_total{kind,direction}`. A cold Describe sends the pixels once (to
-//! encode) and never the features back to the replica that computed them; a warm one sends no
-//! image-sized payload to the vision worker. Its own test binary: the metrics recorder is global.
+//! encode) and the image tokens once (to the LLM), and never the features back to the replica that
+//! computed them; a warm Describe or Ask sends and receives no image-sized payload at all, and
+//! answers exactly as the cold one did. An LLM replica that does not keep the image tokens (new,
+//! restarted) gets them through the fallback and answers the same. Its own test binary: the metrics
+//! recorder is global.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -12,6 +15,12 @@ use osprey_common::mask::{Mask, rle_to_proto};
 use osprey_proto::v1::osprey_client::OspreyClient;
 use osprey_proto::v1::{self, CacheTier, DescribeTask};
 use tokio::net::TcpListener;
+use tonic::transport::Channel;
+
+/// Image tokens of the tiny vision model: res4 of a 64 px input is 4×4 positions of 24 f32
+/// (`tests/fixtures/vision/tiny/tiny_st/config.json`). Every payload of a warm request must stay
+/// below this.
+const IMAGE_TOKEN_BYTES: u64 = 4 * 4 * 24 * 4;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -45,23 +54,154 @@ async fn serving(url: &str) {
     osprey_common::grpc::connect_when_serving(url, "", Duration::from_secs(120)).await.unwrap();
 }
 
-/// The counter's value for `kind` and `direction` in the Prometheus text at `port`.
-fn worker_bytes(port: u16, kind: &str, direction: &str) -> u64 {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text.lines()
-        .filter(|line| line.starts_with("osprey_gateway_worker_bytes_total{"))
-        .filter(|line| {
-            line.contains(&format!("kind=\"{kind}\"")) && line.contains(&format!("direction=\"{direction}\""))
-        })
-        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
+async fn start_llm() -> String {
+    let weights = fixtures().join("llm/tiny");
+    let args =
+        LlmCli::parse_from(["l", "--weights", weights.to_str().unwrap(), "--default-max-new-tokens", "3"])
+            .args;
+    let (listener, url) = listener().await;
+    tokio::spawn(llm_worker::service::run(args, listener, std::future::pending()));
+    serving(&url).await;
+    url
+}
+
+async fn start_gateway(vision_url: &str, llm_url: &str) -> OspreyClient<Channel> {
+    let args = GatewayCli::parse_from(["g", "--vision-workers", vision_url, "--llm-workers", llm_url]).args;
+    let (listener, url) = listener().await;
+    tokio::spawn(gateway::service::run(args, listener, std::future::pending()));
+    serving(&url).await;
+    OspreyClient::connect(url).await.unwrap()
+}
+
+/// Bytes moved per worker kind and direction, from the Prometheus text at `port`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Bytes {
+    vision_sent: u64,
+    vision_received: u64,
+    llm_sent: u64,
+    llm_received: u64,
+}
+
+impl Bytes {
+    fn read(port: u16) -> Self {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        let counter = |kind: &str, direction: &str| -> u64 {
+            text.lines()
+                .filter(|line| line.starts_with("osprey_gateway_worker_bytes_total{"))
+                .filter(|line| {
+                    line.contains(&format!("kind=\"{kind}\""))
+                        && line.contains(&format!("direction=\"{direction}\""))
+                })
+                .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+                .sum()
+        };
+        Self {
+            vision_sent: counter("vision", "sent"),
+            vision_received: counter("vision", "received"),
+            llm_sent: counter("llm", "sent"),
+            llm_received: counter("llm", "received"),
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            vision_sent: self.vision_sent - before.vision_sent,
+            vision_received: self.vision_received - before.vision_received,
+            llm_sent: self.llm_sent - before.llm_sent,
+            llm_received: self.llm_received - before.llm_received,
+        }
+    }
+
+    /// Every payload under `limit` bytes, to and from every worker kind.
+    fn assert_all_below(self, limit: u64, what: &str) {
+        for (name, value) in [
+            ("vision sent", self.vision_sent),
+            ("vision received", self.vision_received),
+            ("llm sent", self.llm_sent),
+            ("llm received", self.llm_received),
+        ] {
+            assert!(value < limit, "{what}: {name} {value} B, not below {limit} B ({self:?})");
+        }
+    }
+}
+
+fn whole_image_region(width: u32, height: u32) -> v1::Region {
+    let mask = Mask::from_row_major(height, width, &vec![1; (width * height) as usize]).unwrap();
+    v1::Region {
+        source: Some(v1::region::Source::Mask(v1::Mask {
+            format: Some(v1::mask::Format::Rle(rle_to_proto(&mask.to_rle()))),
+        })),
+        label: "all".into(),
+    }
+}
+
+/// A registered image: its key as the request's image, its size.
+struct Registered {
+    image: v1::Image,
+    width: u32,
+    height: u32,
+}
+
+async fn register(client: &mut OspreyClient<Channel>, encoded: Vec<u8>) -> Registered {
+    let registered = client
+        .register_image(v1::RegisterImageRequest { encoded, warm_features: false })
+        .await
+        .unwrap()
+        .into_inner();
+    Registered {
+        image: v1::Image { source: Some(v1::image::Source::Key(registered.key)) },
+        width: registered.width,
+        height: registered.height,
+    }
+}
+
+/// A short description of the whole image: (answer, vision tier, LLM prefix hit, bytes moved).
+async fn describe(
+    client: &mut OspreyClient<Channel>,
+    port: u16,
+    image: &v1::Image,
+    (width, height): (u32, u32),
+) -> (String, CacheTier, bool, Bytes) {
+    let request = v1::DescribeRequest {
+        image: Some(image.clone()),
+        regions: vec![whole_image_region(width, height)],
+        everything: None,
+        task: DescribeTask::Short as i32,
+        parameters: None,
+    };
+    let before = Bytes::read(port);
+    let mut stream = client.describe(request).await.unwrap().into_inner();
+    let result = stream.message().await.unwrap().unwrap();
+    assert!(stream.message().await.unwrap().is_none());
+    let cache = result.metadata.unwrap().cache.unwrap();
+    let tier = CacheTier::try_from(cache.vision_features).unwrap();
+    (result.raw_text, tier, cache.llm_prefix, Bytes::read(port).since(before))
+}
+
+/// A question about the whole image as region1: (answer, bytes moved).
+async fn ask(
+    client: &mut OspreyClient<Channel>,
+    port: u16,
+    image: &v1::Image,
+    (width, height): (u32, u32),
+) -> (String, Bytes) {
+    let request = v1::AskRequest {
+        image: Some(image.clone()),
+        regions: vec![whole_image_region(width, height)],
+        question: "what is region1?".into(),
+        parameters: None,
+        verbatim: false,
+    };
+    let before = Bytes::read(port);
+    let answer = client.ask(request).await.unwrap().into_inner();
+    (answer.raw_text, Bytes::read(port).since(before))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_warm_describe_sends_no_image_sized_payload() {
+async fn warm_requests_send_no_image_sized_payload_and_answer_as_cold_ones() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     osprey_common::telemetry::init_prometheus(([127, 0, 0, 1], port).into()).unwrap();
 
@@ -70,62 +210,68 @@ async fn a_warm_describe_sends_no_image_sized_payload() {
         VisionCli::parse_from(["v", "--weights", weights.to_str().unwrap(), "--feature-dtype", "f32"]).args;
     let (vision_listener, vision_url) = listener().await;
     tokio::spawn(vision_worker::service::run(vision_args, vision_listener, std::future::pending()));
-    let weights = fixtures().join("llm/tiny");
-    let llm_args =
-        LlmCli::parse_from(["l", "--weights", weights.to_str().unwrap(), "--default-max-new-tokens", "3"])
-            .args;
-    let (llm_listener, llm_url) = listener().await;
-    tokio::spawn(llm_worker::service::run(llm_args, llm_listener, std::future::pending()));
     serving(&vision_url).await;
-    serving(&llm_url).await;
-    let args = GatewayCli::parse_from(["g", "--vision-workers", &vision_url, "--llm-workers", &llm_url]).args;
-    let (gateway_listener, gateway_url) = listener().await;
-    tokio::spawn(gateway::service::run(args, gateway_listener, std::future::pending()));
-    serving(&gateway_url).await;
-    let mut client = OspreyClient::connect(gateway_url).await.unwrap();
+    let llm_url = start_llm().await;
+    let mut client = start_gateway(&vision_url, &llm_url).await;
 
     let photo = std::fs::read(fixtures().join("vision/photo.png")).unwrap();
-    let registered = client
-        .register_image(v1::RegisterImageRequest { encoded: photo, warm_features: false })
-        .await
-        .unwrap()
-        .into_inner();
-    let pixel_bytes = (registered.width * registered.height * 3) as u64;
-    let mask =
-        Mask::from_row_major(registered.height, registered.width, &vec![1; (pixel_bytes / 3) as usize])
-            .unwrap();
-    let describe = v1::DescribeRequest {
-        image: Some(v1::Image { source: Some(v1::image::Source::Key(registered.key)) }),
-        regions: vec![v1::Region {
-            source: Some(v1::region::Source::Mask(v1::Mask {
-                format: Some(v1::mask::Format::Rle(rle_to_proto(&mask.to_rle()))),
-            })),
-            label: "all".into(),
-        }],
-        everything: None,
-        task: DescribeTask::Short as i32,
-        parameters: None,
-    };
-    let mut run = async || {
-        let before = ["sent", "received"].map(|d| worker_bytes(port, "vision", d));
-        let mut stream = client.describe(describe.clone()).await.unwrap().into_inner();
-        let result = stream.message().await.unwrap().unwrap();
-        assert!(stream.message().await.unwrap().is_none());
-        let tier = CacheTier::try_from(result.metadata.unwrap().cache.unwrap().vision_features).unwrap();
-        let after = ["sent", "received"].map(|d| worker_bytes(port, "vision", d));
-        (tier, after[0] - before[0], after[1] - before[1])
-    };
+    let a = register(&mut client, photo.clone()).await;
+    let a_size = (a.width, a.height);
+    let pixel_bytes = u64::from(a.width * a.height * 3);
+    assert!(pixel_bytes > IMAGE_TOKEN_BYTES);
 
-    let (tier, cold_sent, cold_received) = run().await;
+    let (cold, tier, _, bytes) = describe(&mut client, port, &a.image, a_size).await;
     assert_eq!(tier, CacheTier::Computed);
+    println!("cold Describe: {bytes:?}; pixels {pixel_bytes} B, image tokens {IMAGE_TOKEN_BYTES} B");
     // The pixels go once, to encode; the features come back once (for the shared cache) and are
-    // not sent back: everything else sent is masks and keys.
-    println!("cold: vision sent {cold_sent} B, received {cold_received} B; pixels {pixel_bytes} B");
-    assert!(cold_sent >= pixel_bytes, "{cold_sent}");
-    assert!(cold_sent < pixel_bytes + 4096, "{cold_sent}");
+    // not sent back; the image tokens come back once and go to the LLM once.
+    assert!(bytes.vision_sent >= pixel_bytes, "{bytes:?}");
+    assert!(bytes.vision_sent < pixel_bytes + 4096, "{bytes:?}");
+    assert!(bytes.llm_sent >= IMAGE_TOKEN_BYTES, "{bytes:?}");
+    assert!(bytes.llm_sent < 2 * IMAGE_TOKEN_BYTES, "{bytes:?}");
 
-    let (tier, warm_sent, warm_received) = run().await;
+    let (warm, tier, prefix_hit, bytes) = describe(&mut client, port, &a.image, a_size).await;
+    println!("warm Describe: {bytes:?}");
     assert_eq!(tier, CacheTier::Resident);
-    println!("warm: vision sent {warm_sent} B, received {warm_received} B");
-    assert!(warm_sent < 4096, "{warm_sent}");
+    assert!(prefix_hit);
+    assert_eq!(warm, cold, "a warm Describe answers as the cold one did");
+    bytes.assert_all_below(IMAGE_TOKEN_BYTES, "warm Describe");
+
+    let (warm_ask, bytes) = ask(&mut client, port, &a.image, a_size).await;
+    println!("warm Ask: {bytes:?}");
+    bytes.assert_all_below(IMAGE_TOKEN_BYTES, "warm Ask");
+
+    // Another image between two requests about the first: each keeps its own answer.
+    let cat = std::fs::read(fixtures().join("images/chelsea_palette.png")).unwrap();
+    let b = register(&mut client, cat).await;
+    let b_size = (b.width, b.height);
+    let (b_cold, tier, _, bytes) = describe(&mut client, port, &b.image, b_size).await;
+    assert_eq!(tier, CacheTier::Computed);
+    assert!(bytes.llm_sent >= IMAGE_TOKEN_BYTES, "its own image tokens go to the LLM: {bytes:?}");
+    let (b_ask, _) = ask(&mut client, port, &b.image, b_size).await;
+    let (b_warm, _, _, bytes) = describe(&mut client, port, &b.image, b_size).await;
+    assert_eq!(b_warm, b_cold);
+    bytes.assert_all_below(IMAGE_TOKEN_BYTES, "warm Describe of the second image");
+    let (a_again, _, _, bytes) = describe(&mut client, port, &a.image, a_size).await;
+    assert_eq!(a_again, cold);
+    bytes.assert_all_below(IMAGE_TOKEN_BYTES, "warm Describe of the first image again");
+    println!("answers: first image {cold:?} / {warm_ask:?}, second image {b_cold:?} / {b_ask:?}");
+
+    // A new LLM replica (replaced or restarted: it keeps nothing) behind another gateway: the
+    // first request finds the features resident on vision, the LLM lacking the image tokens; they
+    // are fetched from vision and sent once, and the answers are the same.
+    let fresh_llm = start_llm().await;
+    let mut other = start_gateway(&vision_url, &fresh_llm).await;
+    let by_file = v1::Image { source: Some(v1::image::Source::Encoded(photo)) };
+    let (answer, tier, prefix_hit, bytes) = describe(&mut other, port, &by_file, a_size).await;
+    println!("Describe, new LLM replica: {bytes:?}");
+    assert_eq!(tier, CacheTier::Resident);
+    assert!(!prefix_hit);
+    assert_eq!(answer, cold);
+    assert!(bytes.vision_sent < IMAGE_TOKEN_BYTES, "no pixels or features sent: {bytes:?}");
+    assert!(bytes.vision_received >= IMAGE_TOKEN_BYTES, "the image tokens fetched: {bytes:?}");
+    assert!(bytes.llm_sent >= IMAGE_TOKEN_BYTES, "and sent: {bytes:?}");
+    let (answer, bytes) = ask(&mut other, port, &by_file, a_size).await;
+    assert_eq!(answer, warm_ask);
+    bytes.assert_all_below(IMAGE_TOKEN_BYTES, "warm Ask on the new LLM replica");
 }

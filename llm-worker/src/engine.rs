@@ -64,8 +64,9 @@ pub struct Question {
 /// Several questions about one image.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
-    /// Identifies `image_features` for prefix reuse across requests (the image key); `None`
-    /// shares the prefix within this request only. Equal keys must mean equal features.
+    /// Identifies `image_features` for prefix reuse across requests (the service passes the image
+    /// key with the feature revision); `None` shares the prefix within this request only. Equal
+    /// keys must mean equal features.
     pub image_key: Option<String>,
     /// res4 tokens `[T, mm_hidden]` before the projector; `None` for prompts without `<image>`.
     pub image_features: Option<Tensor>,

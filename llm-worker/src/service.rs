@@ -10,6 +10,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use osprey_common::ServiceError;
 use osprey_common::grpc::{serve, shutdown_signal, standard_routes};
+use osprey_common::lru::ResidentCache;
 use osprey_common::telemetry::{TelemetryArgs, set_parent_from_metadata};
 use osprey_common::tensor::f32_from_proto;
 use osprey_proto::v1::{FinishReason as ProtoFinishReason, GenerationParameters, Timing};
@@ -56,6 +57,10 @@ pub struct ServeArgs {
     /// Computed prefixes (system prompt + image tokens) kept for later requests about the same image.
     #[arg(long, env, default_value_t = 16)]
     pub prefix_cache_entries: usize,
+    /// Bytes of image tokens kept so that later requests about an image need not send them again
+    /// (f32: 3 MiB per image at full size, so the default holds more images than the prefix cache).
+    #[arg(long, env, default_value_t = 256 << 20)]
+    pub resident_image_token_bytes: usize,
     /// New tokens per answer when the request does not say.
     #[arg(long, env, default_value_t = 512)]
     pub default_max_new_tokens: u32,
@@ -85,6 +90,9 @@ pub struct LlmService {
     engine: EngineHandle,
     tokenizer: Arc<OspreyTokenizer>,
     limits: Limits,
+    /// Image tokens `[T, mm_hidden]` (f32, CPU) by [`image_identity`], kept from requests that sent
+    /// them.
+    resident_image_tokens: ResidentCache<Tensor>,
 }
 
 impl From<LlmError> for ServiceError {
@@ -127,10 +135,16 @@ impl LlmService {
             max_new_tokens_limit: args.max_new_tokens_limit.max(1),
             max_questions: args.max_questions,
         };
-        Ok(Self { engine, tokenizer: Arc::new(tokenizer), limits })
+        let resident_image_tokens = ResidentCache::new(
+            args.resident_image_token_bytes,
+            "osprey_llm_resident_image_token_lookups_total",
+            "osprey_llm_resident_image_token_bytes",
+        );
+        Ok(Self { engine, tokenizer: Arc::new(tokenizer), limits, resident_image_tokens })
     }
 
-    /// Turns the wire request into the engine's, checking everything the client controls.
+    /// Turns the wire request into the engine's, checking everything the client controls. Image
+    /// tokens the request does not carry come from the resident copy of its image.
     fn engine_request(
         &self,
         request: &ProtoRequest,
@@ -149,12 +163,22 @@ impl LlmService {
                 ),
             ));
         }
-        let image_features = match &request.image_tokens {
-            Some(tokens) => {
+        let identity = image_identity(&request.image_key, &request.feature_revision);
+        let image_features = match (&request.image_tokens, &identity) {
+            (Some(tokens), _) => {
                 let (shape, values) = f32_from_proto(tokens, "image_tokens", 2)?;
                 Tensor::from_vec(values, (shape[0], shape[1]), &Device::Cpu).map_err(internal)?
             }
-            None => return Err(ServiceError::invalid("image_tokens", "required")),
+            (None, Some(identity)) => self.resident_image_tokens.get(identity).ok_or_else(|| {
+                ServiceError::FailedPrecondition(format!(
+                    "image tokens of image {} (feature revision {:?}) are not resident on this worker; \
+                     send them in `image_tokens`",
+                    request.image_key, request.feature_revision
+                ))
+            })?,
+            (None, None) => {
+                return Err(ServiceError::invalid("image_tokens", "required when image_key is empty"));
+            }
         };
         let params = self.sampling(request.parameters.as_ref())?;
         let mut questions = Vec::with_capacity(request.questions.len());
@@ -177,8 +201,9 @@ impl LlmService {
             questions.push(Question { input_ids, mask_tokens, pos_tokens, params: params.clone() });
             post.push(mode);
         }
-        let image_key = (!request.image_key.is_empty()).then(|| request.image_key.clone());
-        Ok((GenerateRequest { image_key, image_features: Some(image_features), questions }, post))
+        // The prefix cache is keyed by the same identity, so a new feature revision never reuses a
+        // prefix computed from the old image tokens.
+        Ok((GenerateRequest { image_key: identity, image_features: Some(image_features), questions }, post))
     }
 
     fn sampling(&self, parameters: Option<&GenerationParameters>) -> Result<SamplingParams, ServiceError> {
@@ -214,8 +239,17 @@ impl LlmService {
     ) -> Result<mpsc::Receiver<Result<GenerateResponse, Status>>, ServiceError> {
         let start = Instant::now();
         let (engine_request, post) = self.engine_request(&request)?;
+        // Kept only once the engine has accepted them (validated), for requests that omit them.
+        let sent_image_tokens = match (&request.image_tokens, &engine_request.image_key) {
+            (Some(_), Some(identity)) => engine_request.image_features.clone().map(|t| (identity.clone(), t)),
+            _ => None,
+        };
         let indices: Vec<u32> = request.questions.iter().map(|q| q.index).collect();
         let streams = self.engine.try_submit(engine_request)?;
+        if let Some((identity, tokens)) = sent_image_tokens {
+            let bytes = tokens.elem_count() * tokens.dtype().size_in_bytes();
+            self.resident_image_tokens.insert(&identity, tokens, bytes);
+        }
         let (tx, rx) = mpsc::channel(64);
         for ((stream, index), mode) in streams.into_iter().zip(indices).zip(post) {
             let relay = Relay { tokenizer: self.tokenizer.clone(), tx: tx.clone(), index, mode, start };
@@ -298,6 +332,13 @@ impl Relay {
     fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
+}
+
+/// What names a request's image tokens across requests: the image key and the revision of the
+/// vision weights that computed them, length-prefixed so no two pairs give the same text. `None`
+/// without an image key (nothing is shared across requests then).
+fn image_identity(image_key: &str, feature_revision: &str) -> Option<String> {
+    (!image_key.is_empty()).then(|| format!("{}:{image_key}:{feature_revision}", image_key.len()))
 }
 
 /// The prompt of one question and how its answer is post-processed.
@@ -424,6 +465,7 @@ async fn warm_up(service: &LlmService) -> anyhow::Result<()> {
             )),
         }],
         parameters: Some(GenerationParameters { max_new_tokens: Some(1), ..Default::default() }),
+        feature_revision: String::new(),
     };
     let mut rx = service.generate(request).await.map_err(|e| anyhow::anyhow!("warm-up: {e}"))?;
     while let Some(response) = rx.recv().await {

@@ -1,6 +1,7 @@
 //! The LLM worker over real gRPC with the tiny model and a 40-id tokenizer
 //! (`tools/make_tiny_tokenizer.py`): streamed answers, batching and prefix-cache invariance,
-//! and INVALID_ARGUMENT for every malformed question.
+//! image tokens kept per image and feature revision, and INVALID_ARGUMENT for every malformed
+//! question.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -79,6 +80,7 @@ fn request(key: &str, questions: Vec<Question>) -> GenerateRequest {
         image_tokens: Some(tensor("image_features", 0..6)),
         questions,
         parameters: None,
+        feature_revision: String::new(),
     }
 }
 
@@ -195,7 +197,7 @@ async fn malformed_questions_are_invalid_argument() {
             },
             "image_features must be",
         ),
-        (GenerateRequest { image_tokens: None, ..request("k", vec![short()]) }, "image_tokens: required"),
+        (GenerateRequest { image_tokens: None, ..request("", vec![short()]) }, "image_tokens: required"),
         (
             request("k", vec![question(0, Prompt::Task(RegionTask::Short as i32), 0..2)]),
             "questions[0]: a task is about exactly one region",
@@ -235,4 +237,75 @@ async fn malformed_questions_are_invalid_argument() {
     }
     // Still serving.
     assert_eq!(answers(&mut client, request("k", vec![short()])).await.len(), 1);
+}
+
+/// A request about `key` at feature revision `revision`, carrying `tokens` or not.
+fn about(key: &str, revision: &str, tokens: Option<Tensor>, questions: Vec<Question>) -> GenerateRequest {
+    GenerateRequest { image_tokens: tokens, feature_revision: revision.into(), ..request(key, questions) }
+}
+
+/// Raw answers by question index.
+async fn raw_answers(client: &mut LlmClient<Channel>, request: GenerateRequest) -> Vec<(u32, String, bool)> {
+    answers(client, request).await.into_iter().map(|(i, (_, raw, _, hit))| (i, raw, hit)).collect()
+}
+
+/// Image tokens go once per image and feature revision: a request without them is answered from
+/// the copy kept for its (image key, feature revision), exactly as with them; an image or a
+/// revision the worker has not been sent is FAILED_PRECONDITION naming the image; two images, or
+/// two revisions of one image, never share tokens or a cached prefix.
+#[tokio::test]
+async fn image_tokens_are_kept_per_image_and_feature_revision() {
+    let mut client = start_worker().await;
+    let questions = || {
+        vec![
+            question(0, Prompt::Task(RegionTask::Short as i32), 0..1),
+            question(1, Prompt::Text("what is region1 doing with region2?".into()), 0..2),
+        ]
+    };
+    let first = tensor("image_features", 0..6);
+    // Other image tokens: the same rows in reverse order.
+    let (shape, values) = fixture("image_features");
+    let width = shape[1] as usize;
+    let reversed: Vec<f32> = values[..6 * width].chunks(width).rev().flatten().copied().collect();
+    let second = f32_to_proto(&[6, width], &reversed);
+
+    let texts =
+        |got: &[(u32, String, bool)]| got.iter().map(|(i, raw, _)| (*i, raw.clone())).collect::<Vec<_>>();
+    let a1 = raw_answers(&mut client, about("img-1", "r1", Some(first.clone()), questions())).await;
+    let a2 = raw_answers(&mut client, about("img-2", "r1", Some(second.clone()), questions())).await;
+    assert_ne!(
+        texts(&a1),
+        texts(&a2),
+        "other image tokens give other answers (else this test proves nothing)"
+    );
+
+    for (key, revision, expected) in [("img-1", "r1", &a1), ("img-2", "r1", &a2), ("img-1", "r1", &a1)] {
+        let got = raw_answers(&mut client, about(key, revision, None, questions())).await;
+        assert_eq!(texts(&got), texts(expected), "{key} without its tokens");
+        assert!(got.iter().all(|(_, _, hit)| *hit), "{key}: the cached prefix is reused");
+    }
+
+    for (key, revision) in [("img-1", "r2"), ("img-3", "r1"), ("img-2", "")] {
+        let status = client.generate(about(key, revision, None, questions())).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{key} {revision}: {status:?}");
+        assert!(status.message().contains(&format!("image tokens of image {key}")), "{}", status.message());
+        assert!(status.message().contains("not resident"), "{}", status.message());
+    }
+
+    // A new feature revision of img-1 with other tokens: answered from those (as img-2 was), not
+    // from the prefix of the old revision, which stays as it was.
+    let renewed = raw_answers(&mut client, about("img-1", "r2", Some(second.clone()), questions())).await;
+    assert_eq!(texts(&renewed), texts(&a2));
+    assert!(renewed.iter().all(|(_, _, hit)| !hit), "no prefix of revision r1 is reused for r2");
+    let again = raw_answers(&mut client, about("img-1", "r2", None, questions())).await;
+    assert_eq!(texts(&again), texts(&a2));
+    let old = raw_answers(&mut client, about("img-1", "r1", None, questions())).await;
+    assert_eq!(texts(&old), texts(&a1));
+
+    // With no room to keep image tokens, every request must carry them.
+    let mut keeps_none = start_worker_with(&["--resident-image-token-bytes", "0"]).await;
+    let sent = raw_answers(&mut keeps_none, about("img-1", "r1", Some(first), questions())).await;
+    assert_eq!(texts(&sent), texts(&a1));
+    let status = keeps_none.generate(about("img-1", "r1", None, questions())).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
 }

@@ -228,6 +228,7 @@ impl VisionService {
             image_tokens: output.image_tokens.map(|(shape, values)| f32_to_proto(&shape, &values)),
             was_resident,
             timing: Some(Timing { pool_ns, total_ns: elapsed_ns(start), ..Timing::default() }),
+            feature_revision: self.feature_revision.clone(),
         })
     }
 

@@ -16,18 +16,26 @@ impl ApiKeyCheck {
     pub fn new(key: Option<&str>) -> Self {
         Self { expected: key.map(|key| blake3::hash(key.as_bytes())) }
     }
+
+    /// Whether the `authorization` and `x-api-key` header values carry the key.
+    fn accepts(&self, authorization: Option<&str>, x_api_key: Option<&str>) -> bool {
+        let Some(expected) = &self.expected else { return true };
+        let bearer = authorization.and_then(|v| v.strip_prefix("Bearer "));
+        bearer.or(x_api_key).is_some_and(|given| blake3::hash(given.as_bytes()) == *expected)
+    }
+
+    /// The same check on plain HTTP headers (the gateway's HTTP side).
+    pub fn accepts_headers(&self, headers: &axum::http::HeaderMap) -> bool {
+        let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        self.accepts(value("authorization"), value("x-api-key"))
+    }
 }
 
 impl tonic::service::Interceptor for ApiKeyCheck {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.expected else { return Ok(request) };
         let metadata = request.metadata();
-        let bearer = metadata
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let header = metadata.get("x-api-key").and_then(|v| v.to_str().ok());
-        if bearer.or(header).is_some_and(|given| blake3::hash(given.as_bytes()) == *expected) {
+        let value = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok());
+        if self.accepts(value("authorization"), value("x-api-key")) {
             Ok(request)
         } else {
             Err(ServiceError::Unauthenticated.into_status())
@@ -64,5 +72,20 @@ mod tests {
         }
         assert!(check.call(Request::new(())).is_err());
         assert!(ApiKeyCheck::new(None).call(Request::new(())).is_ok());
+    }
+
+    #[test]
+    fn http_headers_are_checked_the_same_way() {
+        let check = ApiKeyCheck::new(Some("sesame"));
+        let headers = |name: &'static str, value: &'static str| {
+            let mut headers = axum::http::HeaderMap::new();
+            headers.insert(name, axum::http::HeaderValue::from_static(value));
+            headers
+        };
+        assert!(check.accepts_headers(&headers("authorization", "Bearer sesame")));
+        assert!(check.accepts_headers(&headers("x-api-key", "sesame")));
+        assert!(!check.accepts_headers(&headers("x-api-key", "sesam")));
+        assert!(!check.accepts_headers(&axum::http::HeaderMap::new()));
+        assert!(ApiKeyCheck::new(None).accepts_headers(&axum::http::HeaderMap::new()));
     }
 }

@@ -14,6 +14,10 @@ pub struct GatewayArgs {
     /// Address to serve the public gRPC API on.
     #[arg(long, env, default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
+    /// Also serve HTTP on this address: the annotation page, gRPC-Web for `osprey.v1.Osprey`
+    /// and the annotation-tool integrations, with the same TLS and API key. Off when unset.
+    #[arg(long, env)]
+    pub http_listen: Option<SocketAddr>,
     /// Vision workers, comma-separated `host:port` names (an `http://` prefix is accepted). Each
     /// name is re-resolved every `--resolve-interval` and every address it resolves to is a
     /// replica (a Kubernetes headless Service gives one per pod), e.g. `vision.osprey.svc:50052`.

@@ -14,6 +14,7 @@
 //! - [`state`]: the gateway's shared state.
 //! - [`prepare`], [`features`], [`answers`], [`pipeline`]: the pipeline stages and the RPCs' pipelines.
 //! - [`auth`]: the API key check; [`handlers`]: the RPC handlers; [`service`]: server start.
+//! - [`http`]: the HTTP side (`--http-listen`): the annotation page, gRPC-Web, [`integrations`].
 //! - [`local`], [`annotate`]: the `gateway local` and `gateway annotate` commands.
 
 pub mod annotate;
@@ -26,7 +27,9 @@ pub mod config;
 pub mod deadline;
 pub mod features;
 pub mod handlers;
+pub mod http;
 pub mod images;
+pub mod integrations;
 pub mod local;
 pub mod pipeline;
 pub mod prepare;

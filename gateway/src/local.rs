@@ -52,9 +52,12 @@ pub struct LocalArgs {
     /// Address of the public API.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// After the demo, keep serving until ctrl-c.
+    /// After the demo, keep serving until ctrl-c (with the annotation page on `--http-listen`).
     #[arg(long)]
     pub serve: bool,
+    /// Address of the annotation page and gRPC-Web, served with `--serve`.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
     /// New tokens per answer.
     #[arg(long, default_value_t = 24)]
     pub max_new_tokens: u32,
@@ -197,6 +200,9 @@ pub async fn main(args: LocalArgs) -> anyhow::Result<()> {
     if let Some(url) = &args.redis_url {
         argv.extend(["--redis-url".to_string(), url.clone()]);
     }
+    if args.serve {
+        argv.extend(["--http-listen".to_string(), args.http_listen.to_string()]);
+    }
     let gateway_args = GatewayCli::parse_from(argv).args;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -205,12 +211,19 @@ pub async fn main(args: LocalArgs) -> anyhow::Result<()> {
     }));
     let url = format!("http://{}", args.listen);
     wait_serving(&url, &mut children, args.start_timeout).await?;
-    println!("gateway serving the public API on {url}\n");
+    println!("gateway serving the public API on {url}");
+    if args.serve {
+        println!("annotation page: http://{}/", args.http_listen);
+    }
+    println!();
 
     run_demo(&url, &args).await?;
 
     if args.serve {
-        println!("\nServing until ctrl-c (try: grpcurl -plaintext {} list)", args.listen);
+        println!(
+            "\nServing until ctrl-c: open http://{}/ (annotation page), or try grpcurl -plaintext {} list",
+            args.http_listen, args.listen
+        );
         osprey_common::grpc::shutdown_signal().await;
     }
     let _ = stop.send(());

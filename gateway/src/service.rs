@@ -1,5 +1,6 @@
 //! Server start: `gateway serve` builds the gateway from its flags, finds the workers and serves
-//! `osprey.v1.Osprey` (behind the API key check, over TLS if configured) until shutdown.
+//! `osprey.v1.Osprey` (behind the API key check, over TLS if configured) until shutdown, and with
+//! `--http-listen` the HTTP side ([`crate::http`]) beside it.
 
 use std::sync::Arc;
 
@@ -8,38 +9,70 @@ pub use crate::config::GatewayArgs;
 use crate::handlers::OspreyService;
 use crate::state::Gateway;
 
-/// Serves the public API until `shutdown`, then drains.
+/// Serves the public API (and, with `--http-listen`, the HTTP side) until `shutdown`, then drains.
 pub async fn run(
     args: GatewayArgs,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let tls = tls_config(&args)?;
+    let http_tls = crate::http::tls_config(&args)?;
     let (routes, health) = osprey_common::grpc::standard_routes(&["osprey.v1.Osprey"]).await;
     let gateway = Arc::new(Gateway::new(&args)?);
     gateway.discover_workers().await;
+    let http = match args.http_listen {
+        None => None,
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| anyhow::anyhow!("--http-listen {address}: {e}"))?;
+            Some((listener, crate::http::router(gateway.clone(), &args)))
+        }
+    };
     let server = osprey_proto::v1::osprey_server::OspreyServer::new(OspreyService(gateway))
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
     let api_key = ApiKeyCheck::new(args.api_key.as_deref());
     let routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(server, api_key));
-    health.set_serving().await;
-    tracing::info!(address = %listener.local_addr()?, tls = tls.is_some(), "serving");
-    match tls {
-        None => osprey_common::grpc::serve(listener, routes, &health, shutdown).await?,
-        Some(tls) => {
-            // As osprey_common::grpc::serve, over TLS.
-            let drain = async move {
-                shutdown.await;
-                health.set_not_serving().await;
-            };
-            tonic::transport::Server::builder()
-                .tls_config(tls)?
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(osprey_common::grpc::incoming(listener), drain)
-                .await?
+    // One shutdown signal for both sides.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
         }
-    }
+    };
+    let http = async {
+        let Some((listener, router)) = http else { return Ok(()) };
+        tracing::info!(address = %listener.local_addr()?, tls = http_tls.is_some(), "serving HTTP");
+        crate::http::serve(listener, router, http_tls, until_stopped()).await
+    };
+    let grpc = async {
+        health.set_serving().await;
+        tracing::info!(address = %listener.local_addr()?, tls = tls.is_some(), "serving");
+        let shutdown = until_stopped();
+        match tls {
+            None => osprey_common::grpc::serve(listener, routes, &health, shutdown).await?,
+            Some(tls) => {
+                // As osprey_common::grpc::serve, over TLS.
+                let drain = async move {
+                    shutdown.await;
+                    health.set_not_serving().await;
+                };
+                tonic::transport::Server::builder()
+                    .tls_config(tls)?
+                    .add_routes(routes)
+                    .serve_with_incoming_shutdown(osprey_common::grpc::incoming(listener), drain)
+                    .await?
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::try_join!(grpc, http)?;
     Ok(())
 }
 

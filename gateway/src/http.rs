@@ -1,0 +1,162 @@
+//! The gateway's HTTP side (`--http-listen`): the annotation page (assets embedded in the
+//! binary), gRPC-Web for `osprey.v1.Osprey` (the page's only API) and the annotation-tool
+//! integrations, with the same TLS certificate and API key as the gRPC side.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::IntoResponse;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::service::TowerToHyperService;
+use osprey_proto::v1::osprey_server::OspreyServer;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tonic::service::LayerExt;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::auth::ApiKeyCheck;
+use crate::config::GatewayArgs;
+use crate::handlers::OspreyService;
+use crate::state::Gateway;
+
+/// A file of the annotation page, embedded at build time (the bundle is committed, so building
+/// the gateway needs no Node).
+struct Asset {
+    path: &'static str,
+    content_type: &'static str,
+    body: &'static [u8],
+}
+
+const ASSETS: &[Asset] = &[
+    Asset { path: "/", content_type: "text/html; charset=utf-8", body: include_bytes!("../web/index.html") },
+    Asset {
+        path: "/app.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("../web/dist/app.js"),
+    },
+    Asset {
+        path: "/app.css",
+        content_type: "text/css; charset=utf-8",
+        body: include_bytes!("../web/app.css"),
+    },
+];
+
+/// Every HTTP route: the page's assets (open: they hold nothing secret), gRPC-Web for
+/// `osprey.v1.Osprey` and the integrations (both behind the API key).
+pub fn router(gateway: Arc<Gateway>, args: &GatewayArgs) -> axum::Router {
+    let api_key = ApiKeyCheck::new(args.api_key.as_deref());
+    let osprey = OspreyServer::new(OspreyService(gateway.clone()))
+        .max_decoding_message_size(args.max_message_bytes)
+        .max_encoding_message_size(args.max_message_bytes);
+    let grpc_web =
+        tonic_web::GrpcWebLayer::new().named_layer(InterceptedService::new(osprey, api_key.clone()));
+    let integrations = crate::integrations::router(OspreyService(gateway)).layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let allowed = api_key.accepts_headers(request.headers());
+            async move {
+                if allowed {
+                    next.run(request).await
+                } else {
+                    let message = osprey_common::ServiceError::Unauthenticated.to_string();
+                    let body = serde_json::json!({ "error": message }).to_string();
+                    (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "application/json")], body)
+                        .into_response()
+                }
+            }
+        },
+    ));
+    let mut router = axum::Router::new().route_service("/osprey.v1.Osprey/{*method}", grpc_web);
+    for asset in ASSETS {
+        let headers = [
+            (header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type)),
+            // Revalidate every time: a new gateway build may serve a new page.
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ];
+        router = router.route(asset.path, axum::routing::get(move || async move { (headers, asset.body) }));
+    }
+    router.merge(integrations)
+}
+
+/// The rustls server configuration from `--tls-cert` and `--tls-key` (the files the gRPC side
+/// reads), offering HTTP/2 and HTTP/1.1.
+pub fn tls_config(args: &GatewayArgs) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else { return Ok(None) };
+    let read = |path: &std::path::Path, what: &str| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read the TLS {what} {}: {e}", path.display()))
+    };
+    let chain = CertificateDer::pem_slice_iter(&read(cert, "certificate")?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("TLS certificate {}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&read(key, "key")?)
+        .map_err(|e| anyhow::anyhow!("TLS key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(Arc::new(config)))
+}
+
+/// Serves `router` on `listener` (HTTP/1.1 and HTTP/2, over TLS when `tls` is given) until
+/// `shutdown`; then stops accepting and lets open connections finish their requests.
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let acceptor = tls.map(TlsAcceptor::from);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(%error, "HTTP accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // As the gRPC side: no Nagle delay on small responses.
+        let _ = stream.set_nodelay(true);
+        let (router, watcher) = (router.clone(), graceful.watcher());
+        match acceptor.clone() {
+            None => {
+                tokio::spawn(serve_connection(stream, router, watcher));
+            }
+            Some(acceptor) => {
+                tokio::spawn(async move {
+                    match acceptor.accept(stream).await {
+                        Ok(stream) => serve_connection(stream, router, watcher).await,
+                        Err(error) => tracing::debug!(%error, "TLS handshake failed"),
+                    }
+                });
+            }
+        }
+    }
+    graceful.shutdown().await;
+    Ok(())
+}
+
+async fn serve_connection<I>(io: I, router: axum::Router, watcher: Watcher)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(router));
+    if let Err(error) = watcher.watch(connection.into_owned()).await {
+        tracing::debug!(%error, "HTTP connection ended with an error");
+    }
+}

@@ -557,6 +557,16 @@ pub fn rle_to_proto(rle: &Rle) -> osprey_proto::v1::RleMask {
     }
 }
 
+/// A worker message's RLE (compressed string), validated.
+pub fn rle_from_worker(rle: &osprey_proto::worker::v1::RleMask) -> Result<Rle, MaskError> {
+    Rle::from_compressed(rle.height, rle.width, &rle.counts)
+}
+
+/// The worker messages' form of an RLE.
+pub fn rle_to_worker(rle: &Rle) -> osprey_proto::worker::v1::RleMask {
+    osprey_proto::worker::v1::RleMask { height: rle.height(), width: rle.width(), counts: rle.to_compressed() }
+}
+
 #[cfg(test)]
 mod proto_tests {
     use osprey_proto::v1::{self, mask::Format, rle_mask::Counts};
@@ -577,6 +587,7 @@ mod proto_tests {
             rle(2, 3, Counts::Uncompressed(v1::RunLengths { counts: expected.to_rle().counts().to_vec() }));
         assert_eq!(mask_from_proto(&counts, 2, 3, &limits).unwrap(), expected);
         assert_eq!(rle_from_proto(&rle_to_proto(&expected.to_rle())).unwrap(), expected.to_rle());
+        assert_eq!(rle_from_worker(&rle_to_worker(&expected.to_rle())).unwrap(), expected.to_rle());
 
         assert!(matches!(mask_from_proto(&compressed, 3, 2, &limits), Err(MaskError::SizeMismatch { .. })));
         let square = vec![0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 0.0];

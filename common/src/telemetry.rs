@@ -79,7 +79,7 @@ pub fn init_telemetry(args: &TelemetryArgs, binary_name: &str) -> anyhow::Result
     Ok(TelemetryGuard { provider })
 }
 
-/// Histogram buckets (seconds) for every metric whose name ends in `duration`.
+/// Histogram buckets for every metric whose name ends in `_seconds` (Prometheus base unit).
 const DURATION_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
@@ -90,7 +90,7 @@ const SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.
 pub fn init_prometheus(addr: SocketAddr) -> anyhow::Result<()> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
-        .set_buckets_for_metric(Matcher::Suffix("duration".into()), DURATION_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), DURATION_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("size".into()), SIZE_BUCKETS)?
         .install()?;
     Ok(())
@@ -181,8 +181,8 @@ mod prometheus_tests {
     async fn metrics_are_served_with_buckets() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         super::init_prometheus(([127, 0, 0, 1], port).into()).unwrap();
-        metrics::histogram!("osprey_test_request_duration").record(0.02);
-        metrics::counter!("osprey_test_requests").increment(3);
+        metrics::histogram!("osprey_test_request_duration_seconds").record(0.02);
+        metrics::counter!("osprey_test_requests_total").increment(3);
         let body = tokio::task::spawn_blocking(move || {
             let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
             stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
@@ -192,7 +192,7 @@ mod prometheus_tests {
         })
         .await
         .unwrap();
-        assert!(body.contains("osprey_test_requests 3"), "{body}");
-        assert!(body.contains("osprey_test_request_duration_bucket{le=\"0.025\"} 1"), "{body}");
+        assert!(body.contains("osprey_test_requests_total 3"), "{body}");
+        assert!(body.contains("osprey_test_request_duration_seconds_bucket{le=\"0.025\"} 1"), "{body}");
     }
 }

@@ -1,6 +1,6 @@
-//! Dense tensors on the wire (`osprey.v1.Tensor`): little-endian bytes with shape and dtype.
+//! Dense tensors on the wire (`osprey.worker.v1.Tensor`): little-endian bytes with shape and dtype.
 
-use osprey_proto::v1::{ElementType, Tensor};
+use osprey_proto::worker::v1::{ElementType, Tensor};
 
 use crate::ServiceError;
 

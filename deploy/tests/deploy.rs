@@ -423,6 +423,26 @@ fn deploy_matches_the_binaries() {
 }
 
 #[test]
+fn metric_names_follow_prometheus_conventions() {
+    // Counters end in `_total`; a duration carries its unit (`_seconds`); every name has the
+    // `osprey_` prefix. Checked over every crate that serves metrics.
+    let mut bad = Vec::new();
+    let mut seen = 0;
+    for dir in ["common", "gateway", "vision-worker", "sam-worker", "llm-worker"] {
+        for (name, kind) in emitted_metrics(&root().join(dir).join("src")).unwrap() {
+            seen += 1;
+            let counter_ok = (kind == MetricKind::Counter) == name.ends_with("_total");
+            let unit_ok = !["_duration", "_time", "_latency"].iter().any(|s| name.ends_with(s));
+            if !(name.starts_with("osprey_") && counter_ok && unit_ok) {
+                bad.push(format!("{dir}: {name} ({kind:?})"));
+            }
+        }
+    }
+    assert!(seen >= 20, "the scan found only {seen} metrics");
+    assert!(bad.is_empty(), "metric names against the Prometheus conventions:\n{}", bad.join("\n"));
+}
+
+#[test]
 fn the_cross_check_catches_a_bad_flag_and_a_made_up_metric() {
     // The parser really rejects what the binary would reject, and the metric scan is not a
     // catch-all: guards against a check that cannot fail.

@@ -52,8 +52,8 @@ pub struct AnnotateArgs {
     #[arg(long, requires = "everything")]
     pub max_masks: Option<u32>,
     /// What to say about each region.
-    #[arg(long, value_enum, default_value = "short")]
-    pub task: Task,
+    #[arg(long, value_parser = parse_task, default_value = "short")]
+    pub task: v1::DescribeTask,
     /// Longest answer, in tokens (the LLM worker's default when unset).
     #[arg(long)]
     pub max_new_tokens: Option<u32>,
@@ -68,21 +68,10 @@ pub struct AnnotateArgs {
     pub out: PathBuf,
 }
 
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Task {
-    Short,
-    Detailed,
-    Category,
-}
-
-impl Task {
-    fn proto(self) -> v1::DescribeTask {
-        match self {
-            Self::Short => v1::DescribeTask::Short,
-            Self::Detailed => v1::DescribeTask::Detailed,
-            Self::Category => v1::DescribeTask::Category,
-        }
-    }
+/// `--task short|detailed|category`: the public API's task, named as its values are.
+fn parse_task(name: &str) -> Result<v1::DescribeTask, String> {
+    v1::DescribeTask::from_str_name(&format!("DESCRIBE_TASK_{}", name.to_uppercase()))
+        .ok_or_else(|| format!("unknown task {name:?}: short, detailed or category"))
 }
 
 /// One image to annotate.
@@ -365,7 +354,7 @@ async fn run(
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     let producer = {
         let in_flight = in_flight.clone();
-        let task = args.task.proto() as i32;
+        let task = args.task as i32;
         let everything = args.everything.then(|| v1::EverythingParams {
             points_per_side: args.points_per_side,
             pred_iou_thresh: args.pred_iou_thresh,

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use osprey_proto::v1::{self, CacheHits, Metadata, Timing};
+use osprey_proto::convert::public_finish_reason;
 use osprey_proto::worker::v1 as worker;
 
 use crate::features::Pooled;
@@ -26,7 +27,7 @@ pub fn region_result(
         bbox: rle.bbox().iter().map(|&v| v as f32).collect(),
         mask: prepared.sam_masks[i].clone(),
         generated_tokens: answer.generated_tokens,
-        finish_reason: answer.finish_reason,
+        finish_reason: public_finish_reason(answer.finish_reason),
         metadata: Some(metadata),
     }
 }
@@ -47,7 +48,7 @@ pub fn cached_metadata(prepared: &Prepared, start: Instant) -> Metadata {
 pub fn answer_metadata(
     prepared: &Prepared,
     pooled: &Pooled,
-    llm: Option<&Timing>,
+    llm: Option<&worker::Timing>,
     prefix_hit: bool,
     start: Instant,
 ) -> Metadata {

@@ -40,7 +40,7 @@ pub fn answer_key(
     masks: &[&Mask],
     question: &str,
     history: &[v1::Turn],
-    parameters: Option<&v1::GenerationParameters>,
+    parameters: Option<&worker::GenerationParameters>,
 ) -> String {
     let mask_digests: Vec<[u8; 32]> = masks
         .iter()
@@ -66,49 +66,77 @@ pub fn answer_key(
     result_key(&parts)
 }
 
+/// Every entry starts with this tag and the BLAKE3 digest of the rest, so that a truncated or
+/// altered entry (a bad Redis, a flipped bit, another program writing our keys) is detected and
+/// treated as missing: recomputed, never served. Entries written before the tag are misses too.
+const ENTRY_TAG: &[u8; 4] = b"osp1";
+/// Bytes of the tag and the digest in front of every entry's payload.
+pub const SEAL_BYTES: usize = ENTRY_TAG.len() + blake3::OUT_LEN;
+
+/// An entry of `capacity` payload bytes written by `fill`, sealed with the tag and its digest.
+fn sealed(capacity: usize, fill: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(SEAL_BYTES + capacity);
+    bytes.extend_from_slice(ENTRY_TAG);
+    bytes.extend_from_slice(&[0; blake3::OUT_LEN]);
+    fill(&mut bytes);
+    let digest = blake3::hash(&bytes[SEAL_BYTES..]);
+    bytes[ENTRY_TAG.len()..SEAL_BYTES].copy_from_slice(digest.as_bytes());
+    bytes
+}
+
+/// The payload of a sealed entry, or `None` when the tag or the digest does not match.
+fn unsealed(bytes: &[u8]) -> Option<&[u8]> {
+    let (seal, payload) = bytes.split_at_checked(SEAL_BYTES)?;
+    let (tag, digest) = seal.split_at(ENTRY_TAG.len());
+    (tag == ENTRY_TAG && blake3::hash(payload) == *<&[u8; blake3::OUT_LEN]>::try_from(digest).ok()?)
+        .then_some(payload)
+}
+
 /// What the result cache keeps of an answer: the LLM's final response without its timings.
 pub fn answer_to_bytes(response: &worker::GenerateResponse) -> Vec<u8> {
-    worker::GenerateResponse {
+    let stored = worker::GenerateResponse {
         question_index: 0,
         text: String::new(),
         finished: true,
         timing: None,
         prefix_cache_hit: false,
         ..response.clone()
-    }
-    .encode_to_vec()
+    };
+    sealed(stored.encoded_len(), |bytes| stored.encode(bytes).expect("a Vec grows as needed. This is a bug."))
 }
 
 pub fn answer_from_bytes(bytes: &[u8]) -> Option<worker::GenerateResponse> {
-    worker::GenerateResponse::decode(bytes).ok()
+    worker::GenerateResponse::decode(unsealed(bytes)?).ok()
 }
 
-/// Cached blob bytes: the model revision (length-prefixed) then the safetensors bytes.
+/// Cached blob: the model revision (length-prefixed) then the safetensors bytes, sealed.
 pub fn blob_to_bytes(blob: &worker::FeatureBlob) -> Vec<u8> {
     let revision = blob.model_revision.as_bytes();
-    let mut bytes = Vec::with_capacity(4 + revision.len() + blob.safetensors.len());
-    bytes.extend_from_slice(&(revision.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(revision);
-    bytes.extend_from_slice(&blob.safetensors);
-    bytes
+    sealed(4 + revision.len() + blob.safetensors.len(), |bytes| {
+        bytes.extend_from_slice(&(revision.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(revision);
+        bytes.extend_from_slice(&blob.safetensors);
+    })
 }
 
 pub fn blob_from_bytes(bytes: &[u8]) -> Option<worker::FeatureBlob> {
+    let bytes = unsealed(bytes)?;
     let n = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
     let revision = std::str::from_utf8(bytes.get(4..4 + n)?).ok()?.to_string();
     Some(worker::FeatureBlob { safetensors: bytes.get(4 + n..)?.to_vec(), model_revision: revision })
 }
 
-/// Bytes before the pixels of a registered image: its width and height.
-pub const PIXELS_HEADER_BYTES: usize = 8;
+/// Bytes before the pixels of a registered image: the seal, then its width and height. Reading
+/// the size alone cannot check the digest; the pixels are checked when they are read.
+pub const PIXELS_HEADER_BYTES: usize = SEAL_BYTES + 8;
 
-/// Registered pixels: width and height (u32 little-endian) then RGB8.
+/// Registered pixels: width and height (u32 little-endian) then RGB8, sealed.
 pub fn pixels_to_bytes(image: &RgbImage) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(PIXELS_HEADER_BYTES + image.pixels().len());
-    bytes.extend_from_slice(&image.width().to_le_bytes());
-    bytes.extend_from_slice(&image.height().to_le_bytes());
-    bytes.extend_from_slice(image.pixels());
-    bytes
+    sealed(8 + image.pixels().len(), |bytes| {
+        bytes.extend_from_slice(&image.width().to_le_bytes());
+        bytes.extend_from_slice(&image.height().to_le_bytes());
+        bytes.extend_from_slice(image.pixels());
+    })
 }
 
 /// Width and height from the first [`PIXELS_HEADER_BYTES`] of registered pixels.
@@ -116,19 +144,21 @@ pub fn size_from_header(header: &[u8]) -> Result<(u32, u32), ServiceError> {
     let word = |at: usize| {
         header.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("four bytes. This is a bug.")))
     };
-    match (word(0), word(4)) {
-        (Some(width), Some(height)) => Ok((width, height)),
+    match (header.get(..ENTRY_TAG.len()), word(SEAL_BYTES), word(SEAL_BYTES + 4)) {
+        (Some(tag), Some(width), Some(height)) if tag == ENTRY_TAG => Ok((width, height)),
         _ => Err(corrupt()),
     }
 }
 
 pub fn pixels_from_bytes(bytes: &[u8]) -> Result<RgbImage, ServiceError> {
     let (width, height) = size_from_header(bytes)?;
-    RgbImage::from_raw(width, height, bytes[PIXELS_HEADER_BYTES..].to_vec()).map_err(|_| corrupt())
+    let pixels = unsealed(bytes).ok_or_else(corrupt)?;
+    RgbImage::from_raw(width, height, pixels[8..].to_vec()).map_err(|_| corrupt())
 }
 
+/// The client's pixels cannot be recomputed: the client registers the image again.
 fn corrupt() -> ServiceError {
-    ServiceError::Internal("corrupt registered image in the cache".into())
+    ServiceError::FailedPrecondition("the registered image is damaged in the cache; register it again".into())
 }
 
 #[cfg(test)]
@@ -146,8 +176,33 @@ mod tests {
         assert_eq!(size_from_header(&bytes[..PIXELS_HEADER_BYTES]).unwrap(), (2, 1));
         let back = pixels_from_bytes(&bytes).unwrap();
         assert_eq!((back.width(), back.height(), back.pixels()), (2, 1, image.pixels()));
-        assert!(pixels_from_bytes(&bytes[..10]).is_err());
+        assert!(pixels_from_bytes(&bytes[..PIXELS_HEADER_BYTES + 2]).is_err());
         assert!(size_from_header(&bytes[..5]).is_err());
+    }
+
+    #[test]
+    fn damaged_entries_are_refused() {
+        let blob = worker::FeatureBlob { safetensors: vec![7; 64], model_revision: "rev".into() };
+        let image = RgbImage::from_raw(2, 1, vec![1, 2, 3, 4, 5, 6]).unwrap();
+        let answer = worker::GenerateResponse { answer: "a cat".into(), ..Default::default() };
+        let entries = [blob_to_bytes(&blob), pixels_to_bytes(&image), answer_to_bytes(&answer)];
+        let readable = |bytes: &[u8]| {
+            [blob_from_bytes(bytes).is_some(), pixels_from_bytes(bytes).is_ok(), answer_from_bytes(bytes).is_some()]
+        };
+        for (kind, entry) in entries.iter().enumerate() {
+            assert!(readable(entry)[kind], "entry {kind} reads back");
+            // Every single flipped bit, anywhere, and every truncation is caught.
+            for at in 0..entry.len() {
+                let mut flipped = entry.clone();
+                flipped[at] ^= 0x10;
+                assert!(!readable(&flipped)[kind], "entry {kind}, byte {at} flipped");
+            }
+            for len in 0..entry.len() {
+                assert!(!readable(&entry[..len])[kind], "entry {kind} cut to {len} bytes");
+            }
+            // An entry without the seal (an old format) is a miss, not a misread.
+            assert!(!readable(&entry[SEAL_BYTES..])[kind]);
+        }
     }
 
     #[test]
@@ -155,7 +210,7 @@ mod tests {
         let a = Mask::empty(2, 2);
         let b = Mask::from_row_major(2, 2, &[1, 0, 0, 0]).unwrap();
         let turn = v1::Turn { question: "q".into(), answer: "a".into() };
-        let greedy = v1::GenerationParameters { max_new_tokens: Some(5), ..Default::default() };
+        let greedy = worker::GenerationParameters { max_new_tokens: Some(5), ..Default::default() };
         let base = answer_key("r", "img", &[&a], "task:0", &[], None);
         assert_eq!(base, answer_key("r", "img", &[&a], "task:0", &[], None));
         for other in [
@@ -177,7 +232,7 @@ mod tests {
         let response = worker::GenerateResponse {
             question_index: 3,
             answer: "a cat".into(),
-            timing: Some(v1::Timing { decode_ns: 5, ..Default::default() }),
+            timing: Some(worker::Timing { decode_ns: 5, ..Default::default() }),
             prefix_cache_hit: true,
             ..Default::default()
         };

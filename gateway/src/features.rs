@@ -6,8 +6,8 @@
 use std::time::Instant;
 
 use osprey_common::ServiceError;
-use osprey_common::mask::rle_to_proto;
-use osprey_proto::v1::{self, CacheTier};
+use osprey_common::mask::rle_to_worker;
+use osprey_proto::v1::CacheTier;
 use osprey_proto::worker::v1 as worker;
 
 use crate::cache_entries::{blob_from_bytes, blob_to_bytes, features_key};
@@ -27,12 +27,12 @@ pub struct Pooled {
 
 impl Pooled {
     /// `<mask>` tokens of rows `range` (rows are the pooled regions, in the order asked).
-    pub fn mask_tokens(&self, range: std::ops::Range<usize>) -> Result<v1::Tensor, ServiceError> {
+    pub fn mask_tokens(&self, range: std::ops::Range<usize>) -> Result<worker::Tensor, ServiceError> {
         rows(&self.response.mask_tokens, range)
     }
 
     /// `<pos>` tokens of rows `range`.
-    pub fn pos_tokens(&self, range: std::ops::Range<usize>) -> Result<v1::Tensor, ServiceError> {
+    pub fn pos_tokens(&self, range: std::ops::Range<usize>) -> Result<worker::Tensor, ServiceError> {
         rows(&self.response.pos_tokens, range)
     }
 }
@@ -48,7 +48,7 @@ impl Gateway {
         let request = worker::PoolRequest {
             image_key: prepared.image.key.clone(),
             features: None,
-            masks: indices.iter().map(|&i| rle_to_proto(&prepared.masks[i].to_rle())).collect(),
+            masks: indices.iter().map(|&i| rle_to_worker(&prepared.masks[i].to_rle())).collect(),
             return_image_tokens: false,
         };
         self.pool_request(&prepared.image, request, deadline).await
@@ -149,7 +149,7 @@ impl Gateway {
 }
 
 /// Rows `range` of an f32 `[N, C]` wire tensor.
-fn rows(tensor: &Option<v1::Tensor>, range: std::ops::Range<usize>) -> Result<v1::Tensor, ServiceError> {
+fn rows(tensor: &Option<worker::Tensor>, range: std::ops::Range<usize>) -> Result<worker::Tensor, ServiceError> {
     let tensor = tensor
         .as_ref()
         .ok_or_else(|| ServiceError::Internal("vision worker sent no region tokens".into()))?;
@@ -160,7 +160,7 @@ fn rows(tensor: &Option<v1::Tensor>, range: std::ops::Range<usize>) -> Result<v1
         .data
         .get(range.start * width * 4..range.end * width * 4)
         .ok_or_else(|| ServiceError::Internal("fewer region tokens than regions".into()))?;
-    Ok(v1::Tensor {
+    Ok(worker::Tensor {
         shape: vec![range.len() as u64, width as u64],
         dtype: tensor.dtype,
         data: bytes.to_vec(),
@@ -178,7 +178,7 @@ mod tests {
     #[test]
     fn rows_of_a_wire_tensor() {
         let data: Vec<u8> = (0..3 * 2).flat_map(|v| (v as f32).to_le_bytes()).collect();
-        let tensor = Some(v1::Tensor { shape: vec![3, 2], dtype: 0, data });
+        let tensor = Some(worker::Tensor { shape: vec![3, 2], dtype: 0, data });
         let middle = rows(&tensor, 1..2).unwrap();
         assert_eq!(middle.shape, [1, 2]);
         let values: Vec<f32> =

@@ -7,6 +7,7 @@ use std::time::Instant;
 use osprey_common::ServiceError;
 use osprey_common::error::respond;
 use osprey_common::telemetry::set_parent_from_metadata;
+use osprey_proto::convert::public_finish_reason;
 use osprey_proto::v1;
 use osprey_proto::v1::osprey_server::Osprey;
 use tokio::sync::mpsc;
@@ -112,7 +113,7 @@ impl Osprey for OspreyService {
                 text: response.answer,
                 raw_text: response.raw_text,
                 generated_tokens: response.generated_tokens,
-                finish_reason: response.finish_reason,
+                finish_reason: public_finish_reason(response.finish_reason),
                 metadata: Some(metadata),
             };
             let input = request::ask(request, &self.0.limits)?;
@@ -156,7 +157,7 @@ impl Osprey for OspreyService {
                             let chunk = v1::ChatChunk {
                                 text: response.raw_text,
                                 finished: true,
-                                finish_reason: response.finish_reason,
+                                finish_reason: public_finish_reason(response.finish_reason),
                                 metadata: Some(crate::answers::cached_metadata(&prepared, start)),
                             };
                             let _ = tx.send(Ok(chunk)).await;
@@ -174,7 +175,7 @@ impl Osprey for OspreyService {
                         let chunk = v1::ChatChunk {
                             text: response.text,
                             finished: response.finished,
-                            finish_reason: response.finish_reason,
+                            finish_reason: public_finish_reason(response.finish_reason),
                             metadata,
                         };
                         if tx.send(Ok(chunk)).await.is_err() {

@@ -71,14 +71,17 @@ impl Gateway {
             SegmentWork::Prompts(prompts) => {
                 let request = worker::PredictRequest { image_key, image: None, prompts };
                 let response = self.sam.predict(deadline, request, pixels).await?;
-                let prompts =
-                    response.prompts.into_iter().map(|p| v1::PromptResult { masks: p.masks }).collect();
+                let prompts = response
+                    .prompts
+                    .into_iter()
+                    .map(|p| v1::PromptResult { masks: p.masks.into_iter().map(Into::into).collect() })
+                    .collect();
                 (prompts, vec![], response.was_resident)
             }
             SegmentWork::Everything(params) => {
                 let request = worker::EverythingRequest { image_key, image: None, params: Some(params) };
                 let response = self.sam.everything(deadline, request, pixels).await?;
-                (vec![], response.masks, response.was_resident)
+                (vec![], response.masks.into_iter().map(Into::into).collect(), response.was_resident)
             }
         };
         let metadata = Metadata {
@@ -98,7 +101,7 @@ impl Gateway {
         &self,
         prepared: Prepared,
         task: worker::RegionTask,
-        parameters: Option<v1::GenerationParameters>,
+        parameters: Option<worker::GenerationParameters>,
         deadline: Deadline,
         start: Instant,
         tx: mpsc::Sender<Result<v1::RegionResult, Status>>,
@@ -224,7 +227,7 @@ impl Gateway {
         prepared: &Prepared,
         pooled: &Pooled,
         questions: Vec<worker::Question>,
-        parameters: Option<v1::GenerationParameters>,
+        parameters: Option<worker::GenerationParameters>,
         deadline: Deadline,
     ) -> Result<Answers, ServiceError> {
         let request = worker::GenerateRequest {
@@ -247,7 +250,7 @@ impl Gateway {
         regions: &[usize],
         question: &str,
         history: &[v1::Turn],
-        parameters: Option<&v1::GenerationParameters>,
+        parameters: Option<&worker::GenerationParameters>,
     ) -> Option<String> {
         let greedy = parameters.and_then(|p| p.temperature).unwrap_or(0.0) == 0.0;
         if !greedy || !self.cache.caches_results() {

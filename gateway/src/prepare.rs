@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use osprey_common::ServiceError;
-use osprey_common::mask::{Mask, rle_from_proto};
+use osprey_common::mask::{Mask, rle_from_worker};
 use osprey_proto::v1::{self, CacheTier};
 use osprey_proto::worker::v1 as worker;
 
@@ -29,7 +29,7 @@ impl Gateway {
         let RegionsInput { image, sources, mut labels, everything } = input;
         let image = RequestImage::resolve(image, &self.cache, &self.model_revision).await?;
         let mut masks = region_masks(&sources, image.height, image.width, &self.limits)?;
-        let prompts: Vec<(usize, v1::SamPrompt)> = sources
+        let prompts: Vec<(usize, worker::SamPrompt)> = sources
             .into_iter()
             .enumerate()
             .filter_map(|(i, source)| match source {
@@ -60,7 +60,7 @@ impl Gateway {
                     .and_then(|m| m.mask)
                     .ok_or_else(|| ServiceError::Internal("SAM returned no mask for a prompt".into()))?;
                 masks[*i] = Some(sam_mask(&best)?);
-                sam_masks[*i] = Some(best);
+                sam_masks[*i] = Some(best.into());
             }
         }
         if let Some(params) = everything {
@@ -75,7 +75,7 @@ impl Gateway {
                     .ok_or_else(|| ServiceError::Internal("SAM sent a mask without RLE".into()))?;
                 masks.push(Some(sam_mask(&rle)?));
                 labels.push(format!("everything {k}"));
-                sam_masks.push(Some(rle));
+                sam_masks.push(Some(rle.into()));
             }
         }
         let masks =
@@ -91,15 +91,15 @@ pub fn tier(was_resident: bool) -> CacheTier {
 }
 
 /// A mask SAM made, decoded (its size is the image's by construction).
-fn sam_mask(rle: &v1::RleMask) -> Result<Mask, ServiceError> {
-    rle_from_proto(rle)
+fn sam_mask(rle: &worker::RleMask) -> Result<Mask, ServiceError> {
+    rle_from_worker(rle)
         .map(|r| r.to_mask())
         .map_err(|e| ServiceError::Internal(format!("SAM sent a malformed mask: {e}")))
 }
 
 /// The SAM worker names prompts by their index in its request (`prompts[j]...`); the client knows
 /// them as `regions[i].prompt...`.
-fn prompt_field(err: ServiceError, prompts: &[(usize, v1::SamPrompt)]) -> ServiceError {
+fn prompt_field(err: ServiceError, prompts: &[(usize, worker::SamPrompt)]) -> ServiceError {
     match err {
         ServiceError::InvalidField { field, problem } => {
             let renamed = field.strip_prefix("prompts[").and_then(|rest| {
@@ -119,7 +119,7 @@ mod tests {
 
     #[test]
     fn sam_prompt_errors_name_the_client_region() {
-        let prompts = vec![(2, v1::SamPrompt::default()), (5, v1::SamPrompt::default())];
+        let prompts = vec![(2, worker::SamPrompt::default()), (5, worker::SamPrompt::default())];
         let err = prompt_field(ServiceError::invalid("prompts[1].points[0]", "outside the image"), &prompts);
         assert_eq!(err, ServiceError::invalid("regions[5].prompt.points[0]", "outside the image"));
         let other = ServiceError::invalid("image", "bad");

@@ -1,6 +1,8 @@
 //! Validated request shapes: every check the gateway makes on a public request, in one place and
 //! before any work (bad input is INVALID_ARGUMENT naming the field). Nothing here does I/O: a
 //! region's mask is checked against the image size by [`region_masks`] once that size is known.
+//! What the workers will be sent leaves here in the worker vocabulary (osprey_proto::convert maps
+//! it): SAM prompts and parameters, the LLM's task and generation parameters.
 
 use osprey_common::ServiceError;
 use osprey_common::image::{ImageLimits, RgbImage, decode_image};
@@ -31,7 +33,7 @@ pub enum RegionSource {
     /// Given by the client (decoded once the image size is known).
     Mask(v1::Mask),
     /// Made by SAM from a prompt.
-    Prompt(v1::SamPrompt),
+    Prompt(worker::SamPrompt),
 }
 
 /// The image and regions of a Describe, Ask, Chat or Annotate request.
@@ -41,7 +43,7 @@ pub struct RegionsInput {
     pub sources: Vec<RegionSource>,
     pub labels: Vec<String>,
     /// SAM's automatic masks over the whole image become the regions.
-    pub everything: Option<v1::EverythingParams>,
+    pub everything: Option<worker::EverythingParams>,
 }
 
 /// A Describe request (or Annotate item), validated.
@@ -49,7 +51,7 @@ pub struct RegionsInput {
 pub struct DescribeInput {
     pub regions: RegionsInput,
     pub task: worker::RegionTask,
-    pub parameters: Option<v1::GenerationParameters>,
+    pub parameters: Option<worker::GenerationParameters>,
 }
 
 /// An Ask or Chat request, validated.
@@ -60,7 +62,7 @@ pub struct QuestionInput {
     /// `question` is the whole user message (see `AskRequest.verbatim`).
     pub verbatim: bool,
     pub history: Vec<v1::Turn>,
-    pub parameters: Option<v1::GenerationParameters>,
+    pub parameters: Option<worker::GenerationParameters>,
 }
 
 /// A Segment request, validated.
@@ -72,8 +74,8 @@ pub struct SegmentInput {
 
 #[derive(Debug)]
 pub enum SegmentWork {
-    Prompts(Vec<v1::SamPrompt>),
-    Everything(v1::EverythingParams),
+    Prompts(Vec<worker::SamPrompt>),
+    Everything(worker::EverythingParams),
 }
 
 /// A RegisterImage request's image, decoded.
@@ -105,7 +107,7 @@ fn describe_parts(
         return Err(ServiceError::invalid("regions", "at least one region is needed"));
     }
     let regions = regions_input(image, regions, everything, limits)?;
-    Ok(DescribeInput { regions, task, parameters })
+    Ok(DescribeInput { regions, task, parameters: parameters.map(Into::into) })
 }
 
 pub fn ask(request: v1::AskRequest, limits: &Limits) -> Result<QuestionInput, ServiceError> {
@@ -141,7 +143,7 @@ fn question_parts(
         check_verbatim(&question, regions.len())?;
     }
     let regions = regions_input(image, regions, None, limits)?;
-    Ok(QuestionInput { regions, question, verbatim, history, parameters })
+    Ok(QuestionInput { regions, question, verbatim, history, parameters: parameters.map(Into::into) })
 }
 
 pub fn segment(request: v1::SegmentRequest, limits: &Limits) -> Result<SegmentInput, ServiceError> {
@@ -154,8 +156,8 @@ pub fn segment(request: v1::SegmentRequest, limits: &Limits) -> Result<SegmentIn
         (None, true) => {
             return Err(ServiceError::invalid("prompts", "at least one prompt (or everything) is needed"));
         }
-        (None, false) => SegmentWork::Prompts(prompts),
-        (Some(params), true) => SegmentWork::Everything(params),
+        (None, false) => SegmentWork::Prompts(prompts.into_iter().map(Into::into).collect()),
+        (Some(params), true) => SegmentWork::Everything(params.into()),
     };
     Ok(SegmentInput { image, work })
 }
@@ -181,12 +183,12 @@ fn regions_input(
     for (i, region) in regions.into_iter().enumerate() {
         sources.push(match region.source {
             Some(v1::region::Source::Mask(mask)) => RegionSource::Mask(mask),
-            Some(v1::region::Source::Prompt(prompt)) => RegionSource::Prompt(prompt),
+            Some(v1::region::Source::Prompt(prompt)) => RegionSource::Prompt(prompt.into()),
             None => return Err(ServiceError::invalid(format!("regions[{i}]"), "set `mask` or `prompt`")),
         });
         labels.push(region.label);
     }
-    Ok(RegionsInput { image, sources, labels, everything })
+    Ok(RegionsInput { image, sources, labels, everything: everything.map(Into::into) })
 }
 
 fn image_input(image: Option<v1::Image>, limits: &Limits) -> Result<ImageInput, ServiceError> {
@@ -226,12 +228,9 @@ pub fn region_masks(
 }
 
 fn describe_task(task: i32) -> Result<worker::RegionTask, ServiceError> {
-    match v1::DescribeTask::try_from(task) {
-        Ok(v1::DescribeTask::Short) => Ok(worker::RegionTask::Short),
-        Ok(v1::DescribeTask::Detailed) => Ok(worker::RegionTask::Detailed),
-        Ok(v1::DescribeTask::Category) => Ok(worker::RegionTask::Category),
-        Err(_) => Err(ServiceError::invalid("task", format!("unknown task {task}"))),
-    }
+    v1::DescribeTask::try_from(task)
+        .map(Into::into)
+        .map_err(|_| ServiceError::invalid("task", format!("unknown task {task}")))
 }
 
 fn check_parameters(p: Option<&v1::GenerationParameters>) -> Result<(), ServiceError> {
@@ -418,11 +417,11 @@ mod tests {
             let rle = osprey_common::mask::rle_to_proto(&mask.to_rle());
             RegionSource::Mask(v1::Mask { format: Some(v1::mask::Format::Rle(rle)) })
         };
-        let sources = [mask(4, 5, true), RegionSource::Prompt(v1::SamPrompt::default())];
+        let sources = [mask(4, 5, true), RegionSource::Prompt(worker::SamPrompt::default())];
         let masks = region_masks(&sources, 4, 5, &limits()).unwrap();
         assert!(masks[0].is_some() && masks[1].is_none());
         assert_eq!(field(region_masks(&sources, 5, 5, &limits())), "regions[0].mask");
-        let empty = [RegionSource::Prompt(v1::SamPrompt::default()), mask(4, 5, false)];
+        let empty = [RegionSource::Prompt(worker::SamPrompt::default()), mask(4, 5, false)];
         assert_eq!(field(region_masks(&empty, 4, 5, &limits())), "regions[1].mask");
     }
 }

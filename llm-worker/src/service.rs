@@ -13,11 +13,11 @@ use osprey_common::grpc::{serve, shutdown_signal, standard_routes};
 use osprey_common::lru::ResidentCache;
 use osprey_common::telemetry::{TelemetryArgs, set_parent_from_metadata};
 use osprey_common::tensor::f32_from_proto;
-use osprey_proto::v1::{FinishReason as ProtoFinishReason, GenerationParameters, Timing};
 use osprey_proto::worker::v1::llm_server::{Llm, LlmServer};
 use osprey_proto::worker::v1::question::Prompt;
 use osprey_proto::worker::v1::{
-    GenerateRequest as ProtoRequest, GenerateResponse, Question as ProtoQuestion, RegionTask,
+    FinishReason as ProtoFinishReason, GenerateRequest as ProtoRequest, GenerateResponse, GenerationParameters,
+    Question as ProtoQuestion, RegionTask, Timing,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -296,7 +296,7 @@ impl Relay {
                         .increment(done.generated_tokens as u64);
                     metrics::counter!("osprey_llm_prefix_cache_lookups_total", "hit" => (done.cached_prefix_positions > 0).to_string())
                         .increment(1);
-                    metrics::histogram!("osprey_llm_generate_duration")
+                    metrics::histogram!("osprey_llm_generate_duration_seconds")
                         .record(self.start.elapsed().as_secs_f64());
                     GenerateResponse {
                         question_index: self.index,
@@ -384,7 +384,7 @@ fn question_prompt(question: &ProtoQuestion, regions: usize) -> Result<(String, 
 
 /// `[N, hidden]` region tokens (absent means no regions).
 fn region_tokens(
-    tensor: Option<&osprey_proto::v1::Tensor>,
+    tensor: Option<&osprey_proto::worker::v1::Tensor>,
     field: &str,
     hidden: usize,
 ) -> Result<(Tensor, usize), ServiceError> {

@@ -1,11 +1,13 @@
 //! Generated gRPC code for Osprey: the public `osprey.v1` API (served by the gateway) and the
 //! internal `osprey.worker.v1` APIs (served by the sam, vision and llm workers).
 //!
-//! The code is generated into OUT_DIR by `build.rs`; nothing generated is committed.
+//! The code is generated into OUT_DIR by `build.rs`; nothing generated is committed. The two
+//! packages share no message; [`convert`] maps between them.
 
 pub mod codec;
+pub mod convert;
 
-/// The public API and the messages shared with the workers.
+/// The public API.
 pub mod v1 {
     #![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
     tonic::include_proto!("osprey.v1");

@@ -12,7 +12,7 @@
 //! Numerics follow the reference: thresholds are compared in float32 like PyTorch compares a float32
 //! tensor with a Python scalar; NMS is torchvision's (descending stable sort of scores, IoU over
 //! inclusive-pixel boxes without +1, suppress when IoU > threshold in double precision).
-//! Boxes are SAM's `[x0, y0, x1, y1]` with inclusive `x1, y1`, so the XYWH `bbox` of a record is
+//! Boxes are SAM's `[x0, y0, x1, y1]` with inclusive `x1, y1`, so the XYWH `bbox_xywh` of a record is
 //! `[x0, y0, x1 - x0, y1 - y0]` exactly as the reference writes it (one less than pycocotools'
 //! `toBbox` width and height).
 //!
@@ -142,13 +142,13 @@ pub struct GeneratedMask {
     pub rle: Rle,
     pub area: u64,
     /// `[x, y, w, h]` as the reference writes it (see the module docs).
-    pub bbox: [f64; 4],
+    pub bbox_xywh: [f64; 4],
     pub predicted_iou: f32,
     pub stability_score: f32,
     /// The grid point `(x, y)` that produced the mask, in image pixels.
     pub point: [f64; 2],
     /// `[x, y, w, h]` of the crop the mask came from.
-    pub crop_box: [f64; 4],
+    pub crop_box_xywh: [f64; 4],
 }
 
 /// Points per side in each crop layer (`build_all_layer_point_grids`).
@@ -359,7 +359,7 @@ pub fn generate(
             GeneratedMask {
                 rle: c.rle,
                 area,
-                bbox: [
+                bbox_xywh: [
                     c.bx[0] as f64,
                     c.bx[1] as f64,
                     (c.bx[2] - c.bx[0]) as f64,
@@ -368,7 +368,7 @@ pub fn generate(
                 predicted_iou: c.predicted_iou,
                 stability_score: c.stability_score,
                 point: c.point,
-                crop_box: [k[0] as f64, k[1] as f64, (k[2] - k[0]) as f64, (k[3] - k[1]) as f64],
+                crop_box_xywh: [k[0] as f64, k[1] as f64, (k[2] - k[0]) as f64, (k[3] - k[1]) as f64],
             }
         })
         .collect();

@@ -76,7 +76,7 @@ impl From<SamError> for ServiceError {
 fn request_field(prompt_field: &str) -> &str {
     match prompt_field {
         "point_coords" | "point_labels" => "points",
-        "bbox" => "box",
+        "box_xyxy" => "box",
         other => other,
     }
 }

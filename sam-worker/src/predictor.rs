@@ -262,7 +262,7 @@ impl SamPredictor {
         let coords: Option<Vec<[f32; 2]>> =
             valid.points.as_ref().map(|(xy, _)| xy.iter().map(|p| [tx(p[0]), ty(p[1])]).collect());
         let points = coords.as_deref().zip(valid.points.as_ref().map(|(_, l)| l.as_slice()));
-        let bbox = valid.bbox.map(|b| [tx(b[0]), ty(b[1]), tx(b[2]), ty(b[3])]);
+        let bbox = valid.box_xyxy.map(|b| [tx(b[0]), ty(b[1]), tx(b[2]), ty(b[3])]);
         let mask = match valid.mask_input {
             Some(m) => Some(Tensor::from_vec(m, (1, 1, lr, lr), &self.device)?),
             None => None,

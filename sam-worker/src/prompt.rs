@@ -17,7 +17,7 @@ pub struct Prompt {
     pub point_labels: Option<Vec<f64>>,
     /// `[x0, y0, x1, y1]`.
     #[serde(default, rename = "box")]
-    pub bbox: Option<Vec<f64>>,
+    pub box_xyxy: Option<Vec<f64>>,
     /// Three masks (tokens 1..) instead of one (token 0). SamPredictor's default is true.
     #[serde(default = "default_true")]
     pub multimask_output: bool,
@@ -38,7 +38,7 @@ impl Prompt {
             name: name.into(),
             point_coords: None,
             point_labels: None,
-            bbox: None,
+            box_xyxy: None,
             multimask_output: true,
             mask_input: None,
         }
@@ -49,7 +49,7 @@ impl Prompt {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidPrompt {
     pub points: Option<(Vec<[f64; 2]>, Vec<PointLabel>)>,
-    pub bbox: Option<[f64; 4]>,
+    pub box_xyxy: Option<[f64; 4]>,
     pub mask_input: Option<Vec<f32>>,
     pub multimask_output: bool,
 }
@@ -86,14 +86,14 @@ impl Prompt {
                 }
             }
         }
-        if let Some([x0, y0, x1, y1]) = valid.bbox {
+        if let Some([x0, y0, x1, y1]) = valid.box_xyxy {
             if x0 >= width || y0 >= height || x1 <= 0.0 || y1 <= 0.0 {
                 return Err(err(
                     "box",
                     format!("[{x0}, {y0}, {x1}, {y1}] lies entirely outside the image ({width}x{height})"),
                 ));
             }
-            valid.bbox = Some([x0.max(0.0), y0.max(0.0), x1.min(width), y1.min(height)]);
+            valid.box_xyxy = Some([x0.max(0.0), y0.max(0.0), x1.min(width), y1.min(height)]);
         }
         Ok(valid)
     }
@@ -103,7 +103,7 @@ impl Prompt {
     /// refused, since SAM would make a mask from nothing the user pointed at.
     pub fn validate(&self, low_res_size: usize) -> Result<ValidPrompt, SamError> {
         let err = |field, problem: String| SamError::prompt(&self.name, field, problem);
-        if self.point_coords.is_none() && self.point_labels.is_none() && self.bbox.is_none() {
+        if self.point_coords.is_none() && self.point_labels.is_none() && self.box_xyxy.is_none() {
             return Err(err("points", "neither points nor a box is set; a prompt needs one or both".into()));
         }
         let points = match (&self.point_coords, &self.point_labels) {
@@ -146,7 +146,7 @@ impl Prompt {
                 Some((xy, ls))
             }
         };
-        let bbox = match &self.bbox {
+        let box_xyxy = match &self.box_xyxy {
             None => None,
             Some(b) => {
                 if b.len() != 4 {
@@ -183,7 +183,7 @@ impl Prompt {
                 Some(m.clone())
             }
         };
-        Ok(ValidPrompt { points, bbox, mask_input, multimask_output: self.multimask_output })
+        Ok(ValidPrompt { points, box_xyxy, mask_input, multimask_output: self.multimask_output })
     }
 }
 
@@ -209,8 +209,8 @@ mod tests {
     fn valid_prompts_pass() {
         let v = points(vec![vec![1.0, 2.0], vec![3.0, 4.0]], vec![1.0, 0.0]).validate(4).unwrap();
         assert_eq!(v.points.unwrap().1, vec![PointLabel::Foreground, PointLabel::Background]);
-        let b = Prompt { bbox: Some(vec![1.0, 2.0, 3.0, 5.0]), ..Prompt::named("p1") };
-        assert_eq!(b.validate(4).unwrap().bbox, Some([1.0, 2.0, 3.0, 5.0]));
+        let b = Prompt { box_xyxy: Some(vec![1.0, 2.0, 3.0, 5.0]), ..Prompt::named("p1") };
+        assert_eq!(b.validate(4).unwrap().box_xyxy, Some([1.0, 2.0, 3.0, 5.0]));
         let m = Prompt { mask_input: Some(vec![0.5; 16]), ..points(vec![vec![1.0, 2.0]], vec![1.0]) };
         assert!(m.validate(4).unwrap().mask_input.is_some());
     }
@@ -227,7 +227,7 @@ mod tests {
     #[test]
     fn zero_area_boxes_are_errors() {
         for b in [vec![1.0, 2.0, 1.0, 5.0], vec![1.0, 2.0, 3.0, 2.0], vec![4.0, 4.0, 4.0, 4.0]] {
-            let p = Prompt { bbox: Some(b), ..Prompt::named("p1") };
+            let p = Prompt { box_xyxy: Some(b), ..Prompt::named("p1") };
             assert_eq!(field_of(&p), "box");
             assert!(p.validate(4).unwrap_err().to_string().contains("zero area"));
         }
@@ -278,7 +278,7 @@ mod tests {
             vec![10.0, 500.0, 50.0, 600.0],
             vec![10.0, -50.0, 50.0, -1.0],
         ] {
-            let p = Prompt { bbox: Some(b.clone()), ..Prompt::named("p1") };
+            let p = Prompt { box_xyxy: Some(b.clone()), ..Prompt::named("p1") };
             let (field, message) = in_image_error(&p);
             assert_eq!(field, "box", "{b:?}");
             assert!(message.contains("entirely outside the image (640x480)"), "{message}");
@@ -287,10 +287,10 @@ mod tests {
 
     #[test]
     fn boxes_partly_outside_are_clipped_to_the_image() {
-        let p = Prompt { bbox: Some(vec![-10.0, 20.0, 700.0, 500.0]), ..Prompt::named("p1") };
-        assert_eq!(p.validate_in_image(4, (480, 640)).unwrap().bbox, Some([0.0, 20.0, 640.0, 480.0]));
-        let inside = Prompt { bbox: Some(vec![1.5, 2.0, 639.0, 480.0]), ..Prompt::named("p1") };
-        assert_eq!(inside.validate_in_image(4, (480, 640)).unwrap().bbox, Some([1.5, 2.0, 639.0, 480.0]));
+        let p = Prompt { box_xyxy: Some(vec![-10.0, 20.0, 700.0, 500.0]), ..Prompt::named("p1") };
+        assert_eq!(p.validate_in_image(4, (480, 640)).unwrap().box_xyxy, Some([0.0, 20.0, 640.0, 480.0]));
+        let inside = Prompt { box_xyxy: Some(vec![1.5, 2.0, 639.0, 480.0]), ..Prompt::named("p1") };
+        assert_eq!(inside.validate_in_image(4, (480, 640)).unwrap().box_xyxy, Some([1.5, 2.0, 639.0, 480.0]));
     }
 
     #[test]
@@ -321,7 +321,7 @@ mod tests {
     fn non_finite_values_are_errors() {
         assert_eq!(field_of(&points(vec![vec![f64::NAN, 2.0]], vec![1.0])), "point_coords");
         assert_eq!(field_of(&points(vec![vec![1.0, f64::INFINITY]], vec![1.0])), "point_coords");
-        let b = Prompt { bbox: Some(vec![0.0, 0.0, f64::NAN, 1.0]), ..Prompt::named("p1") };
+        let b = Prompt { box_xyxy: Some(vec![0.0, 0.0, f64::NAN, 1.0]), ..Prompt::named("p1") };
         assert_eq!(field_of(&b), "box");
         let m = Prompt { mask_input: Some(vec![f32::NAN; 16]), ..points(vec![vec![1.0, 2.0]], vec![1.0]) };
         assert_eq!(field_of(&m), "mask_input");
@@ -330,7 +330,7 @@ mod tests {
     #[test]
     fn bad_boxes_and_masks_are_errors() {
         for b in [vec![5.0, 0.0, 4.0, 1.0], vec![0.0, 5.0, 1.0, 4.0], vec![0.0, 0.0, 1.0]] {
-            let p = Prompt { bbox: Some(b), ..Prompt::named("p1") };
+            let p = Prompt { box_xyxy: Some(b), ..Prompt::named("p1") };
             assert_eq!(field_of(&p), "box");
         }
         let m = Prompt { mask_input: Some(vec![0.0; 15]), ..points(vec![vec![1.0, 2.0]], vec![1.0]) };
@@ -346,7 +346,7 @@ mod tests {
     #[test]
     fn json_uses_box_and_defaults() {
         let p: Prompt = serde_json::from_str(r#"{"name": "a", "box": [1, 2, 3, 4]}"#).unwrap();
-        assert_eq!(p.bbox, Some(vec![1.0, 2.0, 3.0, 4.0]));
+        assert_eq!(p.box_xyxy, Some(vec![1.0, 2.0, 3.0, 4.0]));
         assert!(p.multimask_output && p.point_coords.is_none());
     }
 }

@@ -13,14 +13,13 @@ use osprey_common::error::check_image_key;
 use osprey_common::grpc::Admission;
 use osprey_common::image::RgbImage;
 use osprey_common::lru::ResidentCache;
-use osprey_common::mask::rle_to_proto;
+use osprey_common::mask::rle_to_worker;
 use osprey_common::telemetry::{TelemetryArgs, set_parent_from_metadata};
 use osprey_common::worker::{self, ModelQueue, elapsed_ns, handle, image_from_proto, request_deadline};
-use osprey_proto::v1::{self, LowResLogits, ProposedMask, SamPrompt, Timing};
 use osprey_proto::worker::v1::sam_server::{Sam, SamServer};
 use osprey_proto::worker::v1::{
-    EmbedRequest, EmbedResponse, EverythingRequest, EverythingResponse, PredictRequest, PredictResponse,
-    PromptMasks,
+    EmbedRequest, EmbedResponse, EverythingParams, EverythingRequest, EverythingResponse, LowResLogits, Point,
+    PointLabel, PredictRequest, PredictResponse, PromptMasks, ProposedMask, SamPrompt, Timing,
 };
 use tonic::{Request, Response, Status};
 use tracing::{Span, instrument};
@@ -130,7 +129,7 @@ impl SamService {
         let image = image_from_proto(image, self.max_pixels)?;
         let start = Instant::now();
         let embedding = self.embed(image, deadline).await?;
-        metrics::histogram!("osprey_sam_embed_duration").record(start.elapsed().as_secs_f64());
+        metrics::histogram!("osprey_sam_embed_duration_seconds").record(start.elapsed().as_secs_f64());
         self.resident.insert(key, embedding.clone(), embedding.bytes());
         Ok((embedding, false))
     }
@@ -190,7 +189,7 @@ impl SamService {
         let (embedding, was_resident) = self.embedding(&request.image_key, request.image, deadline).await?;
         let decode_start = Instant::now();
         let predictions = self.predict(embedding, prompts, deadline).await?;
-        metrics::histogram!("osprey_sam_predict_duration").record(decode_start.elapsed().as_secs_f64());
+        metrics::histogram!("osprey_sam_predict_duration_seconds").record(decode_start.elapsed().as_secs_f64());
         let prompts = predictions.iter().map(prompt_masks).collect::<Result<Vec<_>, _>>()?;
         let ns = elapsed_ns(start);
         Ok(PredictResponse {
@@ -224,7 +223,7 @@ impl SamService {
             let bytes = whole.bytes();
             self.resident.insert(&request.image_key, whole, bytes);
         }
-        metrics::histogram!("osprey_sam_everything_duration").record(start.elapsed().as_secs_f64());
+        metrics::histogram!("osprey_sam_everything_duration_seconds").record(start.elapsed().as_secs_f64());
         let ns = elapsed_ns(start);
         Ok(EverythingResponse {
             masks: masks.iter().map(generated_to_proto).collect(),
@@ -257,9 +256,9 @@ pub fn prompt_from_proto(
                 format!("coordinates ({}, {}) are not finite", point.x, point.y),
             ));
         }
-        let label = match v1::PointLabel::try_from(point.label) {
-            Ok(v1::PointLabel::Foreground) => 1.0,
-            Ok(v1::PointLabel::Background) => 0.0,
+        let label = match PointLabel::try_from(point.label) {
+            Ok(PointLabel::Foreground) => 1.0,
+            Ok(PointLabel::Background) => 0.0,
             Err(_) => {
                 return Err(ServiceError::invalid(
                     field(format!(".points[{j}].label")),
@@ -270,7 +269,7 @@ pub fn prompt_from_proto(
         coords.push(vec![point.x as f64, point.y as f64]);
         labels.push(label);
     }
-    let bbox = match &prompt.r#box {
+    let box_xyxy = match &prompt.r#box {
         None => None,
         Some(b) => {
             let v = [b.x0, b.y0, b.x1, b.y1];
@@ -315,7 +314,7 @@ pub fn prompt_from_proto(
         name: format!("prompts[{index}]"),
         point_coords: has_points.then_some(coords),
         point_labels: has_points.then_some(labels),
-        bbox,
+        box_xyxy,
         multimask_output: prompt.multimask_output,
         mask_input,
     };
@@ -324,7 +323,7 @@ pub fn prompt_from_proto(
 }
 
 /// Unset fields take the reference defaults.
-pub fn params_from_proto(p: v1::EverythingParams) -> AmgParams {
+pub fn params_from_proto(p: EverythingParams) -> AmgParams {
     let d = AmgParams::default();
     AmgParams {
         points_per_side: p.points_per_side.map_or(d.points_per_side, |v| v as usize),
@@ -354,13 +353,13 @@ fn prompt_masks(p: &Prediction) -> Result<PromptMasks, ServiceError> {
             let b = mask_to_box(&flags, p.height, p.width);
             let rle = mask.to_rle();
             Ok(ProposedMask {
-                mask: Some(rle_to_proto(&rle)),
+                mask: Some(rle_to_worker(&rle)),
                 area: rle.area(),
-                bbox: xyxy_to_xywh(b),
+                bbox_xywh: xyxy_to_xywh(b),
                 predicted_iou: p.iou_predictions[k],
                 stability_score: 0.0,
                 point: None,
-                crop_box: Vec::new(),
+                crop_box_xywh: Vec::new(),
                 low_res_logits: p.low_res(k).map(|values| LowResLogits {
                     height: p.low_res_size as u32,
                     width: p.low_res_size as u32,
@@ -378,17 +377,17 @@ fn xyxy_to_xywh(b: [i64; 4]) -> Vec<f32> {
 
 fn generated_to_proto(m: &GeneratedMask) -> ProposedMask {
     ProposedMask {
-        mask: Some(rle_to_proto(&m.rle)),
+        mask: Some(rle_to_worker(&m.rle)),
         area: m.area,
-        bbox: m.bbox.iter().map(|&v| v as f32).collect(),
+        bbox_xywh: m.bbox_xywh.iter().map(|&v| v as f32).collect(),
         predicted_iou: m.predicted_iou,
         stability_score: m.stability_score,
-        point: Some(v1::Point {
+        point: Some(Point {
             x: m.point[0] as f32,
             y: m.point[1] as f32,
-            label: v1::PointLabel::Foreground as i32,
+            label: PointLabel::Foreground as i32,
         }),
-        crop_box: m.crop_box.iter().map(|&v| v as f32).collect(),
+        crop_box_xywh: m.crop_box_xywh.iter().map(|&v| v as f32).collect(),
         low_res_logits: None,
     }
 }
@@ -423,9 +422,9 @@ impl Sam for SamService {
 /// Registers the `osprey_sam_*` metrics with their units.
 pub fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_histogram!("osprey_sam_embed_duration", Unit::Seconds, "Image encoder pass, queue included");
-    describe_histogram!("osprey_sam_predict_duration", Unit::Seconds, "Prompt decoding of one Predict call");
-    describe_histogram!("osprey_sam_everything_duration", Unit::Seconds, "One Everything call");
+    describe_histogram!("osprey_sam_embed_duration_seconds", Unit::Seconds, "Image encoder pass, queue included");
+    describe_histogram!("osprey_sam_predict_duration_seconds", Unit::Seconds, "Prompt decoding of one Predict call");
+    describe_histogram!("osprey_sam_everything_duration_seconds", Unit::Seconds, "One Everything call");
     describe_histogram!(
         "osprey_sam_predict_batch_size",
         Unit::Count,

@@ -72,11 +72,11 @@ fn automatic_masks_match_reference() {
             max_score_err = max_score_err.max((g.predicted_iou as f64 - want.predicted_iou).abs());
             max_stab_err = max_stab_err.max((g.stability_score as f64 - want.stability_score).abs());
             assert!(iou >= 0.99, "{}: reference mask {r} pairs at IoU {iou}", case.name);
-            assert_eq!(g.crop_box, want.crop_box, "{}: mask {r} crop box", case.name);
+            assert_eq!(g.crop_box_xywh, want.crop_box, "{}: mask {r} crop box", case.name);
             assert_eq!(g.point, want.point_coords[0], "{}: mask {r} point", case.name);
             if iou == 1.0 {
                 assert_eq!(g.area, want.area, "{}: mask {r} area", case.name);
-                assert_eq!(g.bbox, want.bbox, "{}: mask {r} bbox", case.name);
+                assert_eq!(g.bbox_xywh, want.bbox, "{}: mask {r} bbox", case.name);
             }
         }
         eprintln!(

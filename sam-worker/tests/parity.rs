@@ -133,7 +133,7 @@ fn batched_prompts_equal_one_at_a_time() {
         if let Some(points) = shifted.point_coords.as_mut() {
             points.iter_mut().for_each(|p| p[0] = (p[0] - 9.0).max(0.0));
         }
-        if let Some(b) = shifted.bbox.as_mut() {
+        if let Some(b) = shifted.box_xyxy.as_mut() {
             b[2] -= 7.0;
         }
         batch.push(prompt);

@@ -155,7 +155,7 @@ fn check_photo(name: &str) {
         // The SAM paper's single-point protocol for an ambiguous click: the best of the three masks.
         let point_iou = (0..p.num_masks).map(|k| iou(p.mask(k).unwrap().data(), &truth)).fold(0.0, f64::max);
         let mut boxed = sam_worker::Prompt::named("box");
-        boxed.bbox = Some(inst.bbox.to_vec());
+        boxed.box_xyxy = Some(inst.bbox.to_vec());
         boxed.multimask_output = false;
         let p = predictor.predict(&boxed).unwrap();
         let box_iou = iou(p.mask(0).unwrap().data(), &truth);

@@ -11,10 +11,12 @@ use common::*;
 use osprey_common::error::StatusExt;
 use osprey_common::grpc::connect_when_serving;
 use osprey_common::image::{ImageLimits, decode_image};
-use osprey_common::mask::rle_from_proto;
-use osprey_proto::v1::{Box as PromptBox, EverythingParams, LowResLogits, Point, PointLabel, SamPrompt};
+use osprey_common::mask::rle_from_worker;
 use osprey_proto::worker::v1::sam_client::SamClient;
-use osprey_proto::worker::v1::{EmbedRequest, EverythingRequest, PredictRequest, RgbImage};
+use osprey_proto::worker::v1::{
+    BoxXyxy, EmbedRequest, EverythingParams, EverythingRequest, LowResLogits, Point, PointLabel, PredictRequest,
+    RgbImage, SamPrompt,
+};
 use sam_worker::service::{ServeArgs, run};
 use tokio::net::TcpListener;
 use tonic::Code;
@@ -73,7 +75,7 @@ fn fixture_prompts() -> Vec<(usize, SamPrompt)> {
             1,
             SamPrompt {
                 points: vec![],
-                r#box: Some(PromptBox { x0: 20.0, y0: 15.5, x1: 100.0, y1: 75.0 }),
+                r#box: Some(BoxXyxy { x0: 20.0, y0: 15.5, x1: 100.0, y1: 75.0 }),
                 mask_input: None,
                 multimask_output: false,
             },
@@ -116,7 +118,7 @@ async fn embed_predict_resident_and_everything() {
         let n = want_masks.len() / want_iou.len();
         let lr = 32 * 32;
         for (k, m) in got.masks.iter().enumerate() {
-            let mask = rle_from_proto(m.mask.as_ref().unwrap()).unwrap().to_mask();
+            let mask = rle_from_worker(m.mask.as_ref().unwrap()).unwrap().to_mask();
             assert_eq!((mask.height(), mask.width()), (87, 118));
             assert_eq!(mask.area(), m.area);
             assert!(
@@ -147,8 +149,8 @@ async fn embed_predict_resident_and_everything() {
     assert!(!everything.masks.is_empty());
     assert!(everything.masks.windows(2).all(|w| w[0].area <= w[1].area), "sorted by area");
     for m in &everything.masks {
-        assert_eq!(rle_from_proto(m.mask.as_ref().unwrap()).unwrap().area(), m.area);
-        assert_eq!(m.crop_box, [0.0, 0.0, 118.0, 87.0]);
+        assert_eq!(rle_from_worker(m.mask.as_ref().unwrap()).unwrap().area(), m.area);
+        assert_eq!(m.crop_box_xywh, [0.0, 0.0, 118.0, 87.0]);
         assert!(m.point.is_some());
     }
     // Removing small regions only edits masks and drops new duplicates.
@@ -160,7 +162,7 @@ async fn embed_predict_resident_and_everything() {
         .into_inner();
     assert!(!cleaned.masks.is_empty() && cleaned.masks.len() <= everything.masks.len());
     for m in &cleaned.masks {
-        assert_eq!(rle_from_proto(m.mask.as_ref().unwrap()).unwrap().area(), m.area);
+        assert_eq!(rle_from_worker(m.mask.as_ref().unwrap()).unwrap().area(), m.area);
     }
     // With a crop layer the pixels are needed; sent along, they give masks from the crops too.
     let crops = EverythingParams { crop_n_layers: Some(1), ..params };
@@ -212,7 +214,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     expect_invalid(status, "prompts[0].points[1]: coordinates");
 
     let mut bad_box = good.clone();
-    bad_box.r#box = Some(PromptBox { x0: 50.0, y0: 10.0, x1: 20.0, y1: 30.0 });
+    bad_box.r#box = Some(BoxXyxy { x0: 50.0, y0: 10.0, x1: 20.0, y1: 30.0 });
     let status = client.predict(predict("photo", None, vec![bad_box])).await.unwrap_err();
     expect_invalid(status, "prompts[0].box:");
 

@@ -126,8 +126,8 @@ async fn main() -> anyhow::Result<()> {
         1e3 * metric_sum(text, &format!("{name}_sum"), &[]) / metric_sum(text, &format!("{name}_count"), &[])
     };
     let worker_metrics = vision_uncached.metrics().await?;
-    let worker_encode_ms = mean_ms(&worker_metrics, "osprey_vision_encode_duration");
-    let worker_pool_ms = mean_ms(&worker_metrics, "osprey_vision_pool_duration");
+    let worker_encode_ms = mean_ms(&worker_metrics, "osprey_vision_encode_duration_seconds");
+    let worker_pool_ms = mean_ms(&worker_metrics, "osprey_vision_pool_duration_seconds");
 
     println!("## End-to-end (`cargo bench -p osprey-e2e --bench e2e`)\n");
     println!(

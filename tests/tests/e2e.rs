@@ -97,7 +97,7 @@ async fn sixteen_regions_match_the_single_process_pipeline_and_a_repeat_skips_en
     }
     let distinct: std::collections::BTreeSet<&str> = expected.iter().map(|a| a.raw_text.as_str()).collect();
     assert!(distinct.len() > 1, "the regions' answers should not all be alike: {expected:?}");
-    let encodes = vision.metric("osprey_vision_encode_duration_count", &[]).await.unwrap();
+    let encodes = vision.metric("osprey_vision_encode_duration_seconds_count", &[]).await.unwrap();
     assert_eq!(encodes, 1.0, "16 regions, one encoding");
 
     // The same image again: the routed replica has the features resident, nothing is encoded.
@@ -111,7 +111,7 @@ async fn sixteen_regions_match_the_single_process_pipeline_and_a_repeat_skips_en
         assert_eq!(timing.encode_ns, 0);
         assert_eq!(result.raw_text, expected[i].raw_text);
     }
-    assert_eq!(vision.metric("osprey_vision_encode_duration_count", &[]).await.unwrap(), 1.0);
+    assert_eq!(vision.metric("osprey_vision_encode_duration_seconds_count", &[]).await.unwrap(), 1.0);
     let hits_after = vision.metric("osprey_vision_resident_lookups_total", &[("hit", "true")]).await.unwrap();
     assert!(hits_after > hits_before, "resident hits {hits_before} -> {hits_after}");
 }
@@ -194,8 +194,8 @@ async fn a_vision_replica_killed_mid_run_fails_no_request() {
     let before = Arc::new(std::sync::Mutex::new((0.0, 0.0)));
     let outcomes = run_load(&gateway, &images, 3, 2, total / 3, || async {
         // Both replicas have been serving: each has encoded some images.
-        let encoded_a = vision_a.metric("osprey_vision_encode_duration_count", &[]).await.unwrap();
-        let encoded_b = vision_b.metric("osprey_vision_encode_duration_count", &[]).await.unwrap();
+        let encoded_a = vision_a.metric("osprey_vision_encode_duration_seconds_count", &[]).await.unwrap();
+        let encoded_b = vision_b.metric("osprey_vision_encode_duration_seconds_count", &[]).await.unwrap();
         *before.lock().unwrap() = (encoded_a, encoded_b);
         vision_a.kill();
     })

@@ -202,10 +202,10 @@ async fn replicas_join_and_leave_under_load_without_failures_and_redis_keeps_hit
     assert!(redis_hits >= victim_held as f64, "{redis_hits} Redis hits for {victim_held} moved images");
     // The added replicas took work, and so did the one that came back.
     for (replica, role) in [(&vision[3], "the added"), (&vision[victim], "the returned")] {
-        let pools = replica.metric("osprey_vision_pool_duration_count", &[]).await.unwrap();
+        let pools = replica.metric("osprey_vision_pool_duration_seconds_count", &[]).await.unwrap();
         assert!(pools > 0.0, "{role} vision replica served no request");
     }
-    let generated = llm[2].metric("osprey_llm_generate_duration_count", &[]).await.unwrap();
+    let generated = llm[2].metric("osprey_llm_generate_duration_seconds_count", &[]).await.unwrap();
     assert!(generated > 0.0, "the added LLM replica served");
     for process in vision.iter_mut().chain(llm.iter_mut().skip(1)) {
         assert!(process.is_serving().await, "{} is unhealthy", process.name());

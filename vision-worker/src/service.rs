@@ -14,13 +14,12 @@ use osprey_common::error::check_image_key;
 use osprey_common::grpc::Admission;
 use osprey_common::image::RgbImage;
 use osprey_common::lru::ResidentCache;
-use osprey_common::mask::{Mask, rle_from_proto};
+use osprey_common::mask::{Mask, rle_from_worker};
 use osprey_common::telemetry::{TelemetryArgs, set_parent_from_metadata};
 use osprey_common::tensor::f32_to_proto;
 use osprey_common::worker::{self, ModelQueue, elapsed_ns, handle, image_from_proto, request_deadline};
-use osprey_proto::v1::Timing;
 use osprey_proto::worker::v1::vision_server::{Vision, VisionServer};
-use osprey_proto::worker::v1::{EncodeRequest, EncodeResponse, FeatureBlob, PoolRequest, PoolResponse};
+use osprey_proto::worker::v1::{EncodeRequest, EncodeResponse, FeatureBlob, PoolRequest, PoolResponse, Timing};
 use tonic::{Request, Response, Status};
 use tracing::{Span, instrument};
 
@@ -148,7 +147,7 @@ impl VisionService {
         let image = image_from_proto(image, self.max_pixels)?;
         let features = self.encode_image(&request.image_key, image, deadline).await?;
         let encode_ns = elapsed_ns(start);
-        metrics::histogram!("osprey_vision_encode_duration").record(encode_ns as f64 / 1e9);
+        metrics::histogram!("osprey_vision_encode_duration_seconds").record(encode_ns as f64 / 1e9);
         self.resident.insert(&request.image_key, features.clone(), features.bytes());
         Ok(EncodeResponse {
             features: self.blob_if(request.return_features, &features)?,
@@ -203,7 +202,7 @@ impl VisionService {
             .enumerate()
             .map(|(i, rle)| {
                 let mask =
-                    rle_from_proto(rle).map_err(|e| ServiceError::invalid(format!("masks[{i}]"), e))?;
+                    rle_from_worker(rle).map_err(|e| ServiceError::invalid(format!("masks[{i}]"), e))?;
                 if (mask.height(), mask.width()) != (features.height, features.width) {
                     return Err(ServiceError::invalid(
                         format!("masks[{i}]"),
@@ -221,7 +220,7 @@ impl VisionService {
             .collect::<Result<Vec<_>, _>>()?;
         let output = self.pool_masks(features, masks, request.return_image_tokens, deadline).await?;
         let pool_ns = elapsed_ns(start);
-        metrics::histogram!("osprey_vision_pool_duration").record(pool_ns as f64 / 1e9);
+        metrics::histogram!("osprey_vision_pool_duration_seconds").record(pool_ns as f64 / 1e9);
         Ok(PoolResponse {
             mask_tokens: Some(f32_to_proto(&output.mask_tokens.0, &output.mask_tokens.1)),
             pos_tokens: Some(f32_to_proto(&output.pos_tokens.0, &output.pos_tokens.1)),

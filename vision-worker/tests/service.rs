@@ -9,7 +9,7 @@ use clap::Parser;
 use osprey_common::error::StatusExt;
 use osprey_common::grpc::connect_when_serving;
 use osprey_common::image::{ImageLimits, decode_image};
-use osprey_common::mask::{Mask, rle_to_proto};
+use osprey_common::mask::{Mask, rle_to_worker};
 use osprey_common::tensor::f32_from_proto;
 use osprey_proto::worker::v1::vision_client::VisionClient;
 use osprey_proto::worker::v1::{EncodeRequest, PoolRequest, RgbImage};
@@ -91,7 +91,7 @@ fn pool_request(key: &str, masks: &[Mask]) -> PoolRequest {
     PoolRequest {
         image_key: key.into(),
         features: None,
-        masks: masks.iter().map(|m| rle_to_proto(&m.to_rle())).collect(),
+        masks: masks.iter().map(|m| rle_to_worker(&m.to_rle())).collect(),
         return_image_tokens: true,
     }
 }
@@ -178,11 +178,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     assert_eq!(violations[0].field, "masks");
 
     let mut bad_rle = pool_request("photo", &[]);
-    bad_rle.masks.push(osprey_proto::v1::RleMask {
-        height: 103,
-        width: 157,
-        counts: Some(osprey_proto::v1::rle_mask::Counts::Compressed("1~".into())),
-    });
+    bad_rle.masks.push(osprey_proto::worker::v1::RleMask { height: 103, width: 157, counts: "1~".into() });
     let status = client.pool(bad_rle).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(

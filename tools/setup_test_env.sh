@@ -8,6 +8,8 @@
 #   test, kubernetes-validate for the manifests);
 # - the small real weights some tests run (MobileSAM, 40 MB; all-MiniLM-L6-v2, 90 MB; both
 #   hash-checked, into .cache/weights/).
+# - the annotation page's npm packages (gateway/web/package-lock.json), with `npm ci` when the
+#   lockfile changed since the last install.
 # protoc needs nothing: the proto crate builds with a vendored copy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +17,12 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+# The annotation page's browser test: Node and npm (the page's build tools, Playwright) and
+# Debian's Chromium, which Playwright drives (its own browser downloads are not used).
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} with apt-get"
   sudo=""
@@ -32,3 +40,11 @@ fi
 .venv-ci/bin/pip install -q --disable-pip-version-check -r tools/requirements-ci.txt
 tools/fetch_mobile_sam.sh .venv-ci/bin/python
 PYTHON=.venv-ci/bin/python tools/fetch_minilm.sh
+
+lock_hash=$(sha256sum gateway/web/package-lock.json | cut -d' ' -f1)
+stamp=gateway/web/node_modules/.installed-lock-sha256
+if [ "$(cat "$stamp" 2>/dev/null)" != "$lock_hash" ]; then
+  echo "setup: npm ci in gateway/web"
+  (cd gateway/web && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  echo "$lock_hash" > "$stamp"
+fi

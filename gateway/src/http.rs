@@ -55,21 +55,25 @@ pub fn router(gateway: Arc<Gateway>, args: &GatewayArgs) -> axum::Router {
         .max_encoding_message_size(args.max_message_bytes);
     let grpc_web =
         tonic_web::GrpcWebLayer::new().named_layer(InterceptedService::new(osprey, api_key.clone()));
-    let integrations = crate::integrations::router(OspreyService(gateway)).layer(axum::middleware::from_fn(
-        move |request: axum::extract::Request, next: axum::middleware::Next| {
-            let allowed = api_key.accepts_headers(request.headers());
-            async move {
-                if allowed {
-                    next.run(request).await
-                } else {
-                    let message = osprey_common::ServiceError::Unauthenticated.to_string();
-                    let body = serde_json::json!({ "error": message }).to_string();
-                    (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "application/json")], body)
-                        .into_response()
+    let mut integrations = crate::integrations::router(OspreyService(gateway));
+    // Only on the integrations' own routes (a plain `layer` would answer unknown paths 401 too).
+    if integrations.has_routes() {
+        integrations = integrations.route_layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                let allowed = api_key.accepts_headers(request.headers());
+                async move {
+                    if allowed {
+                        next.run(request).await
+                    } else {
+                        let message = osprey_common::ServiceError::Unauthenticated.to_string();
+                        let body = serde_json::json!({ "error": message }).to_string();
+                        (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "application/json")], body)
+                            .into_response()
+                    }
                 }
-            }
-        },
-    ));
+            },
+        ));
+    }
     let mut router = axum::Router::new().route_service("/osprey.v1.Osprey/{*method}", grpc_web);
     for asset in ASSETS {
         let headers = [

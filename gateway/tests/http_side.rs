@@ -1,0 +1,162 @@
+//! The gateway's HTTP side (`--http-listen`) over TLS with an API key, spoken to by curl: the
+//! page's assets are open, gRPC-Web needs the key and reaches the real handlers, HTTP/2 is
+//! negotiated, plaintext gets nothing. No workers: RegisterImage of a bad file is answered by the
+//! gateway itself.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Parser)]
+struct GatewayCli {
+    #[command(flatten)]
+    args: gateway::config::GatewayArgs,
+}
+
+fn tls_fixture(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tls").join(name).display().to_string()
+}
+
+/// curl with the test CA; returns (status line and headers, body).
+fn curl(url: &str, extra: &[&str]) -> (String, Vec<u8>) {
+    let headers = std::env::temp_dir().join(format!("osprey-http-side-{}-headers", std::process::id()));
+    let output = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert", &tls_fixture("ca.pem"), "-D"])
+        .arg(&headers)
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl runs");
+    assert!(output.status.success(), "curl {url}: {}", String::from_utf8_lossy(&output.stderr));
+    let head = std::fs::read_to_string(&headers).unwrap();
+    let _ = std::fs::remove_file(&headers);
+    (head, output.stdout)
+}
+
+/// A gRPC-Web call with a length-prefixed message; returns the grpc-status and grpc-message,
+/// from the headers (trailers-only answers) or the trailer frame.
+fn grpc_web(url: &str, message: &[u8], key: Option<&str>) -> (String, String) {
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
+    let body = std::env::temp_dir().join(format!("osprey-http-side-{}-body", std::process::id()));
+    std::fs::write(&body, frame).unwrap();
+    let data = format!("@{}", body.display());
+    // HTTP/1.1: curl 7.88 reports an h2 stream reset that follows a complete answer to a request
+    // whose body the server did not read (a refused key) as an error.
+    let mut args = vec![
+        "--http1.1",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/grpc-web+proto",
+        "--data-binary",
+        &data,
+    ];
+    let key_header = key.map(|key| format!("x-api-key: {key}"));
+    if let Some(header) = &key_header {
+        args.extend(["-H", header]);
+    }
+    let (head, body_bytes) = curl(url, &args);
+    let trailers = String::from_utf8_lossy(&body_bytes).to_string();
+    let text = format!("{head}\n{trailers}").to_lowercase();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.trim().strip_prefix(&format!("{name}:")).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    (field("grpc-status"), field("grpc-message"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_side_serves_the_page_and_grpc_web_over_tls_behind_the_key() {
+    let http_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let http = format!("127.0.0.1:{http_port}");
+    let (cert, key) = (tls_fixture("server.pem"), tls_fixture("server.key"));
+    let argv = [
+        "g",
+        "--vision-workers",
+        "127.0.0.1:9",
+        "--llm-workers",
+        "127.0.0.1:9",
+        "--http-listen",
+        &http,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--api-key",
+        "sesame",
+    ];
+    let args = GatewayCli::parse_from(argv).args;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(gateway::service::run(args, listener, async {
+        let _ = stopped.await;
+    }));
+    let base = format!("https://localhost:{http_port}");
+
+    tokio::task::spawn_blocking(move || {
+        let mut ready = false;
+        for _ in 0..200 {
+            let probe = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "--cacert", &tls_fixture("ca.pem"), &format!("{base}/")])
+                .status()
+                .unwrap();
+            if probe.success() {
+                ready = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(ready, "the HTTP side did not come up on {base}");
+
+        // The page, without a key, over HTTP/2 (ALPN).
+        let (head, body) = curl(&format!("{base}/"), &["--http2"]);
+        assert!(head.starts_with("HTTP/2 200"), "{head}");
+        assert!(head.to_lowercase().contains("content-type: text/html"), "{head}");
+        assert!(String::from_utf8_lossy(&body).contains("<script src=\"/app.js\">"));
+        let (head, body) = curl(&format!("{base}/app.js"), &["--http1.1"]);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let committed =
+            std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("web/dist/app.js")).unwrap();
+        assert_eq!(body, committed, "/app.js is the committed bundle");
+        let (head, _) = curl(&format!("{base}/no-such-page"), &[]);
+        assert!(head.contains(" 404"), "{head}");
+
+        // gRPC-Web: the key is checked, then the real handler answers (a bad file: INVALID_ARGUMENT).
+        let register = format!("{base}/osprey.v1.Osprey/RegisterImage");
+        let junk = [&[0x0a, 4][..], b"junk"].concat(); // RegisterImageRequest { encoded: "junk" }
+        let (status, message) = grpc_web(&register, &junk, None);
+        assert_eq!(status, "16", "no key: UNAUTHENTICATED ({message})");
+        let (status, _) = grpc_web(&register, &junk, Some("sesam"));
+        assert_eq!(status, "16", "wrong key");
+        let (status, message) = grpc_web(&register, &junk, Some("sesame"));
+        assert_eq!(status, "3", "the right key reaches the handler: INVALID_ARGUMENT ({message})");
+        assert!(!message.is_empty());
+
+        // Plaintext HTTP on the TLS port gets no page.
+        let plain = Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{http}/"),
+            ])
+            .output()
+            .unwrap();
+        assert_ne!(String::from_utf8_lossy(&plain.stdout), "200");
+    })
+    .await
+    .unwrap();
+
+    // Both sides stop together.
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), server).await.expect("shutdown").unwrap().unwrap();
+}

@@ -49,7 +49,9 @@ impl RequestImage {
                 let bytes = cache.get(&pixels_key(&self.key)).await.ok_or_else(|| unregistered(&self.key))?;
                 let image = pixels_from_bytes(&bytes)?;
                 if (image.width(), image.height()) != (self.width, self.height) {
-                    return Err(ServiceError::Internal("corrupt registered image in the cache".into()));
+                    return Err(ServiceError::FailedPrecondition(
+                        "the registered image is damaged in the cache; register it again".into(),
+                    ));
                 }
                 Ok(Arc::new(image))
             })

@@ -12,7 +12,7 @@ use osprey_proto::v1::{self, DescribeTask};
 use osprey_proto::worker::v1 as worker;
 use osprey_proto::worker::v1::sam_server::{Sam, SamServer};
 use osprey_proto::worker::v1::vision_server::{Vision, VisionServer};
-use tokio::net::TcpListener;
+use osprey_test_support::{InProcess, serve_in_process};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
@@ -23,8 +23,7 @@ const SIZE: (u32, u32) = (103, 157);
 const LONG: Duration = Duration::from_secs(60);
 
 fn photo() -> Vec<u8> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/vision/photo.png");
-    std::fs::read(path).unwrap()
+    std::fs::read(osprey_test_support::fixture("vision/photo.png")).unwrap()
 }
 
 /// A vision and SAM worker that never answers; it notes the `grpc-timeout` of every call.
@@ -98,18 +97,21 @@ impl Sam for Hung {
     }
 }
 
-/// Serves `worker` as a vision, SAM and (unused) LLM worker; answers its URL.
-async fn serve_hung(worker: Hung) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (routes, health) =
-        osprey_common::grpc::standard_routes(&["osprey.worker.v1.Vision", "osprey.worker.v1.Sam"]).await;
-    let routes = routes.add_service(VisionServer::new(worker.clone())).add_service(SamServer::new(worker));
-    health.set_serving().await;
-    tokio::spawn(async move {
-        osprey_common::grpc::serve(listener, routes, &health, std::future::pending()).await.unwrap();
-    });
-    url
+/// Serves `worker` as a vision, SAM and (unused) LLM worker.
+async fn serve_hung(worker: Hung) -> InProcess {
+    serve_in_process(|listener, stopped| async move {
+        let (routes, health) =
+            osprey_common::grpc::standard_routes(&["osprey.worker.v1.Vision", "osprey.worker.v1.Sam"]).await;
+        let routes =
+            routes.add_service(VisionServer::new(worker.clone())).add_service(SamServer::new(worker));
+        health.set_serving().await;
+        osprey_common::grpc::serve(listener, routes, &health, async {
+            let _ = stopped.await;
+        })
+        .await?;
+        Ok(())
+    })
+    .await
 }
 
 #[derive(Parser)]
@@ -118,7 +120,7 @@ struct GatewayCli {
     args: gateway::service::GatewayArgs,
 }
 
-async fn gateway(worker: &str, request_timeout_seconds: &str) -> OspreyClient<Channel> {
+async fn gateway(worker: &str, request_timeout_seconds: &str) -> (InProcess, OspreyClient<Channel>) {
     let args = GatewayCli::parse_from([
         "g",
         "--vision-workers",
@@ -131,11 +133,14 @@ async fn gateway(worker: &str, request_timeout_seconds: &str) -> OspreyClient<Ch
         request_timeout_seconds,
     ])
     .args;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { gateway::service::run(args, listener, std::future::pending()).await.unwrap() });
-    osprey_common::grpc::connect_when_serving(&url, "", Duration::from_secs(60)).await.unwrap();
-    OspreyClient::connect(url).await.unwrap()
+    let server = serve_in_process(|listener, stopped| {
+        gateway::service::run(args, listener, async {
+            let _ = stopped.await;
+        })
+    })
+    .await;
+    let client = OspreyClient::connect(server.url.clone()).await.unwrap();
+    (server, client)
 }
 
 fn image() -> Option<v1::Image> {
@@ -170,8 +175,8 @@ fn assert_deadline(status: &Status, started: Instant) {
 #[tokio::test]
 async fn a_streamed_describe_ends_at_the_client_deadline() {
     let worker = Hung::default();
-    let url = serve_hung(worker.clone()).await;
-    let mut client = gateway(&url, "600").await;
+    let hung = serve_hung(worker.clone()).await;
+    let (_gateway, mut client) = gateway(&hung.url, "600").await;
     let client_deadline = Duration::from_secs(2);
     let mut request = Request::new(v1::DescribeRequest {
         image: image(),
@@ -192,8 +197,8 @@ async fn a_streamed_describe_ends_at_the_client_deadline() {
 #[tokio::test]
 async fn every_rpc_ends_at_the_default_deadline() {
     let worker = Hung::default();
-    let url = serve_hung(worker.clone()).await;
-    let mut client = gateway(&url, "1").await;
+    let hung = serve_hung(worker.clone()).await;
+    let (_gateway, mut client) = gateway(&hung.url, "1").await;
     let default = Duration::from_secs(1);
 
     let started = Instant::now();

@@ -2,48 +2,11 @@
 //! the in-memory backend: hits, TTL, size limits, and that a Redis outage is a miss, never an
 //! error or a hang, with the cache recovering when Redis comes back.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
 use gateway::cache::{CacheArgs, FeatureCache};
-
-struct RedisServer {
-    child: Child,
-}
-
-impl RedisServer {
-    fn start(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server must be on PATH (`apt-get install redis-server`; .ci/run installs it)");
-        let server = Self { child };
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!("redis-server did not start on port {port}");
-    }
-
-    fn stop(self) {
-        drop(self);
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use osprey_test_support::{RedisServer, free_port};
 
 #[derive(Parser)]
 struct Cli {
@@ -60,7 +23,7 @@ fn cache(args: &[&str]) -> FeatureCache {
 #[tokio::test]
 async fn redis_cache_survives_an_outage() {
     let port = free_port();
-    let redis = RedisServer::start(port);
+    let redis = RedisServer::start_on(port);
     let url = format!("redis://127.0.0.1:{port}/0");
     let cache = cache(&[
         "--redis-url",
@@ -87,7 +50,7 @@ async fn redis_cache_survives_an_outage() {
     assert!((1..=60).contains(&ttl), "ttl {ttl}");
 
     // Redis goes away: misses, quickly, no errors.
-    redis.stop();
+    drop(redis);
     let started = std::time::Instant::now();
     assert_eq!(cache.get("img").await, None);
     cache.put("img2", vec![4]).await;
@@ -95,7 +58,7 @@ async fn redis_cache_survives_an_outage() {
     assert!(started.elapsed() < Duration::from_secs(10), "outage took {:?}", started.elapsed());
 
     // Redis comes back (empty): the cache reconnects by itself.
-    let redis = RedisServer::start(port);
+    let redis = RedisServer::start_on(port);
     let mut reconnected = false;
     for _ in 0..50 {
         cache.put("img3", vec![5]).await;
@@ -106,7 +69,7 @@ async fn redis_cache_survives_an_outage() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(reconnected, "cache did not recover after Redis came back");
-    redis.stop();
+    drop(redis);
 }
 
 #[tokio::test]
@@ -133,7 +96,7 @@ async fn memory_cache_is_bounded() {
 #[tokio::test]
 async fn entries_expire_after_their_ttl_in_both_backends() {
     let port = free_port();
-    let _redis = RedisServer::start(port);
+    let _redis = RedisServer::start_on(port);
     let url = format!("redis://127.0.0.1:{port}/0");
     let ttls = ["--cache-ttl-seconds", "1", "--result-cache-ttl-seconds", "3"];
     let memory = cache(&ttls);

@@ -8,13 +8,15 @@ use std::process::Command;
 use candle_core::{Device, Tensor};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llm")
+    osprey_test_support::fixture("llm")
 }
 
-fn rel_l2(got: &Tensor, want: &Tensor) -> f32 {
+fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.dims(), want.dims());
-    let diff = (got - want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-    diff / want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
+    let values = |t: &Tensor| {
+        t.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    osprey_test_support::rel_l2(&values(got), &values(want))
 }
 
 /// Runs `llm-worker dump` on the `weights` fixture with the inputs of `expected_file` and checks

@@ -4,21 +4,18 @@
 
 mod common;
 
-use std::time::Duration;
-
 use clap::Parser;
 use common::*;
 use osprey_common::error::StatusExt;
-use osprey_common::grpc::connect_when_serving;
 use osprey_common::image::{ImageLimits, decode_image};
 use osprey_common::mask::rle_from_worker;
 use osprey_proto::worker::v1::sam_client::SamClient;
 use osprey_proto::worker::v1::{
-    BoxXyxy, EmbedRequest, EverythingParams, EverythingRequest, LowResLogits, Point, PointLabel, PredictRequest,
-    RgbImage, SamPrompt,
+    BoxXyxy, EmbedRequest, EverythingParams, EverythingRequest, LowResLogits, Point, PointLabel,
+    PredictRequest, RgbImage, SamPrompt,
 };
+use osprey_test_support::{InProcess, serve_in_process};
 use sam_worker::service::{ServeArgs, run};
-use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -28,26 +25,21 @@ struct Cli {
     serve: ServeArgs,
 }
 
-/// Starts a worker on a free loopback port; returns a client once health says SERVING.
-async fn start_worker(extra: &[&str]) -> (SamClient<Channel>, tokio::sync::oneshot::Sender<()>) {
+/// Starts a worker on a free loopback port; returns a client once health says SERVING (the
+/// worker stops when the returned handle is dropped).
+async fn start_worker(extra: &[&str]) -> (SamClient<Channel>, InProcess) {
     let (weights, config) = (fixture("tiny_sam.safetensors"), fixture("tiny_config.json"));
     let mut argv =
         vec!["sam-worker", "--weights", weights.to_str().unwrap(), "--config", config.to_str().unwrap()];
     argv.extend_from_slice(extra);
     let args = Cli::parse_from(argv).serve;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
+    let server = serve_in_process(|listener, stopped| {
         run(args, listener, async {
             let _ = stopped.await;
         })
-        .await
-        .unwrap()
-    });
-    let service = "osprey.worker.v1.Sam";
-    let channel = connect_when_serving(&address, service, Duration::from_secs(120)).await.unwrap();
-    (SamClient::new(channel), stop)
+    })
+    .await;
+    (SamClient::connect(server.url.clone()).await.unwrap(), server)
 }
 
 fn photo() -> RgbImage {

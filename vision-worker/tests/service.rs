@@ -3,24 +3,22 @@
 //! with the field as a structured detail) and a failed model batch (INTERNAL).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
 use osprey_common::error::StatusExt;
-use osprey_common::grpc::connect_when_serving;
 use osprey_common::image::{ImageLimits, decode_image};
 use osprey_common::mask::{Mask, rle_to_worker};
 use osprey_common::tensor::f32_from_proto;
 use osprey_proto::worker::v1::vision_client::VisionClient;
 use osprey_proto::worker::v1::{EncodeRequest, PoolRequest, RgbImage};
+use osprey_test_support::{InProcess, serve_in_process};
 use safetensors::SafeTensors;
-use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::transport::Channel;
 use vision_worker::service::{ServeArgs, run};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/vision")
+    osprey_test_support::fixture("vision")
 }
 
 #[derive(Parser)]
@@ -29,25 +27,20 @@ struct Cli {
     serve: ServeArgs,
 }
 
-/// Starts a worker on a free loopback port; returns a client once health says SERVING.
-async fn start_worker(extra: &[&str]) -> (VisionClient<Channel>, tokio::sync::oneshot::Sender<()>) {
+/// Starts a worker on a free loopback port; returns a client once health says SERVING (the
+/// worker stops when the returned handle is dropped).
+async fn start_worker(extra: &[&str]) -> (VisionClient<Channel>, InProcess) {
     let weights = fixtures().join("tiny/tiny_st");
     let mut argv = vec!["vision-worker", "--weights", weights.to_str().unwrap(), "--feature-dtype", "f32"];
     argv.extend_from_slice(extra);
     let args = Cli::parse_from(argv).serve;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
+    let server = serve_in_process(|listener, stopped| {
         run(args, listener, async {
             let _ = stopped.await;
         })
-        .await
-        .unwrap()
-    });
-    let service = "osprey.worker.v1.Vision";
-    let channel = connect_when_serving(&address, service, Duration::from_secs(120)).await.unwrap();
-    (VisionClient::new(channel), stop)
+    })
+    .await;
+    (VisionClient::connect(server.url.clone()).await.unwrap(), server)
 }
 
 fn photo() -> RgbImage {

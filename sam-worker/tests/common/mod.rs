@@ -6,8 +6,11 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 
+#[allow(unused_imports)] // Not every test binary that includes this module measures errors.
+pub use osprey_test_support::rel_l2;
+
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/sam").join(name)
+    osprey_test_support::fixture("sam").join(name)
 }
 
 pub fn expected() -> HashMap<String, Tensor> {
@@ -21,17 +24,6 @@ pub fn f32s(t: &Tensor) -> Vec<f32> {
 
 pub fn u8s(t: &Tensor) -> Vec<u8> {
     t.flatten_all().unwrap().to_vec1::<u8>().unwrap()
-}
-
-/// ||got - want|| / max(||want||, floor): relative L2 error with a small absolute floor.
-pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "length mismatch");
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (g, w) in got.iter().zip(want) {
-        num += (*g as f64 - *w as f64).powi(2);
-        den += (*w as f64).powi(2);
-    }
-    num.sqrt() / den.sqrt().max(1e-6)
 }
 
 /// Fraction of equal pixels.

@@ -303,10 +303,9 @@ mod tests {
 
     use candle_core::{DType, Device};
 
-    fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        let norm = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        (diff / norm).sqrt()
+    fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        osprey_test_support::rel_l2(&values(a), &values(b))
     }
 
     /// The shifted multiply-adds and the CPU kernel equal candle's grouped convolution (the

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 /// `tests/fixtures/vision/...` at the repository root.
 pub fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/vision").join(rel)
+    osprey_test_support::fixture("vision").join(rel)
 }
 
 /// The checkpoint layouts and the expected outputs made from their weights.
@@ -23,14 +23,12 @@ pub fn load_safetensors(path: &PathBuf) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// ‖got − want‖₂ / ‖want‖₂ (absolute when `want` is all zeros).
+/// [`osprey_test_support::rel_l2`] of two tensors of the same shape.
 pub fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.dims(), want.dims(), "shapes differ");
-    let got = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let want = want.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let diff = (&got - &want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
-    let norm = want.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
-    if norm > 0.0 { diff / norm } else { diff }
+    let values =
+        |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    osprey_test_support::rel_l2(&values(got), &values(want))
 }
 
 /// Compares `got` with `want[name]`, prints the error and returns whether it is within `tol`.

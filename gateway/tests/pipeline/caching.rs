@@ -1,0 +1,191 @@
+//! The feature-cache tiers (computed, resident, shared), failover between vision replicas, the
+//! result cache, and two gateways sharing features and answers through Redis.
+
+use std::time::Duration;
+
+use osprey_proto::v1::{self, CacheTier, DescribeTask};
+use osprey_test_support::RedisServer;
+use tonic::Code;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn describe_many_regions_with_cache_tiers_and_failover() {
+    let (vision_a, mut vision_b, llm) = (vision().await, vision().await, llm().await);
+    let (_gateway, mut client) = gateway(&[&vision_a, &vision_b], &llm, &[]).await;
+    let image = v1::image::Source::Encoded(photo());
+
+    let first = describe(&mut client, describe_request(image.clone(), masks(&[1, 4, 8]))).await;
+    assert_eq!(first.iter().map(|r| r.region_index).collect::<Vec<_>>(), [0, 1, 2]);
+    assert!(first.iter().all(|r| tier(r) == CacheTier::Computed), "first request encodes");
+    assert_eq!(first[0].area, 103 * 157);
+    assert_eq!(first[0].bbox, [0.0, 0.0, 157.0, 103.0]);
+    assert_eq!(first[1].label, "mask-4");
+    for result in &first {
+        assert!(result.generated_tokens >= 1 && result.generated_tokens <= 5);
+        let timing = result.metadata.as_ref().unwrap().timing.as_ref().unwrap();
+        assert!(timing.encode_ns > 0 && timing.total_ns >= timing.encode_ns);
+    }
+
+    // Same image again: the routed replica has the features resident; answers are identical,
+    // also when each region is asked alone (greedy decoding does not depend on batching).
+    let second = describe(&mut client, describe_request(image.clone(), masks(&[1, 4, 8]))).await;
+    assert!(second.iter().all(|r| tier(r) == CacheTier::Resident), "second request skips encoding");
+    for (i, region) in [1, 4, 8].into_iter().enumerate() {
+        let alone = describe(&mut client, describe_request(image.clone(), masks(&[region]))).await;
+        assert_eq!(alone[0].raw_text, first[i].raw_text);
+        assert_eq!(second[i].raw_text, first[i].raw_text);
+    }
+
+    // Stop the replica that holds this image's features: the other one serves, from the
+    // gateway's in-memory feature cache, with the same answers.
+    let key_holder_url = {
+        let image = osprey_common::image::decode_image(&photo(), &Default::default()).unwrap();
+        let key = image.key("osprey-7b");
+        let urls = vec![vision_a.url.clone(), vision_b.url.clone()];
+        gateway::routing::rank(&key, &urls)[0].to_string()
+    };
+    let mut vision_a = vision_a;
+    if key_holder_url == vision_a.url {
+        vision_a.stop()
+    } else {
+        vision_b.stop()
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = describe(&mut client, describe_request(image, masks(&[1, 4, 8]))).await;
+    assert_eq!(after.len(), 3);
+    assert!(after.iter().all(|r| tier(r) == CacheTier::Shared), "features come from the shared cache");
+    for (a, b) in after.iter().zip(&first) {
+        assert_eq!(a.raw_text, b.raw_text);
+    }
+}
+
+#[tokio::test]
+async fn result_cache_answers_repeated_greedy_questions_without_vision_or_llm() {
+    let (mut vision, mut llm) = (vision().await, llm().await);
+    let (_gateway, mut client) = gateway(&[&vision], &llm, &["--result-cache-ttl-seconds", "600"]).await;
+    let image = v1::image::Source::Encoded(photo());
+    let ask = |question: &str, parameters: Option<v1::GenerationParameters>| v1::AskRequest {
+        image: Some(v1::Image { source: Some(image.clone()) }),
+        regions: masks(&[1, 4]),
+        question: question.into(),
+        parameters,
+        verbatim: false,
+    };
+
+    let first = describe(&mut client, describe_request(image.clone(), masks(&[1, 4]))).await;
+    assert!(first.iter().all(|r| !result_hit(r)));
+    // Two regions asked before, one new: only the new one goes to vision and the LLM.
+    let mixed = describe(&mut client, describe_request(image.clone(), masks(&[1, 4, 8]))).await;
+    assert_eq!(mixed.iter().map(result_hit).collect::<Vec<_>>(), [true, true, false]);
+    assert_eq!(tier(&mixed[2]), CacheTier::Resident);
+    for (cached, fresh) in mixed.iter().zip(&first) {
+        assert_eq!(cached.raw_text, fresh.raw_text);
+        assert_eq!(cached.text, fresh.text);
+        assert_eq!(cached.label, fresh.label);
+        assert_eq!(cached.area, fresh.area);
+        let timing = cached.metadata.as_ref().unwrap().timing.as_ref().unwrap();
+        assert_eq!((timing.encode_ns, timing.pool_ns, timing.prefill_ns), (0, 0, 0));
+    }
+    let asked = client.ask(ask("What is region1 doing?", None)).await.unwrap().into_inner();
+    assert!(!asked.metadata.as_ref().unwrap().cache.as_ref().unwrap().result);
+
+    // With vision and the LLM gone, cached answers are still served...
+    vision.stop();
+    llm.stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cached = describe(&mut client, describe_request(image.clone(), masks(&[8, 1]))).await;
+    assert!(cached.iter().all(result_hit));
+    assert_eq!((cached[0].label.as_str(), &cached[0].raw_text), ("mask-8", &mixed[2].raw_text));
+    let again = client.ask(ask("What is region1 doing?", None)).await.unwrap().into_inner();
+    assert!(again.metadata.as_ref().unwrap().cache.as_ref().unwrap().result);
+    assert_eq!((&again.text, &again.raw_text), (&asked.text, &asked.raw_text));
+    let chat = v1::ChatRequest {
+        image: Some(v1::Image { source: Some(image.clone()) }),
+        regions: masks(&[1, 4]),
+        history: vec![],
+        question: "What is region1 doing?".into(),
+        parameters: None,
+    };
+    let mut chunks = client.chat(chat).await.unwrap().into_inner();
+    let chunk = chunks.message().await.unwrap().unwrap();
+    assert!(chunk.finished && chunk.metadata.unwrap().cache.unwrap().result);
+    assert_eq!(chunk.text, asked.raw_text);
+
+    // ...but anything not asked before, or not deterministic, needs the workers.
+    let other_task = v1::DescribeRequest {
+        task: DescribeTask::Category as i32,
+        ..describe_request(image.clone(), masks(&[1]))
+    };
+    let sampled = v1::DescribeRequest {
+        parameters: Some(v1::GenerationParameters { temperature: Some(0.7), ..Default::default() }),
+        ..describe_request(image.clone(), masks(&[1]))
+    };
+    let longer = v1::DescribeRequest {
+        parameters: Some(v1::GenerationParameters { max_new_tokens: Some(3), ..Default::default() }),
+        ..describe_request(image.clone(), masks(&[1]))
+    };
+    for request in [other_task, sampled, longer] {
+        let status = match client.describe(request).await {
+            Err(status) => status,
+            Ok(response) => response.into_inner().message().await.unwrap_err(),
+        };
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    let status = client.ask(ask("What is region2 doing?", None)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    // Bad parameters are refused even when the answer would be cached.
+    let bad = v1::GenerationParameters { top_p: Some(2.0), ..Default::default() };
+    let status = client.ask(ask("What is region1 doing?", Some(bad))).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn gateways_share_features_through_redis_and_registered_images() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let (vision_a, vision_b, llm) = (vision().await, vision().await, llm().await);
+    let shared = ["--redis-url", &url, "--result-cache-ttl-seconds", "600"];
+    let (_g1, mut first) = gateway(&[&vision_a], &llm, &shared).await;
+    let (_g2, mut second) = gateway(&[&vision_b], &llm, &shared).await;
+
+    let registered = first
+        .register_image(v1::RegisterImageRequest { encoded: photo(), warm_features: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((registered.width, registered.height), (157, 103));
+    // The other gateway (other vision replica) finds the pixels and the features in Redis.
+    let by_key = v1::image::Source::Key(registered.key.clone());
+    let results = describe(&mut second, describe_request(by_key.clone(), masks(&[1, 4]))).await;
+    assert_eq!(results.len(), 2);
+    assert!(results.iter().all(|r| tier(r) == CacheTier::Shared));
+    // The answers are shared too: the first gateway finds them in Redis's result cache.
+    let again = describe(&mut first, describe_request(by_key.clone(), masks(&[1, 4]))).await;
+    assert!(again.iter().all(result_hit), "answers come from the shared result cache");
+    for (a, b) in again.iter().zip(&results) {
+        assert_eq!((&a.raw_text, &a.text, a.generated_tokens), (&b.raw_text, &b.text, b.generated_tokens));
+    }
+
+    let answer = second
+        .ask(v1::AskRequest {
+            image: Some(v1::Image { source: Some(by_key) }),
+            regions: masks(&[1, 4]),
+            question: "What is region1 doing with region2?".into(),
+            parameters: None,
+            verbatim: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.generated_tokens >= 1);
+    let unknown = v1::Image { source: Some(v1::image::Source::Key("no-such-key".into())) };
+    let status = second
+        .describe(v1::DescribeRequest {
+            image: Some(unknown),
+            ..describe_request(v1::image::Source::Encoded(vec![]), masks(&[1]))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+}

@@ -194,7 +194,10 @@ mod tests {
         assert_eq!(worker::RegionTask::from(v1::DescribeTask::Short), worker::RegionTask::Short);
         assert_eq!(worker::RegionTask::from(v1::DescribeTask::Detailed), worker::RegionTask::Detailed);
         assert_eq!(worker::RegionTask::from(v1::DescribeTask::Category), worker::RegionTask::Category);
-        let done = worker::GenerateResponse { finish_reason: worker::FinishReason::Length as i32, ..Default::default() };
+        let done = worker::GenerateResponse {
+            finish_reason: worker::FinishReason::Length as i32,
+            ..Default::default()
+        };
         assert_eq!(public_finish_reason(done.finish_reason), v1::FinishReason::Length as i32);
     }
 }

@@ -18,8 +18,8 @@ use osprey_common::telemetry::{TelemetryArgs, set_parent_from_metadata};
 use osprey_common::worker::{self, ModelQueue, elapsed_ns, handle, image_from_proto, request_deadline};
 use osprey_proto::worker::v1::sam_server::{Sam, SamServer};
 use osprey_proto::worker::v1::{
-    EmbedRequest, EmbedResponse, EverythingParams, EverythingRequest, EverythingResponse, LowResLogits, Point,
-    PointLabel, PredictRequest, PredictResponse, PromptMasks, ProposedMask, SamPrompt, Timing,
+    EmbedRequest, EmbedResponse, EverythingParams, EverythingRequest, EverythingResponse, LowResLogits,
+    Point, PointLabel, PredictRequest, PredictResponse, PromptMasks, ProposedMask, SamPrompt, Timing,
 };
 use tonic::{Request, Response, Status};
 use tracing::{Span, instrument};
@@ -189,7 +189,8 @@ impl SamService {
         let (embedding, was_resident) = self.embedding(&request.image_key, request.image, deadline).await?;
         let decode_start = Instant::now();
         let predictions = self.predict(embedding, prompts, deadline).await?;
-        metrics::histogram!("osprey_sam_predict_duration_seconds").record(decode_start.elapsed().as_secs_f64());
+        metrics::histogram!("osprey_sam_predict_duration_seconds")
+            .record(decode_start.elapsed().as_secs_f64());
         let prompts = predictions.iter().map(prompt_masks).collect::<Result<Vec<_>, _>>()?;
         let ns = elapsed_ns(start);
         Ok(PredictResponse {
@@ -422,8 +423,16 @@ impl Sam for SamService {
 /// Registers the `osprey_sam_*` metrics with their units.
 pub fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_histogram!("osprey_sam_embed_duration_seconds", Unit::Seconds, "Image encoder pass, queue included");
-    describe_histogram!("osprey_sam_predict_duration_seconds", Unit::Seconds, "Prompt decoding of one Predict call");
+    describe_histogram!(
+        "osprey_sam_embed_duration_seconds",
+        Unit::Seconds,
+        "Image encoder pass, queue included"
+    );
+    describe_histogram!(
+        "osprey_sam_predict_duration_seconds",
+        Unit::Seconds,
+        "Prompt decoding of one Predict call"
+    );
     describe_histogram!("osprey_sam_everything_duration_seconds", Unit::Seconds, "One Everything call");
     describe_histogram!(
         "osprey_sam_predict_batch_size",

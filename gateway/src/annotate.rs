@@ -15,10 +15,9 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use osprey_common::image::{ImageLimits, decode_image};
-use osprey_proto::v1::{self, annotate_response::Event, osprey_client::OspreyClient};
+use osprey_proto::v1::{self, annotate_response::Event};
 use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 /// `gateway annotate` flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -330,24 +329,13 @@ async fn run(
     journal: &mut Journal,
     remaining: usize,
 ) -> anyhow::Result<usize> {
-    let mut endpoint = Endpoint::from_shared(args.endpoint.clone()).context("--endpoint")?;
-    if let Some(ca) = &args.ca_cert {
-        let ca = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-        endpoint = endpoint.tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))?;
-    }
-    let channel = endpoint.connect().await.with_context(|| format!("connecting to {}", args.endpoint))?;
-    let bearer: Option<tonic::metadata::MetadataValue<_>> = match &args.api_key {
-        Some(key) => Some(format!("Bearer {key}").parse().context("--api-key is not a valid header")?),
-        None => None,
+    let options = osprey_client::ConnectOptions {
+        endpoint: args.endpoint.clone(),
+        api_key: args.api_key.clone(),
+        ca_cert: args.ca_cert.clone(),
+        ..Default::default()
     };
-    let mut client = OspreyClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-        if let Some(bearer) = &bearer {
-            request.metadata_mut().insert("authorization", bearer.clone());
-        }
-        Ok(request)
-    })
-    .max_decoding_message_size(usize::MAX)
-    .max_encoding_message_size(usize::MAX);
+    let mut client = osprey_client::connect(&options).await?;
 
     let in_flight = InFlightMap::default();
     // Images are read as they are sent, a couple ahead of the gateway.

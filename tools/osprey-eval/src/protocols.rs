@@ -6,10 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use osprey_common::image::{ImageLimits, decode_image};
 use osprey_common::mask::{Mask, rle_to_proto};
-use osprey_proto::v1::osprey_client::OspreyClient;
 use osprey_proto::v1::{self, DescribeTask, GenerationParameters};
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 
 use crate::answers::{Answer, AnswerLog};
 use crate::cider;
@@ -62,42 +60,35 @@ pub struct RunOptions {
     pub regions_per_call: usize,
 }
 
-/// The gateway client with the API key and the registered-image keys.
+/// The gateway client (API key, retries on UNAVAILABLE) and the registered-image keys.
 struct Gateway {
-    client: OspreyClient<Channel>,
-    api_key: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    client: osprey_client::Client,
+    retry: osprey_client::Retry,
     keys: HashMap<PathBuf, String>,
 }
 
 impl Gateway {
     async fn connect(endpoint: &str, api_key: Option<&str>) -> anyhow::Result<Self> {
-        let channel = Channel::from_shared(endpoint.to_string())
-            .with_context(|| format!("--endpoint {endpoint}"))?
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {endpoint}"))?;
-        let client = OspreyClient::new(channel).max_decoding_message_size(64 << 20);
-        let api_key =
-            api_key.map(|k| k.parse()).transpose().context("--api-key: not a valid header value")?;
-        Ok(Self { client, api_key, keys: HashMap::new() })
-    }
-
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        if let Some(key) = &self.api_key {
-            request.metadata_mut().insert("x-api-key", key.clone());
-        }
-        request
+        let options = osprey_client::ConnectOptions {
+            endpoint: endpoint.to_string(),
+            api_key: api_key.map(String::from),
+            ..Default::default()
+        };
+        let client = osprey_client::connect(&options).await?;
+        Ok(Self { client, retry: options.retry, keys: HashMap::new() })
     }
 
     /// Registers an image once per run and returns it by key.
     async fn image(&mut self, path: &Path) -> anyhow::Result<v1::Image> {
         if !self.keys.contains_key(path) {
             let encoded = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
-            let request = self.request(v1::RegisterImageRequest { encoded, warm_features: false });
+            let request = v1::RegisterImageRequest { encoded, warm_features: false };
             let key = self
-                .client
-                .register_image(request)
+                .retry
+                .run(|| {
+                    let (mut client, request) = (self.client.clone(), request.clone());
+                    async move { client.register_image(request).await }
+                })
                 .await
                 .with_context(|| format!("RegisterImage {}", path.display()))?
                 .into_inner()
@@ -120,14 +111,19 @@ impl Gateway {
             .into_iter()
             .map(|m| v1::Region { source: Some(v1::region::Source::Mask(m)), label: String::new() })
             .collect();
-        let request = self.request(v1::DescribeRequest {
+        let request = v1::DescribeRequest {
             image: Some(image),
             regions,
             everything: None,
             task: task as i32,
             parameters: Some(*parameters),
-        });
-        let mut stream = self.client.describe(request).await.context("Describe")?.into_inner();
+        };
+        // A stream is retried only until it starts: an answer cut short is an error.
+        let describe = || {
+            let (mut client, request) = (self.client.clone(), request.clone());
+            async move { client.describe(request).await }
+        };
+        let mut stream = self.retry.run(describe).await.context("Describe")?.into_inner();
         let mut results = Vec::with_capacity(n);
         while let Some(result) = stream.message().await.context("Describe stream")? {
             results.push(result);
@@ -149,7 +145,7 @@ impl Gateway {
             protocol,
             total,
             client: self.client.clone(),
-            api_key: self.api_key.clone(),
+            retry: self.retry,
             parameters: *parameters,
             limit: limit.max(1),
             in_flight: tokio::task::JoinSet::new(),
@@ -170,8 +166,8 @@ struct Asker {
     protocol: Protocol,
     /// Items of the protocol, for the progress line.
     total: usize,
-    client: OspreyClient<Channel>,
-    api_key: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    client: osprey_client::Client,
+    retry: osprey_client::Retry,
     parameters: GenerationParameters,
     limit: usize,
     in_flight: tokio::task::JoinSet<anyhow::Result<(AskJob, v1::AskResponse)>>,
@@ -183,8 +179,8 @@ impl Asker {
         while self.in_flight.len() >= self.limit {
             self.collect_one(log).await?;
         }
-        let mut client = self.client.clone();
-        let mut request = tonic::Request::new(v1::AskRequest {
+        let (client, retry) = (self.client.clone(), self.retry);
+        let request = v1::AskRequest {
             image: Some(job.image.clone()),
             regions: job
                 .masks
@@ -197,12 +193,13 @@ impl Asker {
             question: job.question.clone(),
             parameters: Some(self.parameters),
             verbatim: true,
-        });
-        if let Some(key) = &self.api_key {
-            request.metadata_mut().insert("x-api-key", key.clone());
-        }
+        };
         self.in_flight.spawn(async move {
-            let response = client.ask(request).await.with_context(|| format!("Ask for item {}", job.id))?;
+            let ask = || {
+                let (mut client, request) = (client.clone(), request.clone());
+                async move { client.ask(request).await }
+            };
+            let response = retry.run(ask).await.with_context(|| format!("Ask for item {}", job.id))?;
             Ok((job, response.into_inner()))
         });
         Ok(())

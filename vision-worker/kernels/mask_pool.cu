@@ -1,9 +1,10 @@
 // Mask pooling for Osprey's mask extractor (docs/MODEL.md#mask-pooling).
 //
 // CPU twin: vision-worker/src/pooling.rs. Both resize and binarise every mask the same way and
-// compute the same masked averages; the CPU reaches the sums by another route (each mask's active
-// cells as vertical runs, summed off f64 column prefix sums of the features, all levels per mask
-// read), so the two agree to float rounding, not bit for bit. Compiled at run time with NVRTC
+// compute the same masked averages; the CPU reaches the sums by other routes (each mask's active
+// cells as runs, summed straight off the features or off f64 column prefix sums, whichever costs
+// less, all levels per mask read), so the two agree to float rounding, not bit for bit. Layouts
+// and semantics are the same on both sides: masks [n, in_h, in_w], features [channels, h, w]. Compiled at run time with NVRTC
 // (`--fmad=false`, so that `a * b + c` is not fused and the float arithmetic follows the CPU's),
 // using built-ins only: no CUDA headers are needed.
 //

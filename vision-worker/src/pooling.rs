@@ -61,12 +61,18 @@ pub fn mask_pool_levels(masks: &Tensor, features: &[Tensor]) -> Result<Vec<Tenso
     }
     let Some(mask_dims) = dims else { return Ok(Vec::new()) };
     let pooled = match &*mask_storage {
-        Storage::Cpu(CpuStorage::U8(m)) => {
-            pool_levels_cpu(contiguous(m, mask_layout, "mask-pool masks")?, mask_dims, &levels)
-        }
-        Storage::Cpu(CpuStorage::F32(m)) => {
-            pool_levels_cpu(contiguous(m, mask_layout, "mask-pool masks")?, mask_dims, &levels)
-        }
+        Storage::Cpu(CpuStorage::U8(m)) => pool_levels_cpu(
+            contiguous(m, mask_layout, "mask-pool masks")?,
+            mask_dims,
+            &levels,
+            Route::Cheaper,
+        ),
+        Storage::Cpu(CpuStorage::F32(m)) => pool_levels_cpu(
+            contiguous(m, mask_layout, "mask-pool masks")?,
+            mask_dims,
+            &levels,
+            Route::Cheaper,
+        ),
         _ => bail!("mask-pool: masks must be u8 or f32"),
     };
     pooled
@@ -217,10 +223,13 @@ struct LevelGrid {
     xs: Vec<LinearTap>,
 }
 
-/// A mask's vertical runs on one level: pairs `[end, start]` of prefix-sum cells (`y * w + x`).
+/// A mask's active cells on one level, as runs of cells (`y * w + x`) both ways.
 #[derive(Default)]
 struct LevelRuns {
-    runs: Vec<[u32; 2]>,
+    /// Vertical runs, pairs `[end, start]` of prefix-sum cells (the prefix route).
+    columns: Vec<[u32; 2]>,
+    /// Horizontal runs `[start, end)`, contiguous in a channel's row (the direct route).
+    rows: Vec<[u32; 2]>,
     active: usize,
 }
 
@@ -246,13 +255,24 @@ fn mask_runs<T: MaskValue>(
                 on.extend(g.xs[oxs.clone()].iter().map(|tx| bilinear_tap(r0, r1, tx, ty) > 0.0));
             }
             let mut level = LevelRuns::default();
+            for (by, oy) in oys.clone().enumerate() {
+                let row = &on[by * bw..(by + 1) * bw];
+                let mut bx = 0;
+                while let Some(first) = row[bx..].iter().position(|&b| b) {
+                    let start = bx + first;
+                    let len = row[start..].iter().position(|&b| !b).unwrap_or(bw - start);
+                    let cell = oy * g.w + oxs.start + start;
+                    level.rows.push([cell as u32, (cell + len) as u32]);
+                    bx = start + len;
+                }
+            }
             for (bx, ox) in oxs.clone().enumerate() {
                 let mut start = None;
                 for (by, oy) in oys.clone().enumerate() {
                     match (on[by * bw + bx], start) {
                         (true, None) => start = Some(oy),
                         (false, Some(s)) => {
-                            level.runs.push([(oy * g.w + ox) as u32, (s * g.w + ox) as u32]);
+                            level.columns.push([(oy * g.w + ox) as u32, (s * g.w + ox) as u32]);
                             level.active += oy - s;
                             start = None;
                         }
@@ -260,7 +280,7 @@ fn mask_runs<T: MaskValue>(
                     }
                 }
                 if let Some(s) = start {
-                    level.runs.push([(oys.end * g.w + ox) as u32, (s * g.w + ox) as u32]);
+                    level.columns.push([(oys.end * g.w + ox) as u32, (s * g.w + ox) as u32]);
                     level.active += oys.end - s;
                 }
             }
@@ -292,11 +312,12 @@ multiversion! {
 }
 
 multiversion! {
-    /// Each mask's sums over its runs off the prefix sums, times its weight, into `out` `[n, BLOCK]`.
-    fn sums_from_prefix(prefix: &[f64], masks: &[&LevelRuns], weights: &[f64], out: &mut [f32]) {
-        for ((mask, weight), dst) in masks.iter().zip(weights).zip(out.chunks_exact_mut(BLOCK)) {
+    /// Each mask's sums over its vertical runs off the prefix sums (mask `i`'s runs are
+    /// `runs[offsets[i]..offsets[i + 1]]`), times its weight, into `out` `[n, BLOCK]`.
+    fn sums_from_prefix(prefix: &[f64], runs: &[[u32; 2]], offsets: &[usize], weights: &[f64], out: &mut [f32]) {
+        for ((span, weight), dst) in offsets.windows(2).zip(weights).zip(out.chunks_exact_mut(BLOCK)) {
             let mut acc = [0.0_f64; BLOCK];
-            for &[end, start] in &mask.runs {
+            for &[end, start] in &runs[span[0]..span[1]] {
                 let hi = &prefix[end as usize * BLOCK..][..BLOCK];
                 let lo = &prefix[start as usize * BLOCK..][..BLOCK];
                 for k in 0..BLOCK {
@@ -310,54 +331,132 @@ multiversion! {
     }
 }
 
+/// Sum of a short contiguous run in f32, over 8 partial sums (one AVX register).
+#[inline(always)]
+fn run_sum(v: &[f32]) -> f32 {
+    let mut acc = [0.0_f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (a, x) in acc.iter_mut().zip(chunk) {
+            *a += x;
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
 multiversion! {
-    /// Each mask's sums cell by cell (cheaper than prefix sums when the masks cover fewer cells
-    /// than the grid has), in f64, times its weight, into `out` `[n, BLOCK]`.
-    fn sums_direct(rows: &[&[f32]; BLOCK], w: usize, masks: &[&LevelRuns], weights: &[f64], out: &mut [f32]) {
-        for ((mask, weight), dst) in masks.iter().zip(weights).zip(out.chunks_exact_mut(BLOCK)) {
-            let mut acc = [0.0_f64; BLOCK];
-            for &[end, start] in &mask.runs {
-                for cell in (start as usize..end as usize).step_by(w) {
-                    for k in 0..BLOCK {
-                        acc[k] += f64::from(rows[k][cell]);
-                    }
-                }
-            }
+    /// Every mask's sums straight off the features, in one pass down the channel rows: the
+    /// horizontal runs `[mask, start, end)` come sorted by grid row, each contiguous in a channel's
+    /// row, summed in f32 and added up in f64 into `acc` `[n, BLOCK]`. Cheaper than prefix sums
+    /// when the masks cover few cells in all.
+    fn sums_direct(rows: &[&[f32]; BLOCK], runs: &[[u32; 3]], acc: &mut [f64]) {
+        for &[mask, start, end] in runs {
+            let acc = &mut acc[mask as usize * BLOCK..][..BLOCK];
             for k in 0..BLOCK {
-                dst[k] = (acc[k] * weight) as f32;
+                acc[k] += f64::from(run_sum(&rows[k][start as usize..end as usize]));
             }
         }
     }
 }
 
+thread_local! {
+    /// Each thread's prefix-sum buffer, kept between calls: a fresh megabyte per block costs
+    /// more in page faults than the sums themselves.
+    static PREFIX: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// How a level's sums are taken.
+#[derive(Clone, Copy, Debug)]
+enum Route {
+    /// Whichever [`direct_is_cheaper`] picks.
+    Cheaper,
+    /// Straight off the features ([`sums_direct`]); the forced routes are for the tests.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Direct,
+    /// Off column prefix sums ([`sums_from_prefix`]).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Prefix,
+}
+
+/// Whether summing the runs straight off the features costs less than building the level's
+/// prefix sums (which touches every cell in f64) and reading them at both ends of every vertical
+/// run. Per channel, in rough units of one value added: a horizontal run costs its cells plus a
+/// fixed overhead; a prefix-sum cell about two; a vertical run a quarter (8 channels at once).
+fn direct_is_cheaper(hw: usize, masks: &[&LevelRuns]) -> bool {
+    let cells: usize = masks.iter().map(|m| m.active).sum();
+    let row_runs: usize = masks.iter().map(|m| m.rows.len()).sum();
+    let column_runs: usize = masks.iter().map(|m| m.columns.len()).sum();
+    cells + 4 * row_runs <= 2 * hw + column_runs / 4
+}
+
 /// `[N, C]` masked averages of one level `[C, h, w]` from the masks' runs on it.
-fn pool_level(feats: &[f32], c: usize, grid: &LevelGrid, masks: &[&LevelRuns]) -> Vec<f32> {
+fn pool_level(feats: &[f32], c: usize, grid: &LevelGrid, masks: &[&LevelRuns], route: Route) -> Vec<f32> {
     let (h, w) = (grid.h, grid.w);
     let hw = h * w;
     let n = masks.len();
     // Upstream divides the mask by its area before the weighted sum: F * (m / den).
     let weights: Vec<f64> = masks.iter().map(|m| f64::from(1.0 / (m.active as f32 + AREA_EPS))).collect();
-    // Building prefix sums touches every cell once; summing cells directly touches each mask's.
-    let direct = masks.iter().map(|m| m.active).sum::<usize>() <= hw;
+    let direct = match route {
+        Route::Cheaper => direct_is_cheaper(hw, masks),
+        Route::Direct => true,
+        Route::Prefix => false,
+    };
     let zeros = vec![0.0_f32; hw];
     let simd = Simd::detect();
-    let blocks: Vec<Vec<f32>> = (0..c.div_ceil(BLOCK))
-        .into_par_iter()
-        .map_init(
-            || if direct { Vec::new() } else { vec![0.0_f64; (h + 1) * w * BLOCK] },
-            |prefix, block| {
+    let blocks: Vec<Vec<f32>> = if direct {
+        // Every mask's horizontal runs, sorted by grid row (counting sort; masks in order).
+        let mut per_row = vec![0_usize; h + 1];
+        for m in masks {
+            for run in &m.rows {
+                per_row[run[0] as usize / w + 1] += 1;
+            }
+        }
+        for y in 0..h {
+            per_row[y + 1] += per_row[y];
+        }
+        let mut runs = vec![[0_u32; 3]; per_row[h]];
+        for (i, m) in masks.iter().enumerate() {
+            for &[start, end] in &m.rows {
+                let slot = &mut per_row[start as usize / w];
+                runs[*slot] = [i as u32, start, end];
+                *slot += 1;
+            }
+        }
+        (0..c.div_ceil(BLOCK))
+            .into_par_iter()
+            .map(|block| {
+                let rows = block_rows(feats, hw, block * BLOCK, &zeros);
+                let mut acc = vec![0.0_f64; n * BLOCK];
+                sums_direct(simd, &rows, &runs, &mut acc);
+                acc.chunks_exact(BLOCK)
+                    .zip(&weights)
+                    .flat_map(|(sums, weight)| sums.iter().map(move |s| (s * weight) as f32))
+                    .collect()
+            })
+            .collect()
+    } else {
+        let mut offsets = Vec::with_capacity(n + 1);
+        offsets.push(0);
+        let mut runs = Vec::new();
+        for m in masks {
+            runs.extend_from_slice(&m.columns);
+            offsets.push(runs.len());
+        }
+        (0..c.div_ceil(BLOCK))
+            .into_par_iter()
+            .map(|block| {
                 let rows = block_rows(feats, hw, block * BLOCK, &zeros);
                 let mut out = vec![0.0_f32; n * BLOCK];
-                if direct {
-                    sums_direct(simd, &rows, w, masks, &weights, &mut out);
-                } else {
+                PREFIX.with_borrow_mut(|prefix| {
+                    prefix.resize(prefix.len().max((h + 1) * w * BLOCK), 0.0);
                     column_prefix_sums(simd, &rows, w, prefix);
-                    sums_from_prefix(simd, prefix, masks, &weights, &mut out);
-                }
+                    sums_from_prefix(simd, prefix, &runs, &offsets, &weights, &mut out);
+                });
                 out
-            },
-        )
-        .collect();
+            })
+            .collect()
+    };
     let mut out = vec![0.0_f32; n * c];
     out.par_chunks_mut(c.max(1)).enumerate().for_each(|(i, row)| {
         for (block, dst) in blocks.iter().zip(row.chunks_mut(BLOCK)) {
@@ -372,6 +471,7 @@ fn pool_levels_cpu<T: MaskValue>(
     masks: &[T],
     [n, in_h, in_w]: [usize; 3],
     levels: &[(&[f32], [usize; 3])],
+    route: Route,
 ) -> Vec<Vec<f32>> {
     let grids: Vec<LevelGrid> = levels
         .iter()
@@ -396,7 +496,7 @@ fn pool_levels_cpu<T: MaskValue>(
         .enumerate()
         .map(|(l, (&(feats, [c, _, _]), grid))| {
             let runs: Vec<&LevelRuns> = per_mask.iter().map(|m| &m[l]).collect();
-            pool_level(feats, c, grid, &runs)
+            pool_level(feats, c, grid, &runs, route)
         })
         .collect()
 }
@@ -420,12 +520,18 @@ impl CustomOp2 for MaskPool {
         };
         let level = [(feats, [c, h, w])];
         let mut out = match s1 {
-            CpuStorage::U8(m) => {
-                pool_levels_cpu(contiguous(m, l1, "mask-pool masks")?, [n, in_h, in_w], &level)
-            }
-            CpuStorage::F32(m) => {
-                pool_levels_cpu(contiguous(m, l1, "mask-pool masks")?, [n, in_h, in_w], &level)
-            }
+            CpuStorage::U8(m) => pool_levels_cpu(
+                contiguous(m, l1, "mask-pool masks")?,
+                [n, in_h, in_w],
+                &level,
+                Route::Cheaper,
+            ),
+            CpuStorage::F32(m) => pool_levels_cpu(
+                contiguous(m, l1, "mask-pool masks")?,
+                [n, in_h, in_w],
+                &level,
+                Route::Cheaper,
+            ),
             _ => bail!("mask-pool: masks must be u8 or f32"),
         };
         Ok((CpuStorage::F32(out.remove(0)), Shape::from((n, c))))
@@ -745,7 +851,8 @@ mod tests {
     }
 
     /// All levels in one call equal one call per level and the straightforward definition, for
-    /// u8 masks and f32 masks with negative values (only values > 0 can switch a cell on).
+    /// u8 masks and f32 masks with negative values (only values > 0 can switch a cell on), by
+    /// either route of the sums.
     #[test]
     fn levels_match_the_definition() {
         let dev = Device::Cpu;
@@ -785,8 +892,17 @@ mod tests {
                 let alone = mask_pool(masks, feats).unwrap();
                 assert_eq!(pooled.to_vec2::<f32>().unwrap(), alone.to_vec2::<f32>().unwrap());
                 let want = reference_pool(masks, feats);
-                for (got, want) in pooled.to_vec2::<f32>().unwrap().iter().zip(&want) {
-                    for (a, b) in got.iter().zip(want) {
+                let (c, h, w) = feats.dims3().unwrap();
+                let flat: Vec<f32> = feats.flatten_all().unwrap().to_vec1().unwrap();
+                let level = [(flat.as_slice(), [c, h, w])];
+                let planes: Vec<f32> =
+                    masks.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let mut routes = vec![pooled.flatten_all().unwrap().to_vec1::<f32>().unwrap()];
+                for route in [Route::Direct, Route::Prefix] {
+                    routes.push(pool_levels_cpu(&planes, [n, in_h, in_w], &level, route).remove(0));
+                }
+                for got in routes {
+                    for (a, b) in got.iter().zip(want.iter().flatten()) {
                         assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{:?}: {a} vs {b}", feats.dims());
                     }
                 }

@@ -3,8 +3,8 @@
 
 use std::time::Instant;
 
-use osprey_proto::v1::{self, CacheHits, Metadata, Timing};
 use osprey_proto::convert::public_finish_reason;
+use osprey_proto::v1::{self, CacheHits, Metadata, Timing};
 use osprey_proto::worker::v1 as worker;
 
 use crate::features::Pooled;

@@ -187,7 +187,11 @@ mod tests {
         let answer = worker::GenerateResponse { answer: "a cat".into(), ..Default::default() };
         let entries = [blob_to_bytes(&blob), pixels_to_bytes(&image), answer_to_bytes(&answer)];
         let readable = |bytes: &[u8]| {
-            [blob_from_bytes(bytes).is_some(), pixels_from_bytes(bytes).is_ok(), answer_from_bytes(bytes).is_some()]
+            [
+                blob_from_bytes(bytes).is_some(),
+                pixels_from_bytes(bytes).is_ok(),
+                answer_from_bytes(bytes).is_some(),
+            ]
         };
         for (kind, entry) in entries.iter().enumerate() {
             assert!(readable(entry)[kind], "entry {kind} reads back");

@@ -149,7 +149,10 @@ impl Gateway {
 }
 
 /// Rows `range` of an f32 `[N, C]` wire tensor.
-fn rows(tensor: &Option<worker::Tensor>, range: std::ops::Range<usize>) -> Result<worker::Tensor, ServiceError> {
+fn rows(
+    tensor: &Option<worker::Tensor>,
+    range: std::ops::Range<usize>,
+) -> Result<worker::Tensor, ServiceError> {
     let tensor = tensor
         .as_ref()
         .ok_or_else(|| ServiceError::Internal("vision worker sent no region tokens".into()))?;

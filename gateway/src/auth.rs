@@ -24,6 +24,12 @@ impl ApiKeyCheck {
         bearer.or(x_api_key).is_some_and(|given| blake3::hash(given.as_bytes()) == *expected)
     }
 
+    /// Whether any of `given` is the key (the integrations read keys from each tool's headers).
+    pub fn accepts_any<'a>(&self, mut given: impl Iterator<Item = &'a str>) -> bool {
+        let Some(expected) = &self.expected else { return true };
+        given.any(|key| blake3::hash(key.as_bytes()) == *expected)
+    }
+
     /// The same check on plain HTTP headers (the gateway's HTTP side).
     pub fn accepts_headers(&self, headers: &axum::http::HeaderMap) -> bool {
         let value = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());

@@ -5,8 +5,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::{HeaderValue, header};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -47,7 +46,8 @@ const ASSETS: &[Asset] = &[
 ];
 
 /// Every HTTP route: the page's assets (open: they hold nothing secret), gRPC-Web for
-/// `osprey.v1.Osprey` and the integrations (both behind the API key).
+/// `osprey.v1.Osprey` and the integrations (both behind the API key, which each integration
+/// reads from the headers its tool sends).
 pub fn router(gateway: Arc<Gateway>, args: &GatewayArgs) -> axum::Router {
     let api_key = ApiKeyCheck::new(args.api_key.as_deref());
     let osprey = OspreyServer::new(OspreyService(gateway.clone()))
@@ -55,25 +55,8 @@ pub fn router(gateway: Arc<Gateway>, args: &GatewayArgs) -> axum::Router {
         .max_encoding_message_size(args.max_message_bytes);
     let grpc_web =
         tonic_web::GrpcWebLayer::new().named_layer(InterceptedService::new(osprey, api_key.clone()));
-    let mut integrations = crate::integrations::router(OspreyService(gateway));
-    // Only on the integrations' own routes (a plain `layer` would answer unknown paths 401 too).
-    if integrations.has_routes() {
-        integrations = integrations.route_layer(axum::middleware::from_fn(
-            move |request: axum::extract::Request, next: axum::middleware::Next| {
-                let allowed = api_key.accepts_headers(request.headers());
-                async move {
-                    if allowed {
-                        next.run(request).await
-                    } else {
-                        let message = osprey_common::ServiceError::Unauthenticated.to_string();
-                        let body = serde_json::json!({ "error": message }).to_string();
-                        (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "application/json")], body)
-                            .into_response()
-                    }
-                }
-            },
-        ));
-    }
+    // Each integration checks the key as its tool sends it (basic auth, a Token header...).
+    let integrations = crate::integrations::router(OspreyService(gateway), api_key);
     let mut router = axum::Router::new().route_service("/osprey.v1.Osprey/{*method}", grpc_web);
     for asset in ASSETS {
         let headers = [

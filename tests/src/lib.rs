@@ -282,6 +282,22 @@ pub fn sam_worker(ip: IpAddr, extra: &[&str]) -> anyhow::Result<Process> {
     ];
     grpc_service("sam-worker", "sam-worker", ip, args, extra)
 }
+/// The official MobileSAM checkpoint, fetched into the git-ignored `.cache/` by
+/// `tools/fetch_mobile_sam.sh` (tools/setup_test_env.sh runs it).
+pub fn mobile_sam_weights() -> PathBuf {
+    Path::new(FIXTURES).join("../../.cache/weights/mobile_sam.pt")
+}
+
+/// `sam-worker serve` with the real MobileSAM weights: masks that follow the objects clicked.
+pub fn mobile_sam_worker(ip: IpAddr, extra: &[&str]) -> anyhow::Result<Process> {
+    let weights = mobile_sam_weights();
+    if !weights.is_file() {
+        bail!("{} is missing: run tools/setup_test_env.sh (it fetches MobileSAM)", weights.display());
+    }
+    let args = vec!["--weights".into(), weights.display().to_string()];
+    grpc_service("sam-worker", "sam-worker", ip, args, extra)
+}
+
 
 /// The worker replicas a gateway is pointed at.
 #[derive(Default)]

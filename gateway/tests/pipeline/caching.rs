@@ -189,3 +189,52 @@ async fn gateways_share_features_through_redis_and_registered_images() {
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
 }
+
+/// Flips one byte in the middle of the Redis value under the first key matching `pattern`.
+async fn damage_entry(url: &str, pattern: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut connection).await.unwrap();
+    assert_eq!(keys.len(), 1, "one entry matches {pattern}: {keys:?}");
+    let mut value: Vec<u8> = redis::cmd("GET").arg(&keys[0]).query_async(&mut connection).await.unwrap();
+    let middle = value.len() / 2;
+    value[middle] ^= 0x01;
+    let () = redis::cmd("SET").arg(&keys[0]).arg(value).query_async(&mut connection).await.unwrap();
+}
+
+#[tokio::test]
+async fn damaged_redis_entries_are_recomputed_or_refused_never_served() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let (vision_a, vision_b, llm) = (vision().await, vision().await, llm().await);
+    let shared = ["--redis-url", &url];
+    let (_g1, mut first) = gateway(&[&vision_a], &llm, &shared).await;
+    let (_g2, mut second) = gateway(&[&vision_b], &llm, &shared).await;
+    let image = v1::image::Source::Encoded(photo());
+
+    // A registered image's pixels cannot be recomputed: the client is told to register again.
+    let registered = first
+        .register_image(v1::RegisterImageRequest { encoded: photo(), warm_features: false })
+        .await
+        .unwrap()
+        .into_inner();
+    damage_entry(&url, &format!("osprey:pixels:{}", registered.key)).await;
+    let by_key = v1::image::Source::Key(registered.key);
+    let status = match second.describe(describe_request(by_key, masks(&[1]))).await {
+        Err(status) => status,
+        Ok(stream) => stream.into_inner().message().await.expect_err("a damaged registered image is refused"),
+    };
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("damaged in the cache; register it again"), "{}", status.message());
+
+    // One bit of the shared feature blob changes: the other gateway (whose vision replica holds
+    // nothing) must not use it, but encode again and give the same answers.
+    let clean = describe(&mut first, describe_request(image.clone(), masks(&[1, 4]))).await;
+    assert!(clean.iter().all(|r| tier(r) == CacheTier::Computed));
+    damage_entry(&url, "osprey:features:*").await;
+    let recomputed = describe(&mut second, describe_request(image, masks(&[1, 4]))).await;
+    assert!(recomputed.iter().all(|r| tier(r) == CacheTier::Computed), "a damaged blob is a miss");
+    for (a, b) in clean.iter().zip(&recomputed) {
+        assert_eq!((&a.raw_text, a.generated_tokens), (&b.raw_text, b.generated_tokens));
+    }
+}

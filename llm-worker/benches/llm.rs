@@ -3,7 +3,11 @@
 //! ```text
 //! cargo bench -p llm-worker --bench llm -- [--reference FILE.json] [--ns 1,4,16,64]
 //!     [--new-tokens 32] [--seq-cap 8] [--batched-max-n 16] [--max-batch 32] [--budget-s 30]
+//!     [--softmax-ab]
 //! ```
+//!
+//! `--softmax-ab` only times the phases (prefill, decode steps) with attention's fused CPU softmax
+//! and with the candle-ops formulation, alternating (fused, ops, fused), and prints that table.
 //!
 //! N region questions about one image (T = 1024 image tokens + the Osprey short-description
 //! prompt, one `<mask><pos>` per question, greedy, exactly `--new-tokens` new tokens, no EOS stop)
@@ -49,6 +53,7 @@ struct Args {
     batched_max_n: usize,
     max_batch: usize,
     budget_s: f64,
+    softmax_ab: bool,
 }
 
 fn parse_args() -> Res<Args> {
@@ -60,6 +65,7 @@ fn parse_args() -> Res<Args> {
         batched_max_n: 16,
         max_batch: EngineConfig::default().max_batch_size,
         budget_s: 30.0,
+        softmax_ab: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -72,6 +78,7 @@ fn parse_args() -> Res<Args> {
             "--batched-max-n" => a.batched_max_n = value()?.parse()?,
             "--max-batch" => a.max_batch = value()?.parse()?,
             "--budget-s" => a.budget_s = value()?.parse()?,
+            "--softmax-ab" => a.softmax_ab = true,
             // `cargo bench` passes --bench to harness = false binaries.
             "--bench" => {}
             other => return Err(format!("unknown argument {other}").into()),
@@ -328,6 +335,30 @@ fn main() -> Res<()> {
         "phases: prefill {:.3} s, decode step {:.1} ms, batch-{} decode step {:.1} ms",
         ph.prefill_s, ph.decode_ms, ph.batch, ph.batch_decode_ms
     );
+    if args.softmax_ab {
+        let ops_model = model.clone().with_candle_ops_softmax();
+        let ops = phases(&ops_model, &work, args.max_batch)?;
+        let again = phases(&model, &work, args.max_batch)?;
+        println!(
+            "| phase (median ms) | fused softmax (1st) | candle ops | fused softmax (2nd) | fused / ops |"
+        );
+        println!("|---|---|---|---|---|");
+        let rows = [
+            ("prefill, whole prompt", 1e3 * ph.prefill_s, 1e3 * ops.prefill_s, 1e3 * again.prefill_s),
+            ("decode step, batch 1", ph.decode_ms, ops.decode_ms, again.decode_ms),
+            (
+                &*format!("decode step, batch {}", ph.batch),
+                ph.batch_decode_ms,
+                ops.batch_decode_ms,
+                again.batch_decode_ms,
+            ),
+        ];
+        for (what, a, b, c) in rows {
+            println!("| {what} | {a:.1} | {b:.1} | {c:.1} | {:.2} |", 0.5 * (a + c) / b);
+        }
+        println!("\nload average before: {load_before}; after: {}.", loadavg());
+        return Ok(());
+    }
 
     let mut key = 0_usize;
     let mut next_key = || {

@@ -12,7 +12,7 @@
 //! Speed notes: attention is a loop over sequences (two small matmuls per cache block); that is
 //! fine on CPU and correct everywhere, but a fused paged-attention kernel is the GPU path.
 
-use candle_core::{D, DType, Device, Module, Tensor};
+use candle_core::{CpuStorage, D, DType, Device, InplaceOp1, Layout, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
 use super::linear::QLinear;
@@ -76,6 +76,7 @@ struct Batch<'a> {
     lens: Vec<usize>,
     caches: Vec<&'a SeqCache>,
     masks: Vec<Option<Tensor>>,
+    fused_softmax: bool,
 }
 
 /// Self-attention with rotate-half RoPE and grouped key/value heads.
@@ -120,7 +121,7 @@ impl Attention {
         let mut off = 0;
         for ((&t, cache), mask) in batch.lens.iter().zip(&batch.caches).zip(&batch.masks) {
             let (qi, ki, vi) = (q.narrow(0, off, t)?, k.narrow(0, off, t)?, v.narrow(0, off, t)?);
-            outs.push(self.attend(layer, &qi, &ki, &vi, cache, mask.as_ref())?);
+            outs.push(self.attend(layer, &qi, &ki, &vi, cache, mask.as_ref(), batch.fused_softmax)?);
             off += t;
         }
         self.o_proj.forward(&Tensor::cat(&outs, 0)?)
@@ -129,6 +130,7 @@ impl Attention {
     /// Attention of one sequence's T new positions: q `[T, H, D]`, k/v `[T, KVH, D]` (RoPE done).
     /// Appends k/v to the cache tail (the tail length is advanced by the caller after all layers)
     /// and returns `[T, H * D]`.
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         layer: usize,
@@ -137,6 +139,7 @@ impl Attention {
         v: &Tensor,
         cache: &SeqCache,
         mask: Option<&Tensor>,
+        fused_softmax: bool,
     ) -> candle_core::Result<Tensor> {
         let (t, h, d) = q.dims3()?;
         let kvh = self.num_kv_heads;
@@ -158,7 +161,10 @@ impl Attention {
         }
         let (ok, ov) = (tail_k.narrow(1, 0, own)?, tail_v.narrow(1, 0, own)?);
         let mut s = q.matmul(&ok.t()?)?;
-        if let Some(mask) = mask {
+        // On the CPU in f32 the mask, the scale and the softmax are one pass over the scores, in
+        // place (`CausalSoftmax`); elsewhere they are candle ops.
+        let fused = fused_softmax && matches!(s.device(), Device::Cpu) && s.dtype() == DType::F32;
+        if let (Some(mask), false) = (mask, fused) {
             s = s.reshape((kvh, rep, t, own))?.broadcast_add(mask)?.reshape((kvh, rep * t, own))?;
         }
         scores.push(s);
@@ -168,9 +174,17 @@ impl Attention {
         } else {
             Tensor::cat(&scores, D::Minus1)?
         };
-        let s = (s * (1.0 / (d as f64).sqrt()))?;
-        let dtype = s.dtype();
-        let p = candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let p = if fused {
+            let cols = s.dim(D::Minus1)?;
+            let causal = mask.map(|_| CausalStart { t, first_masked: cols - own + start + 1 });
+            s.inplace_op1(&CausalSoftmax { scale: scale as f32, causal })?;
+            s
+        } else {
+            let s = (s * scale)?;
+            let dtype = s.dtype();
+            candle_nn::ops::softmax_last_dim(&s.to_dtype(DType::F32)?)?.to_dtype(dtype)?
+        };
         let single = values.len() == 1;
         let mut out: Option<Tensor> = None;
         let mut off = 0;
@@ -186,6 +200,74 @@ impl Attention {
         }
         let out = out.expect("at least the tail block. This is a bug.");
         out.reshape((h, t, d))?.transpose(0, 1)?.reshape((t, h * d))
+    }
+}
+
+/// Where the causal mask starts in each row of a sequence's scores `[KVH, rep * T, cols]`: row
+/// `i` holds new position `i % t` and sees columns `..first_masked + i % t`.
+#[derive(Debug, Clone, Copy)]
+struct CausalStart {
+    t: usize,
+    first_masked: usize,
+}
+
+/// `softmax(scale * scores + causal mask)` over the last axis, in place on contiguous f32 CPU
+/// scores: one pass per row instead of a fresh full-size tensor for the mask, the scale and the
+/// softmax each. Masked columns come out as exact zeros, as `exp(-inf)` gives.
+struct CausalSoftmax {
+    scale: f32,
+    causal: Option<CausalStart>,
+}
+
+impl CausalSoftmax {
+    fn row(&self, i: usize, row: &mut [f32]) {
+        let valid = self.causal.map_or(row.len(), |c| (c.first_masked + i % c.t).min(row.len()));
+        let (seen, masked) = row.split_at_mut(valid);
+        masked.fill(0.0);
+        let max = seen.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * self.scale));
+        let mut sum = 0.0_f32;
+        for x in seen.iter_mut() {
+            *x = (*x * self.scale - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        for x in seen.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+impl InplaceOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "osprey-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("causal softmax: f32 scores only") };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("causal softmax: contiguous scores only")
+        };
+        let cols = layout.dims().last().copied().unwrap_or(1).max(1);
+        let rows = &mut data[start..end];
+        let n_rows = rows.len() / cols;
+        // Threads only for prefills: a decode step's few rows cost less than starting them.
+        let threads = candle_core::utils::get_num_threads().min(n_rows * cols / 65_536).max(1);
+        let per = n_rows.div_ceil(threads);
+        std::thread::scope(|scope| {
+            for (chunk_index, chunk) in rows.chunks_mut(per * cols).enumerate() {
+                let mut work = move || {
+                    for (k, row) in chunk.chunks_exact_mut(cols).enumerate() {
+                        self.row(chunk_index * per + k, row);
+                    }
+                };
+                if threads == 1 {
+                    work();
+                } else {
+                    scope.spawn(work);
+                }
+            }
+        });
+        Ok(())
     }
 }
 
@@ -288,6 +370,9 @@ pub struct OspreyLlama {
     cfg: Config,
     device: Device,
     dtype: DType,
+    /// Whether attention may use [`CausalSoftmax`] (CPU, f32); off only to compare with the
+    /// candle-ops formulation ([`OspreyLlama::with_candle_ops_softmax`]).
+    fused_softmax: bool,
 }
 
 impl OspreyLlama {
@@ -327,6 +412,7 @@ impl OspreyLlama {
             cfg,
             device: w.device().clone(),
             dtype: w.dtype(),
+            fused_softmax: true,
         })
     }
 
@@ -397,7 +483,8 @@ impl OspreyLlama {
         let mut x = Tensor::cat(&embeds, 0)?;
         {
             let caches = steps.iter().map(|s| &*s.cache).collect();
-            let batch = Batch { cos, sin, lens: lens.clone(), caches, masks };
+            let batch =
+                Batch { cos, sin, lens: lens.clone(), caches, masks, fused_softmax: self.fused_softmax };
             for (li, layer) in self.layers.iter().enumerate() {
                 x = layer.forward(li, &x, &batch)?;
             }
@@ -509,6 +596,13 @@ impl OspreyLlama {
             Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?,
             Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?,
         ))
+    }
+
+    /// The same model with attention's mask, scale and softmax as separate candle ops on every
+    /// device (the formulation before [`CausalSoftmax`]), for comparisons.
+    pub fn with_candle_ops_softmax(mut self) -> Self {
+        self.fused_softmax = false;
+        self
     }
 
     /// Logits of every position of a fresh prompt (`[L, vocab]`), e.g. for parity checks.

@@ -6,6 +6,9 @@
 #   deploy overlays), which must be on the machine already;
 # - the Python environment .venv-ci/ (NVRTC for the kernel check, grpcio for the Python client
 #   test, kubernetes-validate for the manifests);
+# - the Python environment .venv-labelstudio/ (Label Studio itself, for the test that connects it
+#   to the gateway's ML back end; its Django pins stay out of .venv-ci) and a migrated Label Studio
+#   database in .cache/label-studio-VERSION/;
 # - the small real weights some tests run (MobileSAM, 40 MB; all-MiniLM-L6-v2, 90 MB; both
 #   hash-checked, into .cache/weights/).
 # - the annotation page's npm packages (gateway/web/package-lock.json), with `npm ci` when the
@@ -38,6 +41,17 @@ fi
 
 [ -x .venv-ci/bin/python ] || python3 -m venv .venv-ci
 .venv-ci/bin/pip install -q --disable-pip-version-check -r tools/requirements-ci.txt
+[ -x .venv-labelstudio/bin/python ] || python3 -m venv .venv-labelstudio
+.venv-labelstudio/bin/pip install -q --disable-pip-version-check -r tools/requirements-labelstudio.txt
+# A migrated Label Studio database for that test to copy: migrating takes minutes, starting on a
+# copy seconds (`label-studio version` applies the migrations and exits).
+ls_template=".cache/label-studio-$(sed -n 's/^label-studio==//p' tools/requirements-labelstudio.txt)"
+if [ ! -f "$ls_template/label_studio.sqlite3" ]; then
+  echo "setup: migrating a Label Studio database into $ls_template"
+  mkdir -p "$ls_template"
+  LABEL_STUDIO_BASE_DATA_DIR="$PWD/$ls_template" LATEST_VERSION_CHECK=false \
+    .venv-labelstudio/bin/label-studio version >/dev/null
+fi
 tools/fetch_mobile_sam.sh .venv-ci/bin/python
 PYTHON=.venv-ci/bin/python tools/fetch_minilm.sh
 

@@ -282,6 +282,7 @@ pub fn sam_worker(ip: IpAddr, extra: &[&str]) -> anyhow::Result<Process> {
     ];
     grpc_service("sam-worker", "sam-worker", ip, args, extra)
 }
+
 /// The official MobileSAM checkpoint, fetched into the git-ignored `.cache/` by
 /// `tools/fetch_mobile_sam.sh` (tools/setup_test_env.sh runs it).
 pub fn mobile_sam_weights() -> PathBuf {
@@ -297,7 +298,6 @@ pub fn mobile_sam_worker(ip: IpAddr, extra: &[&str]) -> anyhow::Result<Process> 
     let args = vec!["--weights".into(), weights.display().to_string()];
     grpc_service("sam-worker", "sam-worker", ip, args, extra)
 }
-
 
 /// The worker replicas a gateway is pointed at.
 #[derive(Default)]

@@ -48,6 +48,23 @@ def run(function, env, body):
     return {"status": response.status_code, "body": json.loads(response.body)}
 
 
+def auto_annotation(gateway, key, image_path):
+    """The cvat-sdk auto-annotation function's shapes for the image (needs cvat-sdk and Pillow)."""
+    import PIL.Image
+
+    spec = importlib.util.spec_from_file_location("osprey_auto_annotation", ROOT / "deploy/cvat/osprey_auto_annotation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    function = module.create(gateway=gateway, api_key=key, points_per_side=4, max_shapes=4)
+    label = function.spec.labels[0]
+    shapes = function.detect(None, PIL.Image.open(image_path))
+    return {
+        "label": label.name,
+        "attributes": [a.name for a in label.attributes],
+        "shapes": [shape.to_dict() for shape in shapes],
+    }
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--gateway", required=True)
@@ -75,6 +92,7 @@ def main():
         "bad_image": run("osprey-interactor", interactor, {"image": "bm90IGFuIGltYWdl", "pos_points": [[1, 1]]}),
         "wrong_key": run("osprey-detector", dict(detector, OSPREY_API_KEY="wrong"), {"image": image}),
         "not_json": run("osprey-detector", detector, b"{oops"),
+        "auto_annotation": auto_annotation(args.gateway, args.key, args.image),
     }
     json.dump(out, sys.stdout)
 

@@ -375,7 +375,7 @@ async fn x_anylabeling_server_answers_as_grpc_does() {
 
     // CVAT's functions (deploy/cvat/): their nuclio handler, run with Python against this gateway.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let output = std::process::Command::new("python3")
+    let output = std::process::Command::new(root.join(".venv-ci/bin/python"))
         .arg(root.join("tools/cvat_function_check.py"))
         .args(["--gateway", &url(""), "--key", KEY])
         .arg("--image")
@@ -409,6 +409,23 @@ async fn x_anylabeling_server_answers_as_grpc_does() {
         let names: Vec<&str> =
             detection["attributes"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["description", "category"]);
+    }
+    // The cvat-sdk auto-annotation function: polygons of label 0 with both text attributes.
+    let auto = &cvat["auto_annotation"];
+    assert_eq!(auto["label"], "object");
+    assert_eq!(auto["attributes"], json!(["description", "category"]));
+    let shapes = auto["shapes"].as_array().unwrap();
+    assert!(!shapes.is_empty(), "{auto}");
+    for shape in shapes {
+        assert_eq!(
+            (shape["type"].as_str(), shape["label_id"].as_u64()),
+            (Some("polygon"), Some(0)),
+            "{shape}"
+        );
+        assert!(shape["points"].as_array().unwrap().len() >= 6, "{shape}");
+        let spec_ids: Vec<u64> =
+            shape["attributes"].as_array().unwrap().iter().map(|a| a["spec_id"].as_u64().unwrap()).collect();
+        assert_eq!(spec_ids, [0, 1], "{shape}");
     }
     for (case, status, words) in [
         ("no_points", 400, "positive point or a box"),

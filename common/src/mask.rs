@@ -564,7 +564,11 @@ pub fn rle_from_worker(rle: &osprey_proto::worker::v1::RleMask) -> Result<Rle, M
 
 /// The worker messages' form of an RLE.
 pub fn rle_to_worker(rle: &Rle) -> osprey_proto::worker::v1::RleMask {
-    osprey_proto::worker::v1::RleMask { height: rle.height(), width: rle.width(), counts: rle.to_compressed() }
+    osprey_proto::worker::v1::RleMask {
+        height: rle.height(),
+        width: rle.width(),
+        counts: rle.to_compressed(),
+    }
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ use osprey_common::tensor::f32_from_proto;
 use osprey_proto::worker::v1::llm_server::{Llm, LlmServer};
 use osprey_proto::worker::v1::question::Prompt;
 use osprey_proto::worker::v1::{
-    FinishReason as ProtoFinishReason, GenerateRequest as ProtoRequest, GenerateResponse, GenerationParameters,
-    Question as ProtoQuestion, RegionTask, Timing,
+    FinishReason as ProtoFinishReason, GenerateRequest as ProtoRequest, GenerateResponse,
+    GenerationParameters, Question as ProtoQuestion, RegionTask, Timing,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

@@ -11,7 +11,9 @@ use llm_worker::service::{ServeArgs, run};
 use osprey_common::tensor::f32_to_proto;
 use osprey_proto::worker::v1::llm_client::LlmClient;
 use osprey_proto::worker::v1::question::Prompt;
-use osprey_proto::worker::v1::{Exchange, GenerateRequest, GenerationParameters, Question, RegionTask, Tensor};
+use osprey_proto::worker::v1::{
+    Exchange, GenerateRequest, GenerationParameters, Question, RegionTask, Tensor,
+};
 use safetensors::SafeTensors;
 use tokio::net::TcpListener;
 use tonic::Code;

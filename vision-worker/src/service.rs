@@ -19,7 +19,9 @@ use osprey_common::telemetry::{TelemetryArgs, set_parent_from_metadata};
 use osprey_common::tensor::f32_to_proto;
 use osprey_common::worker::{self, ModelQueue, elapsed_ns, handle, image_from_proto, request_deadline};
 use osprey_proto::worker::v1::vision_server::{Vision, VisionServer};
-use osprey_proto::worker::v1::{EncodeRequest, EncodeResponse, FeatureBlob, PoolRequest, PoolResponse, Timing};
+use osprey_proto::worker::v1::{
+    EncodeRequest, EncodeResponse, FeatureBlob, PoolRequest, PoolResponse, Timing,
+};
 use tonic::{Request, Response, Status};
 use tracing::{Span, instrument};
 

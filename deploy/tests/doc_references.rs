@@ -22,15 +22,16 @@ fn is_checked(path: &Path) -> bool {
         || path.parent().and_then(Path::file_name).is_some_and(|dir| dir == ".ci")
 }
 
-/// Every file of the repository: everything under the root except build output and hidden
-/// directories other than `.ci` and `.github` (virtual environments, caches, git).
+/// Every file of the repository: everything under the root except build output, installed npm
+/// packages and hidden directories other than `.ci` and `.github` (virtual environments, caches,
+/// git).
 fn repository_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if path.is_dir() {
             let hidden = name.starts_with('.') && name != ".ci" && name != ".github";
-            if !hidden && name != "target" {
+            if !hidden && name != "target" && name != "node_modules" {
                 repository_files(&path, out);
             }
         } else {

@@ -55,9 +55,14 @@ pub fn router(gateway: Arc<Gateway>, args: &GatewayArgs) -> axum::Router {
         .max_encoding_message_size(args.max_message_bytes);
     let grpc_web =
         tonic_web::GrpcWebLayer::new().named_layer(InterceptedService::new(osprey, api_key.clone()));
+    // A base64 (grpc-web-text) message is 4/3 of its size; twice the limit covers any we accept.
+    let refused =
+        RefusedCall { api_key: api_key.clone(), drain_limit: args.max_message_bytes.saturating_mul(2) };
     // Each integration checks the key as its tool sends it (basic auth, a Token header...).
     let integrations = crate::integrations::router(OspreyService(gateway), api_key);
-    let mut router = axum::Router::new().route_service("/osprey.v1.Osprey/{*method}", grpc_web);
+    let mut router = axum::Router::new()
+        .route_service("/osprey.v1.Osprey/{*method}", grpc_web)
+        .route_layer(axum::middleware::from_fn_with_state(refused, read_refused_body));
     for asset in ASSETS {
         let headers = [
             (header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type)),
@@ -67,6 +72,38 @@ pub fn router(gateway: Arc<Gateway>, args: &GatewayArgs) -> axum::Router {
         router = router.route(asset.path, axum::routing::get(move || async move { (headers, asset.body) }));
     }
     router.merge(integrations)
+}
+
+#[derive(Clone)]
+struct RefusedCall {
+    api_key: ApiKeyCheck,
+    /// Bytes read from a refused call's body at most; past them the connection just closes.
+    drain_limit: usize,
+}
+
+/// Reads (and drops) the body of a gRPC-Web call whose key is refused before the refusal is
+/// sent. Answering first and closing the connection while the upload still arrives makes the
+/// client's TCP stack see a reset, and a browser then reports "Failed to fetch" instead of the
+/// UNAUTHENTICATED answer. The refusal itself still comes from the key check behind.
+async fn read_refused_body(
+    axum::extract::State(refused): axum::extract::State<RefusedCall>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tokio_stream::StreamExt;
+    if refused.api_key.accepts_headers(request.headers()) {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let mut chunks = body.into_data_stream();
+    let mut read = 0usize;
+    while let Some(Ok(chunk)) = chunks.next().await {
+        read += chunk.len();
+        if read > refused.drain_limit {
+            break;
+        }
+    }
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::empty())).await
 }
 
 /// The rustls server configuration from `--tls-cert` and `--tls-key` (the files the gRPC side

@@ -343,6 +343,49 @@ async fn x_anylabeling_server_answers_as_grpc_does() {
     let (_, again) = post(&url("/v1/predict"), &auth, &request);
     assert_eq!(again["data"]["shapes"], answer["data"]["shapes"]);
 
+    // data.image_id is the gateway's image key; sent back as params.image_id, it stands for the
+    // image, which then need not be sent again.
+    assert_eq!(answer["data"]["image_id"], photo.key.as_str(), "{answer}");
+    let by_id = json!({"model": "osprey", "params": {"marks": marks, "image_id": photo.key}});
+    let (status, by_id) = post(&url("/v1/predict"), &auth, &by_id);
+    assert_eq!(status, 200, "{by_id}");
+    assert_eq!(by_id["data"]["shapes"], answer["data"]["shapes"], "{by_id}");
+    assert_eq!(by_id["data"]["image_id"], photo.key.as_str());
+    // Image bytes win over an image_id: another image sent with the photo's id is that image.
+    let other = TestImage::load("images/chelsea_rgba.png").unwrap();
+    let other_request = json!({
+        "model": "osprey",
+        "image": data_url(&other),
+        "params": {"marks": marks, "image_id": photo.key},
+    });
+    let (status, other_answer) = post(&url("/v1/predict"), &auth, &other_request);
+    assert_eq!(status, 200, "{other_answer}");
+    assert_eq!(other_answer["data"]["image_id"], other.key.as_str(), "{other_answer}");
+    let (other_mask, other_text) = reference(
+        &cluster.gateway,
+        &other,
+        v1::SamPrompt {
+            points: vec![point(60.0, 50.0, true), point(140.0, 20.0, false)],
+            r#box: Some(v1::Box { x0: 20.0, y0: 10.0, x1: 120.0, y1: 90.0 }),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(other_answer["data"]["description"], other_text.as_str());
+    let other_polygons: Vec<Vec<f64>> = other_answer["data"]["shapes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|shape| {
+            let points = shape["points"].as_array().unwrap();
+            points.iter().flat_map(|p| [p[0].as_f64().unwrap(), p[1].as_f64().unwrap()]).collect()
+        })
+        .collect();
+    let drawn = Mask::from_polygons(other.height, other.width, &other_polygons).unwrap();
+    let overlap = iou(&drawn, &other_mask);
+    assert!(overlap > 0.85, "the other image's polygons vs its gRPC mask IoU {overlap}");
+    assert_ne!(other.key, photo.key);
+
     // Errors in the reference server's shape.
     let error = |body: &Value, code: &str, words: &str| {
         assert_eq!(body["success"], false, "{body}");
@@ -369,6 +412,11 @@ async fn x_anylabeling_server_answers_as_grpc_does() {
         &json!({"model": "osprey", "image": image, "params": {"marks": [{"type": "point", "data": [500, 5], "label": 1}]}}),
     );
     error(&body, "INVALID_REQUEST", "outside");
+    let unknown = json!({"model": "osprey", "params": {"marks": marks, "image_id": "no-such-image"}});
+    let (_, body) = post(&url("/v1/predict"), &auth, &unknown);
+    error(&body, "INVALID_IMAGE", "params.image_id");
+    let (_, body) = post(&url("/v1/predict"), &auth, &json!({"model": "osprey", "params": {"marks": marks}}));
+    error(&body, "INVALID_REQUEST", "image is required");
     let (status, body) = call("POST", &url("/v1/predict"), &auth, Some("[1, 2"));
     assert_eq!(status, 422);
     error(&body, "INVALID_REQUEST", "not valid JSON");

@@ -4,6 +4,10 @@
 //! One model, `osprey`: the request's `marks` (points with label 1/0, rectangles as two corners,
 //! in pixels) become one SAM prompt; without marks, everything mode. Each mask comes back as a
 //! polygon shape with the region's description in `description` and its category as `label`.
+//! `data.image_id` is the gateway's key for the image (derived from its content): a request may
+//! send it as `params.image_id` instead of the image to skip sending the image again. Image bytes,
+//! when sent, always win over `params.image_id`, so a stale or foreign id never answers for
+//! another image.
 //! Answers are `{"success": true, "data": ...}`; failures `{"success": false, "error": {"code",
 //! "message"}}` with the reference server's codes (INVALID_IMAGE, MODEL_NOT_FOUND,
 //! INFERENCE_ERROR, UNAUTHORIZED).
@@ -20,7 +24,8 @@ use serde_json::{Value, json};
 use tonic::Code;
 
 use super::calls::{
-    Backend, count, decode_base64_image, json as json_response, mask_region, parse_body, result_mask,
+    Backend, Registered, count, decode_base64_image, json as json_response, mask_region, parse_body,
+    result_mask,
 };
 use super::contours;
 use super::coords;
@@ -163,21 +168,56 @@ async fn predict(backend: &Backend, body: &[u8]) -> Result<Value, Error> {
             format!("Model '{model}' not loaded (this server has '{MODEL_ID}')"),
         ));
     }
-    let image =
-        request.get("image").and_then(Value::as_str).ok_or_else(|| invalid("image is required".into()))?;
     let params = request.get("params").cloned().unwrap_or(json!({}));
+    let image = request.get("image").and_then(Value::as_str).filter(|image| !image.is_empty());
+    let image_id = match params.get("image_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) => Some(id.as_str()),
+        Some(_) => {
+            return Err(invalid(
+                "params.image_id must be a string (an earlier answer's data.image_id)".into(),
+            ));
+        }
+    };
     let prompt = prompt_from_marks(params.get("marks"))
         .map_err(|m| Error::new(StatusCode::OK, "INVALID_REQUEST", m))?;
-    let encoded = decode_base64_image(image, backend.max_image_bytes())
-        .map_err(|m| Error::new(StatusCode::OK, "INVALID_IMAGE", format!("Failed to decode image: {m}")))?;
-    let registered = backend.register(encoded).await.map_err(|s| {
-        Error::new(StatusCode::OK, "INVALID_IMAGE", format!("Failed to decode image: {}", s.message()))
-    })?;
+    let registered = match (image, image_id) {
+        (Some(image), _) => {
+            let encoded = decode_base64_image(image, backend.max_image_bytes()).map_err(|m| {
+                Error::new(StatusCode::OK, "INVALID_IMAGE", format!("Failed to decode image: {m}"))
+            })?;
+            backend.register(encoded).await.map_err(|s| {
+                Error::new(
+                    StatusCode::OK,
+                    "INVALID_IMAGE",
+                    format!("Failed to decode image: {}", s.message()),
+                )
+            })?
+        }
+        // The pipeline checks the key; its size is not needed here (marks are in pixels).
+        (None, Some(id)) => Registered { key: id.to_string(), width: 0, height: 0 },
+        (None, None) => {
+            return Err(invalid(
+                "image is required (or params.image_id, an earlier answer's data.image_id)".into(),
+            ));
+        }
+    };
+    let unknown_id = |status: tonic::Status| match (image, status.code()) {
+        (None, Code::FailedPrecondition | Code::InvalidArgument) => Error::new(
+            StatusCode::OK,
+            "INVALID_IMAGE",
+            format!("params.image_id {:?}: {}; send the image", registered.key, status.message()),
+        ),
+        _ => status.into(),
+    };
     let results = match prompt {
         Some(prompt) => {
             let region =
                 v1::Region { source: Some(v1::region::Source::Prompt(prompt)), label: String::new() };
-            backend.describe_regions(&registered, vec![region], None, v1::DescribeTask::Short).await?
+            backend
+                .describe_regions(&registered, vec![region], None, v1::DescribeTask::Short)
+                .await
+                .map_err(unknown_id)?
         }
         None => {
             let number =
@@ -189,7 +229,8 @@ async fn predict(backend: &Backend, body: &[u8]) -> Result<Value, Error> {
             };
             backend
                 .describe_regions(&registered, Vec::new(), Some(everything), v1::DescribeTask::Short)
-                .await?
+                .await
+                .map_err(unknown_id)?
         }
     };
     let regions: Vec<v1::Region> = results.iter().filter_map(mask_region).collect();
@@ -206,7 +247,7 @@ async fn predict(backend: &Backend, body: &[u8]) -> Result<Value, Error> {
     }
     let description =
         results.first().map(|r| r.text.clone()).filter(|_| results.len() == 1).unwrap_or_default();
-    Ok(json!({"shapes": shapes, "description": description, "replace": false}))
+    Ok(json!({"shapes": shapes, "description": description, "replace": false, "image_id": registered.key}))
 }
 
 /// The SAM prompt of the marks: every point, and at most one rectangle. None without marks.

@@ -15,9 +15,8 @@
 //! - [`prepare`], [`features`], [`answers`], [`pipeline`]: the pipeline stages and the RPCs' pipelines.
 //! - [`auth`]: the API key check; [`handlers`]: the RPC handlers; [`service`]: server start.
 //! - [`http`]: the HTTP side (`--http-listen`): the annotation page, gRPC-Web, [`integrations`].
-//! - [`local`], [`annotate`]: the `gateway local` and `gateway annotate` commands.
+//! - [`local`]: the `gateway local` command.
 
-pub mod annotate;
 pub mod answers;
 pub mod auth;
 pub mod cache;

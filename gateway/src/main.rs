@@ -16,8 +16,6 @@ enum Command {
     Serve(gateway::service::GatewayArgs),
     /// Run the whole pipeline on this machine and send a sample image through it.
     Local(gateway::local::LocalArgs),
-    /// Annotate a folder of images or a COCO file through a running gateway (resumable).
-    Annotate(gateway::annotate::AnnotateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,6 +24,5 @@ fn main() -> anyhow::Result<()> {
     match args.command {
         Command::Serve(args) => runtime.block_on(gateway::service::main(args)),
         Command::Local(args) => runtime.block_on(gateway::local::main(args)),
-        Command::Annotate(args) => runtime.block_on(gateway::annotate::main(args)),
     }
 }

@@ -1,6 +1,11 @@
-//! The one Rust client of the public `osprey.v1` API, used by the annotate CLI and osprey-eval:
-//! how to reach the gateway (TLS with a private CA, the API key on every call) and how to wait
-//! out a gateway that is briefly unavailable (retries with exponential backoff on UNAVAILABLE).
+//! The one Rust client of the public `osprey.v1` API, used by the annotate CLI, osprey-eval, the
+//! end-to-end tests and `gateway local`: how to reach the gateway (TLS with a private CA, the API
+//! key on every call) and how to wait out a gateway that is briefly unavailable (retries with
+//! exponential backoff on UNAVAILABLE). Also what the batch clients share: [`coco`] reads COCO
+//! masks, [`journal`] makes long runs resumable.
+
+pub mod coco;
+pub mod journal;
 
 use std::future::Future;
 use std::path::PathBuf;

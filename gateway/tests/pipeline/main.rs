@@ -2,7 +2,6 @@
 //! SAM), with the tiny reference models, one file a topic. One test binary, so the workers are
 //! linked once.
 
-mod annotate_cli;
 mod ask;
 mod bad_input;
 mod caching;

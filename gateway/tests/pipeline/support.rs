@@ -2,7 +2,6 @@
 //! them, the photo fixture with its masks, and Describe helpers.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use clap::Parser;
 use osprey_common::mask::{Mask, rle_to_proto};
@@ -159,23 +158,4 @@ pub fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// Runs `gateway annotate` with `args` to completion (off the async runtime's threads).
-pub async fn annotate_cli(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_gateway")).arg("annotate").args(args).output().unwrap()
-    })
-    .await
-    .unwrap()
-}
-
-pub fn compressed_rle(index: usize) -> serde_json::Value {
-    let region = masks(&[index]).remove(0);
-    let Some(v1::region::Source::Mask(v1::Mask { format: Some(v1::mask::Format::Rle(rle)) })) = region.source
-    else {
-        unreachable!()
-    };
-    let rle = osprey_common::mask::rle_from_proto(&rle).unwrap();
-    serde_json::json!({"size": [103, 157], "counts": rle.to_compressed()})
 }

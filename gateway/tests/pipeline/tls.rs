@@ -55,35 +55,6 @@ async fn tls_serves_the_api_to_clients_that_trust_the_certificate() {
     assert_eq!(results.len(), 1);
     assert!(results[0].generated_tokens >= 1);
 
-    // The annotate CLI speaks TLS with --ca-cert.
-    let dir = scratch("annotate-tls");
-    std::fs::copy(fixtures().join("vision/photo.png"), dir.join("photo.png")).unwrap();
-    let coco = serde_json::json!({
-        "images": [{"id": 7, "file_name": "photo.png", "height": 103, "width": 157}],
-        "annotations": [{"id": 70, "image_id": 7, "segmentation": compressed_rle(4)}],
-    });
-    std::fs::write(dir.join("coco.json"), coco.to_string()).unwrap();
-    let run = annotate_cli(
-        [
-            "--endpoint",
-            &format!("https://localhost:{port}"),
-            "--ca-cert",
-            tls.join("ca.pem").to_str().unwrap(),
-            "--coco",
-            dir.join("coco.json").to_str().unwrap(),
-            "--out",
-            dir.join("out.json").to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec(),
-    )
-    .await;
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let out: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("out.json")).unwrap()).unwrap();
-    assert!(out["annotations"][0]["answer"].is_string());
-    let _ = std::fs::remove_dir_all(&dir);
-
     // A plaintext client gets nothing.
     let plain = Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect().await;
     if let Ok(plain) = plain {

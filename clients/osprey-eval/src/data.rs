@@ -3,52 +3,12 @@
 use std::path::Path;
 
 use anyhow::Context;
-use osprey_proto::v1;
+pub use osprey_client::coco::Segmentation;
 use serde::Deserialize;
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| format!("{}: not the expected format", path.display()))
-}
-
-/// A COCO `segmentation`: polygons, or an RLE with compressed or uncompressed counts.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum Segmentation {
-    Polygons(Vec<Vec<f64>>),
-    Rle { size: [u32; 2], counts: RleCounts },
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum RleCounts {
-    Compressed(String),
-    Runs(Vec<u32>),
-}
-
-impl Segmentation {
-    /// The region as the public API takes it, for an image of `height` x `width`.
-    pub fn to_proto(&self, height: u32, width: u32) -> v1::Mask {
-        use v1::mask::Format;
-        let format = match self {
-            Segmentation::Polygons(polygons) => Format::Polygon(v1::PolygonMask {
-                height,
-                width,
-                polygons: polygons.iter().map(|xy| v1::Polygon { xy: xy.clone() }).collect(),
-            }),
-            Segmentation::Rle { size, counts } => Format::Rle(v1::RleMask {
-                height: size[0],
-                width: size[1],
-                counts: Some(match counts {
-                    RleCounts::Compressed(text) => v1::rle_mask::Counts::Compressed(text.clone()),
-                    RleCounts::Runs(runs) => {
-                        v1::rle_mask::Counts::Uncompressed(v1::RunLengths { counts: runs.clone() })
-                    }
-                }),
-            }),
-        };
-        v1::Mask { format: Some(format) }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

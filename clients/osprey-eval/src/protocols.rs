@@ -441,7 +441,7 @@ async fn run_refcocog(options: &RunOptions, log: &mut AnswerLog) -> anyhow::Resu
         "captions": captions_path.display().to_string(),
         "references": references_path.display().to_string(),
         "cider_d_approx": 100.0 * cider_d,
-        "note": "cider_d_approx tokenises simply; METEOR and the reference CIDEr: tools/osprey-eval/reference/score_captions.py on these files",
+        "note": "cider_d_approx tokenises simply; METEOR and the reference CIDEr: clients/osprey-eval/reference/score_captions.py on these files",
     }))
 }
 

@@ -3,7 +3,7 @@
 Writes tests/fixtures/eval/ss_reference.json: for each pair the cosine similarity that
 `lvis_paco_eval.py` computes (`util.cos_sim` of the two `SentenceTransformer.encode` outputs), plus the
 full embeddings of a handful of strings. Run with the venv of tools/requirements-eval.txt after
-tools/fetch_minilm.sh:  python tools/osprey-eval/reference/make_ss_fixture.py
+tools/fetch_minilm.sh:  python clients/osprey-eval/reference/make_ss_fixture.py
 """
 
 import json

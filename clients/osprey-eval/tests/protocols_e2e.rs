@@ -1,5 +1,5 @@
 //! Every protocol end to end on the bundled samples (`tests/fixtures/eval/samples/`, from
-//! `tools/osprey-eval/reference/make_samples.py`) against the one-command pipeline
+//! `clients/osprey-eval/reference/make_samples.py`) against the one-command pipeline
 //! (`gateway local --serve`, demo weights: the scores are meaningless, the machinery is real), then
 //! reruns that must resume from the answer logs without asking again and without duplicates.
 //! Needs the workspace's binaries (`cargo build --workspace`; `cargo test --workspace` builds them)

@@ -1,6 +1,6 @@
 //! The metrics against reference computations on synthetic predictions
 //! (`tests/fixtures/eval/metrics_reference.json` from
-//! `tools/osprey-eval/reference/make_metric_fixtures.py`): pycocotools' COCOeval for mask AP,
+//! `clients/osprey-eval/reference/make_metric_fixtures.py`): pycocotools' COCOeval for mask AP,
 //! panopticapi's PQ logic, detectron2's mIoU formula, Osprey's POPE and LVIS/PACO scripts, and the
 //! literal torch version of the open-vocabulary inference with its 300 queries.
 

@@ -1,6 +1,6 @@
 """METEOR and CIDEr(-D) of osprey-eval's RefCOCOg output with pycocoevalcap (needs Java).
 
-    python tools/osprey-eval/reference/score_captions.py runs/refcocog.references.json runs/refcocog.captions.json
+    python clients/osprey-eval/reference/score_captions.py runs/refcocog.references.json runs/refcocog.captions.json
 
 Tokenises with pycocoevalcap's PTBTokenizer (Stanford CoreNLP) and scores with its Meteor and Cider,
 as COCOEvalCap does; SPICE is left out (it downloads models at first use). Prints JSON.

@@ -1,11 +1,11 @@
-//! The raw-answer log: one JSON line per answered item, appended as answers arrive, so an
-//! interrupted run resumes where it stopped and a finished one is not asked again.
+//! The raw-answer log: one JSON line per answered item, appended as answers arrive (the shared
+//! client journal, without a header line), so an interrupted run resumes where it stopped and a
+//! finished one is not asked again.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
-use anyhow::Context;
+use osprey_client::journal::Journal;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,37 +22,19 @@ pub struct Answer {
 
 pub struct AnswerLog {
     answers: HashMap<String, Answer>,
-    file: std::fs::File,
+    journal: Journal,
 }
 
 impl AnswerLog {
     /// Opens (or creates) the log and reads the answers already in it. A last line cut short by an
     /// interruption is dropped; a repeated id keeps its first answer.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let mut text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
-        };
-        if !text.is_empty() && !text.ends_with('\n') {
-            text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
-            std::fs::write(path, &text).with_context(|| format!("{}", path.display()))?;
-        }
+        let (journal, logged) = Journal::open::<Answer>(path, None)?;
         let mut answers = HashMap::new();
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let answer: Answer =
-                serde_json::from_str(line).with_context(|| format!("{}: line {}", path.display(), i + 1))?;
+        for answer in logged {
             answers.entry(answer.id.clone()).or_insert(answer);
         }
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("{}", path.display()))?;
-        Ok(Self { answers, file })
+        Ok(Self { answers, journal })
     }
 
     pub fn get(&self, id: &str) -> Option<&Answer> {
@@ -71,15 +53,12 @@ impl AnswerLog {
         self.answers.is_empty()
     }
 
-    /// Appends one answer and flushes it, unless the id is answered already.
+    /// Appends one answer and syncs it to disk, unless the id is answered already.
     pub fn record(&mut self, answer: Answer) -> anyhow::Result<()> {
         if self.answers.contains_key(&answer.id) {
             return Ok(());
         }
-        let mut line = serde_json::to_string(&answer)?;
-        line.push('\n');
-        self.file.write_all(line.as_bytes())?;
-        self.file.flush()?;
+        self.journal.append(&answer)?;
         self.answers.insert(answer.id.clone(), answer);
         Ok(())
     }
@@ -87,6 +66,8 @@ impl AnswerLog {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
 
     fn answer(id: &str) -> Answer {

@@ -13,7 +13,7 @@ Writes tests/fixtures/eval/metrics_reference.json with:
   queries, then scored as above.
 
 Run with the venv of tools/requirements-eval.txt:
-  python tools/osprey-eval/reference/make_metric_fixtures.py
+  python clients/osprey-eval/reference/make_metric_fixtures.py
 """
 
 import json

@@ -6,7 +6,7 @@ format with per-expression images), `panoptic_sample.json` + `panoptic/voc.png` 
 `panoptic_classes.txt` (Osprey's `*_with_prompt_eng.txt` format). With the demo weights the scores are
 meaningless; the samples exercise the formats and the machinery.
 
-Run with the venv of tools/requirements-eval.txt:  python tools/osprey-eval/reference/make_samples.py
+Run with the venv of tools/requirements-eval.txt:  python clients/osprey-eval/reference/make_samples.py
 """
 
 import json

@@ -1,4 +1,4 @@
-//! `gateway annotate`: sends a folder of images (regions from SAM's everything mode) or a COCO
+//! `osprey-annotate`: sends a folder of images (regions from SAM's everything mode) or a COCO
 //! JSON file (regions from its annotations' masks, or everything mode) through a gateway's
 //! `Annotate` stream and writes COCO-style JSON with the answers.
 //!
@@ -8,63 +8,66 @@
 //! nothing and duplicates nothing.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use clap::Parser;
+use osprey_client::coco::Segmentation;
+use osprey_client::journal::Journal;
 use osprey_common::image::{ImageLimits, decode_image};
 use osprey_proto::v1::{self, annotate_response::Event};
 use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 
-/// `gateway annotate` flags.
-#[derive(clap::Args, Debug, Clone)]
-pub struct AnnotateArgs {
+/// The command line.
+#[derive(Parser, Debug, Clone)]
+#[command(version, about = "Annotate images or a COCO file through a running gateway (resumable)")]
+struct AnnotateArgs {
     /// The gateway, e.g. `http://localhost:50051` (`https://` needs `--ca-cert`).
     #[arg(long, env = "OSPREY_ENDPOINT")]
-    pub endpoint: String,
+    endpoint: String,
     /// A folder of images (PNG, JPEG, WebP) to annotate; needs `--everything`.
     #[arg(long, required_unless_present = "coco", conflicts_with = "coco")]
-    pub images: Option<PathBuf>,
+    images: Option<PathBuf>,
     /// A COCO JSON file: its images and, unless `--everything`, its annotations' masks
     /// (polygons or RLE) as regions.
     #[arg(long)]
-    pub coco: Option<PathBuf>,
+    coco: Option<PathBuf>,
     /// Folder the COCO file's `file_name`s are relative to (default: the file's folder).
     #[arg(long, requires = "coco")]
-    pub image_root: Option<PathBuf>,
+    image_root: Option<PathBuf>,
     /// Describe every object SAM's automatic mask generation finds.
     #[arg(long)]
-    pub everything: bool,
+    everything: bool,
     /// Everything mode: points sampled along each side (the SAM worker's default when unset).
     #[arg(long, requires = "everything")]
-    pub points_per_side: Option<u32>,
+    points_per_side: Option<u32>,
     /// Everything mode: keep masks whose predicted IoU is at least this.
     #[arg(long, requires = "everything")]
-    pub pred_iou_thresh: Option<f32>,
+    pred_iou_thresh: Option<f32>,
     /// Everything mode: keep masks whose stability score is at least this.
     #[arg(long, requires = "everything")]
-    pub stability_score_thresh: Option<f32>,
+    stability_score_thresh: Option<f32>,
     /// Everything mode: keep at most this many masks per image.
     #[arg(long, requires = "everything")]
-    pub max_masks: Option<u32>,
+    max_masks: Option<u32>,
     /// What to say about each region.
     #[arg(long, value_parser = parse_task, default_value = "short")]
-    pub task: v1::DescribeTask,
+    task: v1::DescribeTask,
     /// Longest answer, in tokens (the LLM worker's default when unset).
     #[arg(long)]
-    pub max_new_tokens: Option<u32>,
+    max_new_tokens: Option<u32>,
     /// Sent as `authorization: Bearer KEY`.
     #[arg(long, env = "OSPREY_API_KEY")]
-    pub api_key: Option<String>,
+    api_key: Option<String>,
     /// PEM certificate of the CA that signed the gateway's TLS certificate.
     #[arg(long)]
-    pub ca_cert: Option<PathBuf>,
+    ca_cert: Option<PathBuf>,
     /// The COCO-style JSON to write; `OUT.journal.jsonl` next to it records finished images.
     #[arg(long)]
-    pub out: PathBuf,
+    out: PathBuf,
 }
 
 /// `--task short|detailed|category`: the public API's task, named as its values are.
@@ -85,13 +88,15 @@ struct Item {
 }
 
 /// The journal of an output path: `OUT.journal.jsonl`.
-pub fn journal_path(out: &Path) -> PathBuf {
+fn journal_path(out: &Path) -> PathBuf {
     let mut name = out.as_os_str().to_owned();
     name.push(".journal.jsonl");
     PathBuf::from(name)
 }
 
-pub async fn main(args: AnnotateArgs) -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = AnnotateArgs::parse();
     if args.images.is_some() && !args.everything {
         bail!("--images needs --everything (a folder has no masks; use --coco for given masks)");
     }
@@ -122,7 +127,8 @@ pub async fn main(args: AnnotateArgs) -> anyhow::Result<()> {
         "max_new_tokens": args.max_new_tokens,
     });
     let journal_path = journal_path(&args.out);
-    let mut done = read_journal(&journal_path, &header)?;
+    let (mut journal, records) = Journal::open(&journal_path, Some(&header))?;
+    let mut done = by_item(records);
     let pending: Vec<Item> = items.iter().filter(|i| !done.contains_key(&i.id)).cloned().collect();
     eprintln!(
         "annotate: {} images, {} already done (journal {}), {} to go",
@@ -133,9 +139,8 @@ pub async fn main(args: AnnotateArgs) -> anyhow::Result<()> {
     );
     let mut failed = 0;
     if !pending.is_empty() {
-        let mut journal = Journal::open(&journal_path, &header)?;
         failed = run(&args, pending, &mut journal, items.len() - done.len()).await?;
-        done = read_journal(&journal_path, &header)?;
+        done = by_item(Journal::read(&journal_path, Some(&header))?);
     }
     let output = merge(coco.as_ref(), &items, &done, args.everything);
     let mut temporary = args.out.as_os_str().to_owned();
@@ -199,8 +204,9 @@ fn coco_items(coco: &Value, root: &Path, everything: bool) -> anyhow::Result<Vec
         let mut regions = Vec::new();
         for annotation in annotations.remove(&id).unwrap_or_default() {
             let label = annotation.get("id").map(Value::to_string).unwrap_or_default();
-            let mask = coco_mask(&annotation["segmentation"], height, width)
-                .with_context(|| format!("annotation {label} of image {id}"))?;
+            let mask = Segmentation::parse(&annotation["segmentation"])
+                .with_context(|| format!("annotation {label} of image {id}"))?
+                .to_proto(height, width);
             let region = v1::Region { source: Some(v1::region::Source::Mask(mask)), label };
             regions.push((region, annotation.clone()));
         }
@@ -212,101 +218,9 @@ fn coco_items(coco: &Value, root: &Path, everything: bool) -> anyhow::Result<Vec
     Ok(items)
 }
 
-/// A COCO `segmentation` (polygons, uncompressed or compressed RLE) as a region mask.
-fn coco_mask(segmentation: &Value, height: u32, width: u32) -> anyhow::Result<v1::Mask> {
-    use v1::mask::Format;
-    let format = match segmentation {
-        Value::Array(polygons) => {
-            let polygons = polygons
-                .iter()
-                .map(|p| {
-                    let xy = p.as_array().context("a polygon is a list of numbers")?;
-                    let xy = xy.iter().map(|v| v.as_f64().context("a polygon is a list of numbers"));
-                    Ok(v1::Polygon { xy: xy.collect::<anyhow::Result<_>>()? })
-                })
-                .collect::<anyhow::Result<_>>()?;
-            Format::Polygon(v1::PolygonMask { height, width, polygons })
-        }
-        Value::Object(rle) => {
-            let size = rle.get("size").and_then(Value::as_array).context("RLE without size")?;
-            let side = |i: usize| {
-                size.get(i).and_then(Value::as_u64).map(|v| v as u32).context("RLE size is [height, width]")
-            };
-            let counts = match rle.get("counts") {
-                Some(Value::String(text)) => v1::rle_mask::Counts::Compressed(text.clone()),
-                Some(Value::Array(runs)) => v1::rle_mask::Counts::Uncompressed(v1::RunLengths {
-                    counts: runs
-                        .iter()
-                        .map(|v| v.as_u64().map(|c| c as u32).context("RLE counts are numbers"))
-                        .collect::<anyhow::Result<_>>()?,
-                }),
-                _ => bail!("RLE counts are a string or a list"),
-            };
-            Format::Rle(v1::RleMask { height: side(0)?, width: side(1)?, counts: Some(counts) })
-        }
-        _ => bail!("no segmentation (polygons or RLE)"),
-    };
-    Ok(v1::Mask { format: Some(format) })
-}
-
-/// Finished images by item id, from the journal (empty when there is none). A line cut short by
-/// an interruption is ignored: its image was not done.
-fn read_journal(path: &Path, header: &Value) -> anyhow::Result<BTreeMap<String, Value>> {
-    let mut done = BTreeMap::new();
-    let file = match std::fs::File::open(path) {
-        Ok(file) => file,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(done),
-        Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
-    };
-    let mut lines = std::io::BufReader::new(file).lines();
-    if let Some(first) = lines.next() {
-        let first: Value = serde_json::from_str(&first?).unwrap_or(Value::Null);
-        if &first != header {
-            bail!(
-                "{} was written for other options ({first}); remove it or choose another --out",
-                path.display()
-            );
-        }
-    }
-    for line in lines {
-        if let Ok(record) = serde_json::from_str::<Value>(&line?)
-            && let Some(item) = record["item"].as_str()
-        {
-            done.insert(item.to_string(), record);
-        }
-    }
-    Ok(done)
-}
-
-/// The append-only journal.
-struct Journal(std::fs::File);
-
-impl Journal {
-    fn open(path: &Path, header: &Value) -> anyhow::Result<Self> {
-        let existing = std::fs::read(path).unwrap_or_default();
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        if existing.is_empty() {
-            writeln!(file, "{header}")?;
-        } else if existing.last() != Some(&b'\n') {
-            // An interrupted write left half a line; end it so the next record stands alone.
-            writeln!(file)?;
-        }
-        file.sync_data()?;
-        Ok(Self(file))
-    }
-
-    /// Appends one finished image and returns once it is on disk.
-    fn append(&mut self, record: &Value) -> anyhow::Result<()> {
-        let mut line = serde_json::to_vec(record)?;
-        line.push(b'\n');
-        self.0.write_all(&line)?;
-        self.0.sync_data()?;
-        Ok(())
-    }
+/// Finished images by item id, from the journal's records.
+fn by_item(records: Vec<Value>) -> BTreeMap<String, Value> {
+    records.into_iter().filter_map(|record| Some((record["item"].as_str()?.to_string(), record))).collect()
 }
 
 /// An image sent and not yet done: its COCO entry and the answers so far.

@@ -1,5 +1,5 @@
 //! The Rust sentence embedder against sentence-transformers (all-MiniLM-L6-v2, the real weights):
-//! `tests/fixtures/eval/ss_reference.json` from `tools/osprey-eval/reference/make_ss_fixture.py`.
+//! `tests/fixtures/eval/ss_reference.json` from `clients/osprey-eval/reference/make_ss_fixture.py`.
 
 use std::path::PathBuf;
 

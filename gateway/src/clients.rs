@@ -175,7 +175,7 @@ impl Llm {
             unary_stream(&self.0, deadline, &request).await
         })
         .await?;
-        Ok(Answers(stream))
+        Ok(Answers { stream, deadline })
     }
 }
 
@@ -202,12 +202,26 @@ async fn unary_stream(
 }
 
 /// An LLM worker's answer stream.
-pub struct Answers(Streaming<worker::GenerateResponse>);
+pub struct Answers {
+    stream: Streaming<worker::GenerateResponse>,
+    deadline: Deadline,
+}
 
 impl Answers {
-    /// The next response, `None` at the end of the stream.
+    /// The next response, `None` at the end of the stream. A worker that goes away mid-answer
+    /// (killed, or its connection cut) is UNAVAILABLE: the caller may ask another replica.
     pub async fn message(&mut self) -> Result<Option<worker::GenerateResponse>, ServiceError> {
-        let response = self.0.message().await?;
+        let response = self.stream.message().await.map_err(|status| {
+            let status = past_deadline(status, self.deadline);
+            if crate::workers::replica_gone(&status) {
+                ServiceError::Unavailable(format!(
+                    "the LLM worker went away mid-answer: {}",
+                    status.message()
+                ))
+            } else {
+                status.into()
+            }
+        })?;
         if let Some(response) = &response {
             count(Llm::KIND, "received", response.encoded_len());
         }

@@ -22,6 +22,10 @@ use crate::prepare::{Prepared, tier};
 use crate::request::{QuestionInput, SegmentInput, SegmentWork};
 use crate::state::Gateway;
 
+/// How many times a Describe asks another LLM replica for the answers a broken stream left
+/// unfinished.
+const MAX_STREAM_RETRIES: usize = 2;
+
 /// The answer to a free-form question.
 pub enum Answer {
     /// From the result cache: the LLM's final response, as stored.
@@ -140,15 +144,36 @@ impl Gateway {
                 })
             })
             .collect::<Result<Vec<_>, ServiceError>>()?;
-        let mut stream = self.generate(&prepared, &pooled, questions, parameters, deadline).await?;
-        while let Some(response) = stream.message().await? {
+        let mut stream = self.generate(&prepared, &pooled, questions.clone(), parameters, deadline).await?;
+        let mut answered = Vec::new();
+        let mut retries = 0;
+        loop {
+            let response = match stream.message().await {
+                Ok(Some(response)) => response,
+                Ok(None) => break,
+                // The replica went away mid-answer: the questions it had not finished go to
+                // another one (each region's answer is sent once, when finished).
+                Err(ServiceError::Unavailable(why)) if retries < MAX_STREAM_RETRIES => {
+                    retries += 1;
+                    let rest: Vec<worker::Question> =
+                        questions.iter().filter(|q| !answered.contains(&q.index)).cloned().collect();
+                    tracing::warn!(%why, questions = rest.len(), "LLM answer stream broke; asking another replica");
+                    metrics::counter!("osprey_gateway_llm_stream_retries_total").increment(1);
+                    stream = self.generate(&prepared, &pooled, rest, parameters, deadline).await?;
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
             if !response.finished {
                 continue;
             }
             let i = response.question_index as usize;
-            if !missing.contains(&i) {
-                return Err(ServiceError::Internal(format!("the LLM worker answered unknown question {i}")));
+            if !missing.contains(&i) || answered.contains(&response.question_index) {
+                return Err(ServiceError::Internal(format!(
+                    "the LLM worker answered unknown or repeated question {i}"
+                )));
             }
+            answered.push(response.question_index);
             let metadata = answer_metadata(
                 &prepared,
                 &pooled,

@@ -285,7 +285,7 @@ fn worth_another_replica(status: &tonic::Status) -> bool {
 /// Failures that say the replica itself is gone, not just this call: unreachable, or the
 /// connection failing under the call (tonic reports a stream refused by a draining server's GOAWAY
 /// as INTERNAL `h2 protocol error: ...`).
-fn replica_gone(status: &tonic::Status) -> bool {
+pub(crate) fn replica_gone(status: &tonic::Status) -> bool {
     match status.code() {
         Code::Unavailable | Code::Unknown | Code::Cancelled => true,
         Code::Internal => status.message().starts_with("h2 protocol error"),

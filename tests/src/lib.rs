@@ -150,6 +150,34 @@ impl Process {
         self.kill();
     }
 
+    /// Sends `signal` (`libc::SIGSTOP`, `libc::SIGCONT`, `libc::SIGTERM`, …) to the running
+    /// process and returns at once.
+    pub fn signal(&self, signal: libc::c_int) -> anyhow::Result<()> {
+        let child = self.child.as_ref().with_context(|| format!("{} is not running", self.name))?;
+        // SAFETY: signalling our own child by its pid, which is not reaped yet.
+        if unsafe { libc::kill(child.id() as libc::pid_t, signal) } != 0 {
+            bail!("signal {signal} to {}: {}", self.name, std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself (nothing is sent to it): its exit
+    /// status, or `None` if it is still running then.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }

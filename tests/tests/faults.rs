@@ -287,6 +287,10 @@ impl Row {
         let rank = ((sorted.len() as f64) * 0.99).ceil() as usize;
         sorted[rank.clamp(1, sorted.len()) - 1] * 1000.0
     }
+
+    fn max_ms(&self) -> f64 {
+        self.latencies.iter().copied().fold(0.0, f64::max) * 1000.0
+    }
 }
 
 /// A clear refusal: the caller can tell what happened and retry.
@@ -497,19 +501,20 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
     }
     println!("\nfaults under load: {CLIENTS} clients, deadline {CALL_DEADLINE:?}, {} calls", outcomes.len());
     println!(
-        "| fault | in flight at fault | sent | answered (= fault-free) | failed, by status | lost | p99 (ms) |"
+        "| fault | in flight at fault | sent | answered (= fault-free) | failed, by status | lost | p99 (ms) | max (ms) |"
     );
-    println!("| --- | ---: | ---: | ---: | --- | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |");
     for (p, (name, row)) in PHASES.iter().zip(&rows).enumerate() {
         let failed: Vec<String> = row.failed.iter().map(|(code, n)| format!("{n} {code}")).collect();
         let in_flight = if p == 0 { "-".to_string() } else { in_flight_at_fault[p].to_string() };
         println!(
-            "| {name} | {in_flight} | {} | {} | {} | {} | {:.0} |",
+            "| {name} | {in_flight} | {} | {} | {} | {} | {:.0} | {:.0} |",
             row.sent,
             row.answered,
             if failed.is_empty() { "0".to_string() } else { failed.join(", ") },
             row.lost(),
-            row.p99_ms()
+            row.p99_ms(),
+            row.max_ms()
         );
     }
     println!(

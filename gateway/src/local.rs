@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use osprey_common::image::{ImageLimits, decode_image};
 use osprey_common::mask::{Mask, rle_to_proto};
-use osprey_proto::v1::osprey_client::OspreyClient;
 use osprey_proto::v1::{self, CacheTier, DescribeTask};
 
 /// Where the generated demo weights and the sample photo live in the source tree.
@@ -302,7 +301,8 @@ async fn run_demo(url: &str, args: &LocalArgs) -> anyhow::Result<()> {
         ),
     ];
 
-    let mut client = OspreyClient::connect(url.to_string()).await?;
+    let options = osprey_client::ConnectOptions { endpoint: url.to_string(), ..Default::default() };
+    let mut client = osprey_client::connect(&options).await?;
     let parameters =
         Some(v1::GenerationParameters { max_new_tokens: Some(args.max_new_tokens), ..Default::default() });
     for round in ["first request (cold)", "second request (warm)"] {

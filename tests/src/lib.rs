@@ -14,15 +14,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+pub use osprey_client::Client;
+use osprey_client::ConnectOptions;
 use osprey_common::image::{ImageLimits, decode_image};
 use osprey_common::mask::{Mask, rle_to_proto};
-use osprey_proto::v1::osprey_client::OspreyClient;
 use osprey_proto::v1::{self, CacheTier, DescribeTask};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::metadata::{AsciiMetadataValue, MetadataValue};
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 /// The demo weights, sample images and masks.
 pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures");
@@ -379,27 +376,11 @@ pub async fn wait_all(processes: &mut [&mut Process]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends the API key (when set) as `x-api-key` on every call.
-#[derive(Clone)]
-pub struct ApiKey(Option<AsciiMetadataValue>);
-
-impl Interceptor for ApiKey {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(key) = &self.0 {
-            request.metadata_mut().insert("x-api-key", key.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// A client of the public API.
-pub type Client = OspreyClient<InterceptedService<Channel, ApiKey>>;
-
-/// Connects to the gateway `process`, sending `api_key` when given.
+/// Connects to the gateway `process` with the client library, sending `api_key` when given.
 pub async fn client(process: &Process, api_key: Option<&str>) -> anyhow::Result<Client> {
-    let channel = Channel::from_shared(process.url())?.connect().await?;
-    let key = api_key.map(MetadataValue::try_from).transpose()?;
-    Ok(OspreyClient::with_interceptor(channel, ApiKey(key)).max_decoding_message_size(64 << 20))
+    let options =
+        ConnectOptions { endpoint: process.url(), api_key: api_key.map(String::from), ..Default::default() };
+    osprey_client::connect(&options).await
 }
 
 /// An encoded image with its decoded size and image key.

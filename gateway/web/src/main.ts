@@ -44,6 +44,8 @@ interface LoadedImage {
   width: number;
   height: number;
   bitmap: ImageBitmap;
+  /** The file's bytes, to register the image again with a gateway that no longer knows it. */
+  bytes: Uint8Array;
 }
 
 interface Snapshot {
@@ -63,6 +65,8 @@ const state = {
   nextId: 1,
   /** Milliseconds from each click or box to its mask drawn on the page. */
   clickToMaskMs: [] as number[],
+  /** Times the image was registered again with a gateway that had lost it. */
+  reregistered: 0,
 };
 // For the browser test and the curious: the page's state, read-only by convention.
 (window as unknown as { ospreyPage: typeof state }).ospreyPage = state;
@@ -89,6 +93,31 @@ const osprey = createClient(Osprey, transport);
 function imageRef() {
   if (!state.image) throw new Error("open an image first");
   return { source: { case: "key" as const, value: state.image.key } };
+}
+
+/**
+ * Runs `call` with the page's image. When the gateway no longer knows the image (it restarted,
+ * the key expired, its cached copy was damaged), registers the image again and runs `call` once
+ * more; the regions already made stay as they are.
+ */
+async function withImage<T>(call: (image: ReturnType<typeof imageRef>) => Promise<T>): Promise<T> {
+  const image = state.image;
+  try {
+    return await call(imageRef());
+  } catch (error) {
+    const unknown =
+      error instanceof ConnectError && (error.code === Code.FailedPrecondition || error.code === Code.NotFound);
+    if (!unknown || !image || image !== state.image) throw error;
+    const done = busy("Registering image again");
+    try {
+      // Keys are derived from the bytes, so the key stays the same.
+      image.key = (await osprey.registerImage({ encoded: image.bytes, warmFeatures: true })).key;
+    } finally {
+      done();
+    }
+    state.reregistered++;
+    return call(imageRef());
+  }
 }
 
 function maskRegion(region: Region) {
@@ -187,7 +216,7 @@ async function openFile(file: Blob, name: string) {
     // The server decides what it accepts and says why not; the page keeps its image until then.
     const registered = await osprey.registerImage({ encoded: bytes, warmFeatures: true });
     const bitmap = await createImageBitmap(file);
-    state.image = { key: registered.key, name, width: registered.width, height: registered.height, bitmap };
+    state.image = { key: registered.key, name, width: registered.width, height: registered.height, bitmap, bytes };
     state.regions = [];
     state.answers = [];
     state.current = emptyCurrent();
@@ -209,10 +238,12 @@ async function warmSam() {
   if (!image) return;
   const done = busy("Encoding image (SAM)");
   try {
-    await osprey.segment({
-      image: imageRef(),
-      prompts: [{ points: [{ x: image.width / 2, y: image.height / 2, label: PointLabel.FOREGROUND }] }],
-    });
+    await withImage((ref) =>
+      osprey.segment({
+        image: ref,
+        prompts: [{ points: [{ x: image.width / 2, y: image.height / 2, label: PointLabel.FOREGROUND }] }],
+      }),
+    );
     document.body.dataset.samReady = "true";
   } catch (error) {
     showError(error);
@@ -369,21 +400,23 @@ async function runSegment() {
       // demo does; later clicks refine that mask from its low-resolution logits.
       const multimask = current.points.length === 1 && !current.box && !current.logits;
       const [x0, y0, x1, y1] = current.box ?? [0, 0, 0, 0];
-      const response = await osprey.segment({
-        image: imageRef(),
-        prompts: [
-          {
-            points: current.points.map((p) => ({
-              x: p.x,
-              y: p.y,
-              label: p.positive ? PointLabel.FOREGROUND : PointLabel.BACKGROUND,
-            })),
-            box: current.box ? { x0, y0, x1, y1 } : undefined,
-            maskInput: current.logits ?? undefined,
-            multimaskOutput: multimask,
-          },
-        ],
-      });
+      const response = await withImage((image) =>
+        osprey.segment({
+          image,
+          prompts: [
+            {
+              points: current.points.map((p) => ({
+                x: p.x,
+                y: p.y,
+                label: p.positive ? PointLabel.FOREGROUND : PointLabel.BACKGROUND,
+              })),
+              box: current.box ? { x0, y0, x1, y1 } : undefined,
+              maskInput: current.logits ?? undefined,
+              multimaskOutput: multimask,
+            },
+          ],
+        }),
+      );
       if (state.image?.key !== key || state.current !== current) continue;
       const masks = response.prompts[0]?.masks ?? [];
       const best = masks.reduce((a, b) => (b.predictedIou > a.predictedIou ? b : a), masks[0]);
@@ -509,15 +542,16 @@ async function describe(regions: Region[]) {
   const ids = regions.map((r) => r.id);
   const done = busy(`Describing ${regions.length} region${regions.length > 1 ? "s" : ""}`);
   try {
-    const stream = osprey.describe({ image: imageRef(), regions: regions.map(maskRegion), task: TASKS[task] });
-    for await (const result of stream) {
-      const region = findRegion(ids[result.regionIndex]);
-      if (region) {
-        region.text = result.text;
-        region.status = "done";
-        renderRegionList();
+    await withImage(async (image) => {
+      for await (const result of osprey.describe({ image, regions: regions.map(maskRegion), task: TASKS[task] })) {
+        const region = findRegion(ids[result.regionIndex]);
+        if (region) {
+          region.text = result.text;
+          region.status = "done";
+          renderRegionList();
+        }
       }
-    }
+    });
   } catch (error) {
     for (const id of ids) {
       const region = findRegion(id);
@@ -540,17 +574,15 @@ async function everything() {
   const done = busy("Everything: finding objects");
   let found = 0;
   try {
-    const stream = osprey.describe({
-      image: imageRef(),
-      regions: [],
-      everything: { pointsPerSide, maxMasks: 64 },
-      task: TASKS[task],
+    // An unknown image fails before the first result, so a retry repeats no region.
+    await withImage(async (image) => {
+      const everythingRequest = { pointsPerSide, maxMasks: 64 };
+      for await (const result of osprey.describe({ image, regions: [], everything: everythingRequest, task: TASKS[task] })) {
+        addEverythingResult(result, task);
+        found++;
+        say(`Everything: ${found} region${found > 1 ? "s" : ""} described`);
+      }
     });
-    for await (const result of stream) {
-      addEverythingResult(result, task);
-      found++;
-      say(`Everything: ${found} region${found > 1 ? "s" : ""} described`);
-    }
     say(`Everything: ${found} region${found === 1 ? "" : "s"}`);
   } catch (error) {
     showError(error);
@@ -630,11 +662,12 @@ async function ask(question: string) {
   renderAnswers();
   const done = busy("Answering");
   try {
-    const stream = osprey.chat({ image: imageRef(), regions: selected.map(maskRegion), question });
-    for await (const chunk of stream) {
-      record.answer += chunk.text;
-      renderAnswers();
-    }
+    await withImage(async (image) => {
+      for await (const chunk of osprey.chat({ image, regions: selected.map(maskRegion), question })) {
+        record.answer += chunk.text;
+        renderAnswers();
+      }
+    });
   } catch (error) {
     showError(error);
   } finally {

@@ -2,17 +2,20 @@
 // `gateway local --serve` (real worker binaries, real MobileSAM): open the sample photo, click,
 // compare the page's mask with what the Segment API returns for the same prompt, accept and read
 // the description, refine, draw a box, run everything mode, ask, export COCO and check the file,
-// import it back, undo; a bad file and a wrong API key show the server's messages.
+// import it back, undo; a bad file, an image over the pixel limit, a wrong API key and a SAM
+// worker that is down show the server's messages and lose no region; after a gateway restart the
+// page registers its image again.
 //
 // node test/browser.mjs GATEWAY_BINARY [SCREENSHOT.png]
 // Prints the median click-to-mask latency; exits non-zero on the first failed check.
 
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import * as zlib from "node:zlib";
 import * as esbuild from "esbuild";
 import { chromium } from "playwright-core";
 
@@ -144,6 +147,34 @@ async function idle(page, timeout = 120_000) {
   await page.waitForFunction(() => document.body.dataset.busy === "false", null, { timeout });
 }
 
+/** A PNG of only a signature, an IHDR declaring `width` x `height` (8-bit RGB) and an IEND. */
+function pngHeaderOnly(width, height) {
+  const chunk = (type, data) => {
+    const body = Buffer.concat([Buffer.from(type, "ascii"), data]);
+    const length = Buffer.alloc(4);
+    length.writeUInt32BE(data.length);
+    const crc = Buffer.alloc(4);
+    crc.writeUInt32BE(zlib.crc32(body));
+    return Buffer.concat([length, body, crc]);
+  };
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(width, 0);
+  ihdr.writeUInt32BE(height, 4);
+  ihdr.set([8, 2, 0, 0, 0], 8);
+  const signature = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+  return Buffer.concat([signature, chunk("IHDR", ihdr), chunk("IEND", Buffer.alloc(0))]);
+}
+
+/** The server's answer to a call that fails, as the page shows it ("Code: message"). */
+async function serverError(call) {
+  try {
+    await call();
+  } catch (error) {
+    return `${api.Code[error.code]}: ${error.rawMessage}`;
+  }
+  return "no error";
+}
+
 async function errorText(page) {
   await page.locator("#error").waitFor({ state: "visible", timeout: 30_000 });
   return page.locator("#error-text").textContent();
@@ -172,17 +203,19 @@ async function main() {
   // A second gateway with an API key, in front of the same workers.
   const workers = local.output().match(/vision (\S+), llm (\S+), sam (\S+)\)/);
   check(workers, "gateway local prints its workers' addresses");
-  await start(
-    gatewayBinary,
-    [
-      "serve", "--listen", `127.0.0.1:${keyedGrpcPort}`, "--http-listen", `127.0.0.1:${keyedHttpPort}`,
-      "--vision-workers", workers[1], "--llm-workers", workers[2], "--sam-workers", workers[3], "--api-key", "sesame",
-    ],
-    /serving HTTP/,
-    60_000,
-  ).catch((error) => {
-    throw new Error(`gateway serve --api-key: ${error.message}`);
-  });
+  const startKeyed = () =>
+    start(
+      gatewayBinary,
+      [
+        "serve", "--listen", `127.0.0.1:${keyedGrpcPort}`, "--http-listen", `127.0.0.1:${keyedHttpPort}`,
+        "--vision-workers", workers[1], "--llm-workers", workers[2], "--sam-workers", workers[3], "--api-key", "sesame",
+      ],
+      /serving HTTP/,
+      60_000,
+    ).catch((error) => {
+      throw new Error(`gateway serve --api-key: ${error.message}`);
+    });
+  let keyedGateway = await startKeyed();
   const client = api.client(pageUrl);
 
   const profile = mkdtempSync(join(tmpdir(), "osprey-chromium-"));
@@ -333,6 +366,17 @@ async function main() {
   check(state.regions.length === regionsBefore && state.key === registered.key, "the bad file lost nothing");
   await page.locator("#error-close").click();
 
+  // ---- an image over the pixel limit (a PNG header declaring 8000x6000): the server's message, nothing lost ----
+  const huge = pngHeaderOnly(8000, 6000);
+  await page.locator("#file").setInputFiles({ name: "huge.png", mimeType: "image/png", buffer: huge });
+  const hugeMessage = await errorText(page);
+  const hugeServerMessage = await serverError(() => client.registerImage({ encoded: huge }));
+  check(hugeServerMessage.startsWith("InvalidArgument"), `the server refuses an image over the limits (${hugeServerMessage})`);
+  check(hugeMessage === hugeServerMessage, `an image over the limits shows the server's message (${hugeMessage})`);
+  state = await pageState(page);
+  check(state.regions.length === regionsBefore && state.key === registered.key, "the image over the limits lost nothing");
+  await page.locator("#error-close").click();
+
   // ---- edit, export ----
   await page.locator("#regions li .text").first().fill("edited text");
   await page.locator("#regions li .text").first().blur();
@@ -390,6 +434,37 @@ async function main() {
   await keyed.locator("#error-close").click();
   await openSample(keyed);
   check(await keyed.locator("#error").isHidden(), "the right key opens the image");
+
+  // ---- the gateway restarts and forgets the image: the next click registers it again and gets its mask ----
+  keyedGateway.child.kill("SIGINT");
+  await new Promise((resolve) => (keyedGateway.child.exitCode !== null ? resolve() : keyedGateway.child.once("exit", resolve)));
+  keyedGateway = await startKeyed();
+  await click(keyed, ...point);
+  const afterRestart = await keyed.evaluate(() => ({ reregistered: window.ospreyPage.reregistered, key: window.ospreyPage.image.key }));
+  check(afterRestart.reregistered === 1 && afterRestart.key === registered.key, `after a gateway restart the page registered its image again (${JSON.stringify(afterRestart)})`);
+  const restartedMask = (await pageState(keyed)).current.mask;
+  check(iou(restartedMask, clickMask) > 0.99, "and the click's mask is the one before the restart");
+  check(await keyed.locator("#error").isHidden(), "no error after the restart");
+
+  // ---- the SAM worker goes down: a click shows the server's message, nothing is lost ----
+  const samPid = execFileSync("pgrep", ["-P", String(local.child.pid), "-x", "sam-worker"], { encoding: "utf8" }).trim();
+  check(/^\d+$/.test(samPid), `gateway local runs one sam-worker (${samPid})`);
+  process.kill(Number(samPid), "SIGKILL");
+  const regionsBeforeDown = (await pageState(page)).regions;
+  await page.keyboard.press("Escape");
+  const [dx, dy] = await at(page, ...point);
+  await page.mouse.click(dx, dy);
+  const downMessage = await errorText(page);
+  const downServerMessage = await serverError(() =>
+    client.segment({ image: imageKey(registered.key), prompts: [{ points: [{ x: point[0], y: point[1], label: api.PointLabel.FOREGROUND }] }] }),
+  );
+  check(downServerMessage.startsWith("Unavailable"), `the server says the SAM worker is unavailable (${downServerMessage})`);
+  check(downMessage === downServerMessage, `a worker that is down shows the server's message (${downMessage})`);
+  const afterDown = (await pageState(page)).regions;
+  check(
+    afterDown.length === regionsBeforeDown.length && afterDown.every((r, i) => r.text === regionsBeforeDown[i].text && iou(r.mask, regionsBeforeDown[i].mask) === 1),
+    "the worker being down lost no region",
+  );
 
   check(pageErrors.length === 0, `no uncaught errors on the page (${pageErrors.join("; ")})`);
   console.log(`${checks} passed, 0 failed`);

@@ -17,7 +17,7 @@ struct Cli {
     /// The gateway's public API.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     endpoint: String,
-    /// Sent as `x-api-key` when the gateway requires a key.
+    /// Sent as `authorization: Bearer KEY` when the gateway requires a key.
     #[arg(long, env = "OSPREY_API_KEY")]
     api_key: Option<String>,
     /// The dataset file (the reference scripts' format for the protocol).

@@ -297,6 +297,16 @@ pub fn llm_worker(ip: IpAddr, extra: &[&str]) -> anyhow::Result<Process> {
     grpc_service("llm-worker", "llm-worker", ip, args, extra)
 }
 
+/// `{binary} serve --weights DIR`: a vision or LLM worker on another checkpoint (the benchmarks').
+pub fn worker_with_weights(
+    binary: &str,
+    ip: IpAddr,
+    weights: &str,
+    extra: &[&str],
+) -> anyhow::Result<Process> {
+    grpc_service(binary, binary, ip, vec!["--weights".into(), weights.into()], extra)
+}
+
 /// `sam-worker serve` with the demo SAM weights.
 pub fn sam_worker(ip: IpAddr, extra: &[&str]) -> anyhow::Result<Process> {
     let args = vec![

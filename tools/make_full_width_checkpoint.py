@@ -1,5 +1,5 @@
 """Writes an Osprey checkpoint with the released model's widths and random weights, for measuring
-what crosses the wire at full size (tools/bench_bytes.py, docs/BENCHMARKS.md "Bytes per request").
+what crosses the wire at full size (tools/bench_bytes.py, docs/BENCHMARK_HISTORY.md "Bytes per request").
 
 What travels between the gateway and its workers depends on the widths only: the ConvNeXt-L stage
 widths at 512 px (feature blob, image tokens [1024, 768]) and the LLM width 4096 (region tokens).

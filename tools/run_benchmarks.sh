@@ -1,232 +1,224 @@
 #!/usr/bin/env bash
-# Runs the CPU benchmarks and writes docs/BENCHMARKS.md:
-#   1. the Python references (torch + timm ConvNeXt-L trunk; transformers' one-question-per-generate loop),
-#   2. `cargo bench -p vision-worker --bench vision` and `cargo bench -p llm-worker --bench llm` with --reference,
-#      and `cargo bench -p osprey-e2e --bench e2e` (the real binaries end to end, demo weights),
-#   3. docs/BENCHMARKS.md: machine, load, exact commands, the benches' tables.
+# Runs every CPU benchmark and writes docs/BENCHMARKS.md, in one command:
+#   - sets up the Python references' environment .venv-bench/ inside the checkout (git-ignored; pins in
+#     tools/requirements-bench.txt; reinstalled only when that file changes) and the headline checkpoint
+#     .cache/headline/ (tools/bench_headline.py checkpoint, about 3 GB, made once);
+#   - builds the bench binaries and the release services first, so no compile overlaps a measurement;
+#   - runs each step's Python reference right before our side (same threads, same minutes of load):
+#       vision    torch + timm ConvNeXt-L trunk | cargo bench -p vision-worker --bench vision
+#       llm       transformers' question loop   | cargo bench -p llm-worker --bench llm
+#       sam       segment-anything + MobileSAM  | cargo bench -p sam-worker --bench sam
+#       e2e       (own baseline)                | cargo bench -p osprey-e2e --bench e2e (demo weights)
+#       headline  the official per-mask loop    | cargo bench -p osprey-e2e --bench headline (full size)
+#       bytes     (none)                        | tools/bench_bytes.py (bytes per request at full width)
+#   - writes docs/BENCHMARKS.md: CPU model and SIMD flags, load, exact commands, every table.
 #
-# Usage: tools/run_benchmarks.sh            (from anywhere; about 11 minutes on 2 idle cores, 20+ when loaded)
-#        tools/run_benchmarks.sh --doc-only (rewrite the report from the outputs of the last run in $BENCH_OUT)
+# Usage: tools/run_benchmarks.sh             (from anywhere; about 40 minutes on 2 idle cores)
+#        tools/run_benchmarks.sh --doc-only  (rewrite the report from the outputs of the last run in $BENCH_OUT)
 # Environment:
-#   BENCH_VENV       venv with torch, timm, transformers (default .venv-vision); VISION_VENV / LLM_VENV
-#                    override it per reference
+#   BENCH_STEPS      steps to run (default vision,llm,sam,e2e,headline,bytes); the report shows the others' last
+#                    outputs from $BENCH_OUT when present, marked with their own date
+#   BENCH_VENV       Python environment of the references (default .venv-bench, created when missing)
 #   BENCH_THREADS    threads for candle (RAYON_NUM_THREADS) and torch (default 2)
-#   BENCH_SIZES      trunk input sizes (default 512,800,1024)
-#   BENCH_MASKS      mask counts of the pooling bench (default 1,16,128,1024)
-#   BENCH_NS         question counts of the LLM bench (default 1,4,16,64)
-#   BENCH_BATCHED_MAX_N  largest N of the LLM bench's prefill-bound "batched" mode (default 64 = all)
+#   BENCH_SIZES      trunk input sizes (default 512,800,1024); BENCH_MASKS mask counts of the pooling bench
+#                    (default 1,16,128,1024); BENCH_NS question counts of the LLM bench (default 1,4,16,64)
+#   BENCH_HEADLINE_NS  regions per image of the headline (default 1,16,64,256)
 #   BENCH_OUT        raw outputs (default target/bench-results); BENCH_DOC: the report (default docs/BENCHMARKS.md)
 #   BENCH_NOTE       optional text for the report's header (e.g. about discarded runs)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-VENV="${BENCH_VENV:-.venv-vision}"
-VISION_VENV="${VISION_VENV:-$VENV}"
-LLM_VENV="${LLM_VENV:-$VENV}"
+VENV="${BENCH_VENV:-.venv-bench}"
+STEPS=",${BENCH_STEPS:-vision,llm,sam,e2e,headline,bytes},"
 THREADS="${BENCH_THREADS:-2}"
 SIZES="${BENCH_SIZES:-512,800,1024}"
 MASKS="${BENCH_MASKS:-1,16,128,1024}"
 NS="${BENCH_NS:-1,4,16,64}"
-BATCHED_MAX_N="${BENCH_BATCHED_MAX_N:-64}"
+HEADLINE_NS="${BENCH_HEADLINE_NS:-1,16,64,256}"
 OUT="${BENCH_OUT:-target/bench-results}"
 DOC="${BENCH_DOC:-docs/BENCHMARKS.md}"
+HEADLINE_CKPT=.cache/headline
+FULL_WIDTH_CKPT=.cache/full-width
 mkdir -p "$OUT" "$(dirname "$DOC")"
 # cargo bench runs the binaries in the package directory: pass absolute paths.
 OUT_ABS="$(cd "$OUT" && pwd)"
-case "$OUT" in /*) OUT_SHOW="$OUT" ;; *) OUT_SHOW="\$PWD/$OUT" ;; esac
 export RAYON_NUM_THREADS="$THREADS"
 
 load() { cut -d' ' -f1-3 /proc/loadavg; }
-stamp() { date -u +%H:%M:%S; }
-log() { echo "[$(stamp)] $*" >&2; }
+log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
+wants() { case "$STEPS" in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+PY="$VENV/bin/python"
 
-CMD_VREF="$VISION_VENV/bin/python tools/bench_vision_reference.py --threads $THREADS --sizes $SIZES"
-CMD_LREF="$LLM_VENV/bin/python tools/bench_llm_reference.py --threads $THREADS --ns $NS --max-questions 8 --budget-s 240"
-CMD_VIS="RAYON_NUM_THREADS=$THREADS cargo bench -p vision-worker --bench vision -- --reference $OUT_SHOW/vision_reference.json --sizes $SIZES --masks $MASKS"
-CMD_LLM="RAYON_NUM_THREADS=$THREADS cargo bench -p llm-worker --bench llm -- --reference $OUT_SHOW/llm_reference.json --ns $NS --seq-cap 8 --batched-max-n $BATCHED_MAX_N"
-CMD_E2E="cargo build --release --bins && RAYON_NUM_THREADS=$THREADS cargo bench -p osprey-e2e --bench e2e -- --ns 1,16,64 --runs 5"
+# The commands, as the report prints them.
+CMD_VREF="$PY tools/bench_vision_reference.py --threads $THREADS --sizes $SIZES"
+CMD_VIS="cargo bench -p vision-worker --bench vision -- --reference $OUT_ABS/vision_reference.json --sizes $SIZES --masks $MASKS"
+CMD_LREF="$PY tools/bench_llm_reference.py --threads $THREADS --ns $NS --max-questions 8 --budget-s 240"
+CMD_LLM="cargo bench -p llm-worker --bench llm -- --reference $OUT_ABS/llm_reference.json --ns $NS --seq-cap 8 --batched-max-n 64"
+CMD_SREF="$PY tools/bench_sam_reference.py --threads $THREADS --iters 3"
+CMD_SAM="cargo bench -p sam-worker --bench sam -- --reference $OUT_ABS/sam_reference.json --iters 3"
+CMD_E2E="cargo bench -p osprey-e2e --bench e2e -- --ns 1,16,64 --runs 5"
+CMD_HREF="$PY tools/bench_headline.py reference --checkpoint $HEADLINE_CKPT --threads $THREADS --masks 3"
+CMD_HEAD="cargo bench -p osprey-e2e --bench headline -- --weights $ROOT/$HEADLINE_CKPT --reference $OUT_ABS/headline_reference.json --ns $HEADLINE_NS --runs 2"
+CMD_BYTES="$PY tools/bench_bytes.py --checkpoint $FULL_WIDTH_CKPT --bin-dir target/release"
 
-DOC_ONLY=0
-[ "${1:-}" = "--doc-only" ] && DOC_ONLY=1
+# One measured command: stdout to $OUT/<name>, stderr to $OUT/<name>.log, wall seconds and load to $OUT/<name>.meta.
+measure() {
+    local name="$1"; shift
+    log "$name (load $(load))"
+    local t0; t0=$(date +%s)
+    local before; before="$(load)"
+    if ! bash -c "$*" > "$OUT/$name" 2> "$OUT/$name.log"; then
+        tail -20 "$OUT/$name.log" >&2
+        echo "$name failed: $*" >&2
+        exit 1
+    fi
+    printf 'when=%q\nseconds=%q\nload_before=%q\nload_after=%q\n' "$(date -u '+%Y-%m-%d %H:%M UTC')" \
+        "$(( $(date +%s) - t0 ))" "$before" "$(load)" > "$OUT/$name.meta"
+}
 
-if [ "$DOC_ONLY" = 0 ]; then
-    # Build first so that compiling never overlaps a measurement.
+if [ "${1:-}" != "--doc-only" ]; then
+    log "Python environment $VENV"
+    [ -x "$PY" ] || python3 -m venv "$VENV"
+    if ! cmp -s tools/requirements-bench.txt "$VENV/.requirements-bench.txt"; then
+        (cd tools && "$ROOT/$PY" -m pip install -q --disable-pip-version-check -r requirements-bench.txt)
+        cp tools/requirements-bench.txt "$VENV/.requirements-bench.txt"
+    fi
+    if wants sam; then bash tools/fetch_mobile_sam.sh > /dev/null; fi
+    if wants headline && [ ! -f "$HEADLINE_CKPT/model.safetensors" ]; then
+        log "headline checkpoint $HEADLINE_CKPT"
+        "$PY" tools/bench_headline.py checkpoint "$HEADLINE_CKPT"
+    fi
+    if wants bytes && [ ! -f "$FULL_WIDTH_CKPT/model.safetensors" ]; then
+        log "full-width checkpoint $FULL_WIDTH_CKPT"
+        "$PY" tools/make_full_width_checkpoint.py "$FULL_WIDTH_CKPT"
+    fi
+
+    log "building (release)"
     : > "$OUT/build.log"
-    log "building the bench binaries (release)"
-    for target in "vision-worker vision" "llm-worker llm"; do
-        set -- $target
-        cargo bench --no-run -p "$1" --bench "$2" 2>> "$OUT/build.log" || { tail -30 "$OUT/build.log" >&2; exit 1; }
-    done
-    # The end-to-end bench starts the release binaries of the services.
-    cargo build --release --bins 2>> "$OUT/build.log" || { tail -30 "$OUT/build.log" >&2; exit 1; }
-    cargo bench --no-run -p osprey-e2e --bench e2e 2>> "$OUT/build.log" || { tail -30 "$OUT/build.log" >&2; exit 1; }
+    {
+        cargo build --release --bins
+        cargo bench --no-run -p vision-worker --bench vision
+        cargo bench --no-run -p llm-worker --bench llm
+        cargo bench --no-run -p sam-worker --bench sam
+        cargo bench --no-run -p osprey-e2e --bench e2e --bench headline
+    } 2>> "$OUT/build.log" || { tail -30 "$OUT/build.log" >&2; exit 1; }
 
-    START=$(date +%s)
     UPTIME_START="$(uptime)"
-
-    log "torch ConvNeXt-L reference (load $(load))"
-    T0=$(date +%s)
-    $CMD_VREF > "$OUT/vision_reference.json" 2> "$OUT/vision_reference.log"
-    T_VREF=$(( $(date +%s) - T0 ))
-
-    log "transformers LLM reference (load $(load))"
-    T0=$(date +%s)
-    $CMD_LREF > "$OUT/llm_reference.json" 2> "$OUT/llm_reference.log"
-    T_LREF=$(( $(date +%s) - T0 ))
-
-    log "cargo bench vision (load $(load))"
-    T0=$(date +%s)
-    cargo bench -q -p vision-worker --bench vision -- --reference "$OUT_ABS/vision_reference.json" --sizes "$SIZES" \
-        --masks "$MASKS" > "$OUT/vision.md" 2> "$OUT/vision.log"
-    T_VIS=$(( $(date +%s) - T0 ))
-
-    log "cargo bench llm (load $(load))"
-    T0=$(date +%s)
-    cargo bench -q -p llm-worker --bench llm -- --reference "$OUT_ABS/llm_reference.json" --ns "$NS" --seq-cap 8 \
-        --batched-max-n "$BATCHED_MAX_N" > "$OUT/llm.md" 2> "$OUT/llm.log"
-    T_LLM=$(( $(date +%s) - T0 ))
-
-    log "cargo bench e2e (load $(load))"
-    T0=$(date +%s)
-    cargo bench -q -p osprey-e2e --bench e2e -- --ns 1,16,64 --runs 5 > "$OUT/e2e.md" 2> "$OUT/e2e.log"
-    T_E2E=$(( $(date +%s) - T0 ))
-
+    START=$(date +%s)
+    if wants vision; then measure vision_reference.json "$CMD_VREF"; measure vision.md "$CMD_VIS"; fi
+    if wants llm; then measure llm_reference.json "$CMD_LREF"; measure llm.md "$CMD_LLM"; fi
+    if wants sam; then measure sam_reference.json "$CMD_SREF"; measure sam.md "$CMD_SAM"; fi
+    if wants e2e; then measure e2e.md "$CMD_E2E"; fi
+    if wants headline; then measure headline_reference.json "$CMD_HREF"; measure headline.md "$CMD_HEAD"; fi
+    if wants bytes; then measure bytes.md "$CMD_BYTES"; fi
     UPTIME_END="$(uptime)"
     TOTAL=$(( $(date +%s) - START ))
-    log "done in ${TOTAL} s; writing $DOC"
     RUN_DATE="$(date -u '+%Y-%m-%d %H:%M UTC')"
     COMMIT="$(git rev-parse --short HEAD 2> /dev/null || echo '?')"
     DIRTY="$(git status --porcelain 2> /dev/null | wc -l | tr -d ' ')"
-    # What --doc-only needs to rewrite the report later.
-    for v in RUN_DATE COMMIT DIRTY UPTIME_START UPTIME_END T_VREF T_LREF T_VIS T_LLM T_E2E TOTAL; do
-        printf '%s=%q\n' "$v" "${!v}"
-    done > "$OUT/meta.env"
-else
-    # shellcheck disable=SC1091
-    source "$OUT/meta.env"
+    for v in RUN_DATE COMMIT DIRTY UPTIME_START UPTIME_END TOTAL STEPS; do printf '%s=%q\n' "$v" "${!v}"; done \
+        > "$OUT/meta.env"
+    log "done in ${TOTAL} s; writing $DOC"
 fi
+# shellcheck disable=SC1091
+source "$OUT/meta.env"
 
 CPU_MODEL="$(lscpu | sed -n 's/^Model name: *//p' | head -1)"
 CORES="$(nproc)"
 MEM="$(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
-FLAGS="$(lscpu | grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_tile|avx512_fp16' | sort -u | tr '\n' ' ')"
+FLAGS="$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -x -E 'avx2|fma|f16c|avx512f|avx512bw|avx512vl|avx512_vnni|avx512_bf16|avx512_fp16|amx_tile' | sort | tr '\n' ' ')"
 RUSTC="$(rustc --version)"
-ref_field() { "$VENV/bin/python" -c "import json,sys; print(json.load(open(sys.argv[1]))$2)" "$1" 2> /dev/null || echo '?'; }
+CANDLE="$(sed -n 's/^candle-core = { version = "=\{0,1\}\([0-9.]*\)".*/\1/p' Cargo.toml | head -1)"
+ref_field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))$2)" "$1" 2> /dev/null || echo '?'; }
+# A step's section: its output, marked when it is from an earlier run than this one.
+section() {
+    local name="$1" step="$2" title="$3"
+    if [ ! -s "$OUT/$name" ]; then
+        printf '## %s\n\nNot run (no output in %s/).\n\n' "$title" "$OUT"
+        return
+    fi
+    case "$STEPS" in *",$step,"*) ;; *)
+        # shellcheck disable=SC1090
+        (source "$OUT/$name.meta"; printf '> From an earlier run (%s), not this one.\n\n' "$when") ;;
+    esac
+    grep -v '^{' "$OUT/$name"
+    echo
+}
+meta_field() { (source "$OUT/$1.meta" 2> /dev/null && echo "${!2}") || echo '?'; }
 
 {
-    cat << EOF
+    cat << HEADER
 # Osprey serving benchmarks (CPU)
 
-Generated by \`tools/run_benchmarks.sh\` from a run ending $RUN_DATE at commit \`$COMMIT\` ($DIRTY uncommitted
-paths in the checkout). All numbers are medians of the runs stated; ratios are against baselines measured in the same
-run. Random weights everywhere (speed does not depend on the values; they are initialised to keep activations finite).
+Generated by \`tools/run_benchmarks.sh\` (steps: ${STEPS//,/ }) from a run ending $RUN_DATE at commit \`$COMMIT\`
+($DIRTY uncommitted paths in the checkout). Numbers are medians of the runs stated; every ratio is against a baseline
+measured in the same run, right before ours, with the same thread count. Random weights everywhere (speed does not
+depend on the values; they are initialised to keep activations finite). Dated measurements of single changes, before
+and after, are in [BENCHMARK_HISTORY.md](BENCHMARK_HISTORY.md).
 ${BENCH_NOTE:+
 $BENCH_NOTE
 }
 ## Machine
 
-- CPU: $CPU_MODEL, $CORES cores, $MEM memory (lscpu; SIMD: $FLAGS).
-- A virtual machine **shared with other engineers' builds**: the load average below is the machine's, not only ours,
-  and numbers move by tens of percent from run to run when it is loaded.
+- CPU: $CPU_MODEL, $CORES cores, $MEM memory; SIMD flags: $FLAGS. A ratio measured on one kind of CPU does not
+  carry to another (AVX-512 Xeons with AMX, AVX-512 EPYCs, AVX2-only EPYCs all occur here): rerun there.
 - Threads: $THREADS for candle (\`RAYON_NUM_THREADS\`) and for torch (\`torch.set_num_threads\`).
-- \`uptime\` before: \`$UPTIME_START\`
-- \`uptime\` after:  \`$UPTIME_END\`
-- Toolchain: $RUSTC, candle 0.11.1 (CPU backend, no MKL); torch $(ref_field "$OUT/vision_reference.json" '["torch"]'),
-  timm $(ref_field "$OUT/vision_reference.json" '["timm"]'), transformers $(ref_field "$OUT/llm_reference.json" '["transformers"]').
-- Wall time: torch trunk reference ${T_VREF} s, transformers reference ${T_LREF} s, vision bench ${T_VIS} s, LLM
-  bench ${T_LLM} s, end-to-end bench ${T_E2E:-?} s; ${TOTAL} s in all (build excluded).
+- \`uptime\` before: \`$UPTIME_START\`; after: \`$UPTIME_END\`. A shared virtual machine: under load torch's OpenMP
+  threads lose far more than candle's (rayon) ones, so only runs on an idle machine give fair ratios.
+- Toolchain: $RUSTC, candle $CANDLE (CPU backend, no MKL; the \`gemm\` crate with its AVX-512 kernels);
+  torch $(ref_field "$OUT/vision_reference.json" '["torch"]'), timm $(ref_field "$OUT/vision_reference.json" '["timm"]'),
+  transformers $(ref_field "$OUT/llm_reference.json" '["transformers"]').
+- Wall seconds per step (reference + ours): vision $(meta_field vision_reference.json seconds) + $(meta_field vision.md seconds),
+  LLM $(meta_field llm_reference.json seconds) + $(meta_field llm.md seconds), SAM $(meta_field sam_reference.json seconds) + $(meta_field sam.md seconds),
+  end to end $(meta_field e2e.md seconds), headline $(meta_field headline_reference.json seconds) + $(meta_field headline.md seconds),
+  bytes $(meta_field bytes.md seconds); $TOTAL s in all (setup and build excluded).
 
 ## Commands
 
 \`\`\`sh
-tools/run_benchmarks.sh        # all of the below, then this file
-$CMD_VREF > $OUT/vision_reference.json
-$CMD_LREF > $OUT/llm_reference.json
-$CMD_VIS
-$CMD_LLM
-$CMD_E2E
+tools/run_benchmarks.sh        # all of the below (after setting up $VENV and the checkpoints), then this file
+$CMD_VREF > vision_reference.json
+RAYON_NUM_THREADS=$THREADS $CMD_VIS
+$CMD_LREF > llm_reference.json
+RAYON_NUM_THREADS=$THREADS $CMD_LLM
+$CMD_SREF > sam_reference.json
+RAYON_NUM_THREADS=$THREADS $CMD_SAM
+RAYON_NUM_THREADS=$THREADS $CMD_E2E
+$CMD_HREF > headline_reference.json
+RAYON_NUM_THREADS=$THREADS $CMD_HEAD
+RAYON_NUM_THREADS=$THREADS $CMD_BYTES
 \`\`\`
 
-Raw outputs (JSON of the references, stderr logs with every run's time) are in \`$OUT/\`, not committed.
+Raw outputs (the references' JSON, every run's time in the logs) are in \`$OUT/\`, not committed.
 
-EOF
-    cat "$OUT/vision.md"
-    cat "$OUT/llm.md"
-    if [ -f "$OUT/e2e.md" ]; then cat "$OUT/e2e.md"; fi
-    cat << 'EOF'
-## Reading the numbers
+HEADER
+    section headline.md headline "Headline: full size, end to end"
+    section vision.md vision "Vision worker"
+    section llm.md llm "LLM worker"
+    section sam.md sam "SAM worker"
+    section e2e.md e2e "End to end with the demo weights"
+    if [ -s "$OUT/bytes.md" ]; then
+        printf '## Bytes per request at full width (`tools/bench_bytes.py`)\n\n'
+        printf 'The released widths (ConvNeXt-L at 512, LLM hidden 4096; one block per stage and one layer, since\n'
+        printf 'depth does not change what crosses the wire: `tools/make_full_width_checkpoint.py`), the real binaries,\n'
+        printf 'the gateway'"'"'s `osprey_gateway_worker_bytes_total` read before and after each request. Bytes:\n'
+    fi
+    section bytes.md bytes "Bytes per request at full width"
+    cat << 'NOTES'
+## Measured outside this script
 
-What the tables say about the code (mechanisms, so they hold across reruns; the microbenchmark and profile numbers
-were taken once on 2026-11-29 on this machine, outside the harness):
+- Click to mask in the annotation page (MobileSAM, release binaries, the browser test
+  `cargo test -p gateway --test annotation_page`): medians 172 / 156 / 166 ms over three runs on 2026-12-07 (target
+  300 ms); see [BENCHMARK_HISTORY.md](BENCHMARK_HISTORY.md), "Annotation page".
+- Quantized LLM weights (`cargo bench -p llm-worker --bench quantized`): [BENCHMARK_HISTORY.md](BENCHMARK_HISTORY.md),
+  "Quantized LLM".
 
-- **candle's f32 matmuls use AVX2, not AVX-512.** `perf` puts `gemm_f32::microkernel::fma::f32::x2x6` (the AVX2/FMA
-  kernel) at the top of both the trunk and the LLM prefill. The `gemm` crate only builds its AVX-512 kernels with its
-  `x86-v4` cargo feature (runtime-dispatched on `avx512f`), which candle 0.11.1 does not enable. Single matmul, 2
-  threads, best of 10: 1024x768x3072 at 95-103 GFLOP/s (candle as built here), 202-210 GFLOP/s (the same candle with
-  `gemm/x86-v4` switched on), 261 GFLOP/s (torch); 1093x512x1376: 91-103 / 155-205 / 267. Enabling it takes a direct
-  `gemm = { version = "0.19", features = ["x86-v4"] }` dependency in a worker crate (cargo unifies the feature); not
-  done here (no new dependencies in the benchmark change).
-- **Trunk (a, b).** Most of candle's time is the block MLPs ("rest"), 2.3-4.4x torch's; worst at stage 0, where the
-  matmuls are 16384 rows by K = 192 (gemm is weakest at small K) and the NHWC permute, LayerNorm, exact GELU (scalar
-  `libm::erff`), layer scale and residual are separate full-tensor passes, each into a freshly allocated buffer (page
-  faults show in the profile). The depthwise 7x7 conv, 49 strided multiply-adds (98 full-tensor passes), is
-  19-26x slower than oneDNN's fused kernel but only a sixth of candle's time.
-- **Mask pooling (c).** `mask_pool` is 8-12x faster than the naive candle-ops version at every N, but well above
-  the memory-traffic floor once N >= 16: it is single-threaded, scalar and gathers one channel at a time (the sum of
-  `F[c, p]` over the active pixels p, f64 accumulation), so it is bound by instructions, not bandwidth. At N = 1 it
-  beats the "floor" because it reads only the active pixels' features and only the mask rows/columns the bilinear
-  taps touch, not whole maps (and the 23.6 MB of features sit in the 300 MB L3). Headroom: masks in parallel (2x
-  here), channels-last features summed as contiguous f32 rows (SIMD), or for large N one dense matmul of the
-  binarised `[N, h*w]` weights with the `[h*w, C]` features.
-- **LLM.** Per question our sequential path is slower than transformers' loop: the prefill (1093 positions) is about
-  3.5x torch's (the matmul kernels above; attention also materialises full `[heads, T, T]` score matrices), while a
-  batch-1 decode step is close. Prefix sharing is what pays: the prefill is most of a question's time, so `batched`
-  (no sharing) gains little over `sequential`, while `shared` computes the 1080-position prefix once and decodes the
-  N sequences together (a batch-32 decode step costs far less per sequence than a batch-1 step).
-- **Loaded machine.** candle's CPU thread pool spin-waits at barriers (`BarrierGuard::drop` and the workers' spin loop
-  took about 60% of the trunk's CPU samples in a profile under load); with other builds running the trunk at 384
-  took 10-12 s, against 3 s idle. Compare runs only at similar load averages.
-- **End to end.** With the demo weights the model work is tiny (inside the worker, Encode takes about 3 ms and
-  Pool 0.3 ms), yet a cold request waits about 44 ms for Encode and 44 ms for the Pool that carries the feature
-  blob. The gap, a constant ~40 ms (Linux's delayed-ACK timeout), is most likely Nagle on the worker side (not yet
-  confirmed by a run with the fix): the workers serve through
-  `serve_with_incoming_shutdown` on a plain `TcpListenerStream` (`osprey_common::grpc::serve`), which leaves Nagle on
-  for accepted sockets (tonic's own `serve` sets `TCP_NODELAY`). Warm requests make no call with a large message and
-  do not stall. The gains over re-encoding per region come from one encoding and one shared LLM prefix per image and
-  the N questions decoded as one batch; with ConvNeXt-L at 512 (6.5 s per encoding here, table (a)) the cold /
-  baseline ratio would approach N.
-
-EOF
-    cat << 'EOF'
 ## GPU (CUDA)
 
-Not measured yet: there is no GPU in this environment. The CUDA paths (the `cuda` feature: candle's CUDA backend
-and the NVRTC mask-pooling kernels in `vision-worker/kernels/mask_pool.cu`) are only compile-checked here. To do on a
-GPU machine: the same three benchmarks with `--features cuda`, bf16/f16 for the trunk and the LLM, and the mask
-pooling kernel against its memory-traffic floor at the GPU's bandwidth.
-
-## Earlier measurements (before this harness)
-
-Kept from the first version of this file (vision-worker author): test-profile binary (dependencies at
-`opt-level = 2`), weights all zero, 512x512 input, 10 masks at 375x500, 2-core machine with other builds running.
-
-| step | time |
-| --- | --- |
-| trunk forward, res2..res5 (depthwise 7x7 as 49 shifted multiply-adds) | 10.0-11.8 s |
-| trunk forward with candle's grouped `conv2d` for the depthwise convolutions | 26.9 s |
-| mask extractor, 10 masks (pooling at 4 levels + `<pos>` MLP) | 0.70 s |
-
-Depthwise convolution alone (one call):
-
-| input | candle grouped `conv2d` (groups = C) | 49 shifted multiply-adds |
-| --- | --- | --- |
-| 192x128x128 | 795 ms | 133 ms |
-| 768x32x32 | 228 ms | 32 ms |
-
-candle splits a grouped convolution into one convolution per group and concatenates the results, so depthwise
-layers cost C separate convolutions (thousands of kernel launches per image on a GPU); hence the trunk's own
-depthwise implementation (`vision-worker/src/models/clip_convnext.rs`), checked against `conv2d` in a unit test.
-EOF
+Not measured: no GPU has been available to this project so far. The CUDA paths (`--features cuda`: candle's CUDA
+backend, the mask-pooling kernels in `vision-worker/kernels/`) are compile-checked in CI only. `tools/run_benchmarks.sh`
+has no GPU rows yet; nothing here is an estimate of them.
+NOTES
 } > "$DOC"
 log "wrote $DOC"

@@ -1,7 +1,7 @@
 //! GGUF files for the language stage: llama.cpp's tensor names and `llama.*` metadata for the
 //! LLaMA part, Osprey's own names and keys for the rest, and a reader the model loads from.
 //!
-//! Layout of a file written by `llm-worker quantize` (docs/BENCHMARKS.md, "Quantized LLM"):
+//! Layout of a file written by `llm-worker quantize` (docs/BENCHMARK_HISTORY.md, "Quantized LLM"):
 //!
 //! - `token_embd`, `blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate,
 //!   ffn_up, ffn_down}`, `output_norm`, `output` (`.weight`), as llama.cpp names them. The linear

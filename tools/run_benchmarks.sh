@@ -106,12 +106,12 @@ if [ "${1:-}" != "--doc-only" ]; then
 
     UPTIME_START="$(uptime)"
     START=$(date +%s)
-    if wants vision; then measure vision_reference.json "$CMD_VREF"; measure vision.md "$CMD_VIS"; fi
-    if wants llm; then measure llm_reference.json "$CMD_LREF"; measure llm.md "$CMD_LLM"; fi
-    if wants sam; then measure sam_reference.json "$CMD_SREF"; measure sam.md "$CMD_SAM"; fi
-    if wants e2e; then measure e2e.md "$CMD_E2E"; fi
-    if wants headline; then measure headline_reference.json "$CMD_HREF"; measure headline.md "$CMD_HEAD"; fi
-    if wants bytes; then measure bytes.md "$CMD_BYTES"; fi
+    if wants vision; then measure vision_reference.json "$CMD_VREF"; measure vision.out "$CMD_VIS"; fi
+    if wants llm; then measure llm_reference.json "$CMD_LREF"; measure llm.out "$CMD_LLM"; fi
+    if wants sam; then measure sam_reference.json "$CMD_SREF"; measure sam.out "$CMD_SAM"; fi
+    if wants e2e; then measure e2e.out "$CMD_E2E"; fi
+    if wants headline; then measure headline_reference.json "$CMD_HREF"; measure headline.out "$CMD_HEAD"; fi
+    if wants bytes; then measure bytes.out "$CMD_BYTES"; fi
     UPTIME_END="$(uptime)"
     TOTAL=$(( $(date +%s) - START ))
     RUN_DATE="$(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -169,10 +169,10 @@ $BENCH_NOTE
 - Toolchain: $RUSTC, candle $CANDLE (CPU backend, no MKL; the \`gemm\` crate with its AVX-512 kernels);
   torch $(ref_field "$OUT/vision_reference.json" '["torch"]'), timm $(ref_field "$OUT/vision_reference.json" '["timm"]'),
   transformers $(ref_field "$OUT/llm_reference.json" '["transformers"]').
-- Wall seconds per step (reference + ours): vision $(meta_field vision_reference.json seconds) + $(meta_field vision.md seconds),
-  LLM $(meta_field llm_reference.json seconds) + $(meta_field llm.md seconds), SAM $(meta_field sam_reference.json seconds) + $(meta_field sam.md seconds),
-  end to end $(meta_field e2e.md seconds), headline $(meta_field headline_reference.json seconds) + $(meta_field headline.md seconds),
-  bytes $(meta_field bytes.md seconds); $TOTAL s in all (setup and build excluded).
+- Wall seconds per step (reference + ours): vision $(meta_field vision_reference.json seconds) + $(meta_field vision.out seconds),
+  LLM $(meta_field llm_reference.json seconds) + $(meta_field llm.out seconds), SAM $(meta_field sam_reference.json seconds) + $(meta_field sam.out seconds),
+  end to end $(meta_field e2e.out seconds), headline $(meta_field headline_reference.json seconds) + $(meta_field headline.out seconds),
+  bytes $(meta_field bytes.out seconds); $TOTAL s in all (setup and build excluded).
 
 ## Commands
 
@@ -193,18 +193,18 @@ RAYON_NUM_THREADS=$THREADS $CMD_BYTES
 Raw outputs (the references' JSON, every run's time in the logs) are in \`$OUT/\`, not committed.
 
 HEADER
-    section headline.md headline "Headline: full size, end to end"
-    section vision.md vision "Vision worker"
-    section llm.md llm "LLM worker"
-    section sam.md sam "SAM worker"
-    section e2e.md e2e "End to end with the demo weights"
-    if [ -s "$OUT/bytes.md" ]; then
+    section headline.out headline "Headline: full size, end to end"
+    section vision.out vision "Vision worker"
+    section llm.out llm "LLM worker"
+    section sam.out sam "SAM worker"
+    section e2e.out e2e "End to end with the demo weights"
+    if [ -s "$OUT/bytes.out" ]; then
         printf '## Bytes per request at full width (`tools/bench_bytes.py`)\n\n'
         printf 'The released widths (ConvNeXt-L at 512, LLM hidden 4096; one block per stage and one layer, since\n'
         printf 'depth does not change what crosses the wire: `tools/make_full_width_checkpoint.py`), the real binaries,\n'
         printf 'the gateway'"'"'s `osprey_gateway_worker_bytes_total` read before and after each request. Bytes:\n'
     fi
-    section bytes.md bytes "Bytes per request at full width"
+    section bytes.out bytes "Bytes per request at full width"
     cat << 'NOTES'
 ## Measured outside this script
 

@@ -65,6 +65,73 @@ def auto_annotation(gateway, key, image_path):
     }
 
 
+def describe_masks(grpc, key, stubs, image_path, polygon):
+    """deploy/cvat/osprey_describe_masks.py on a stand-in for a cvat-sdk task (cvat-sdk's own models
+    for labels, shapes and the update; no CVAT server): which shapes it describes and what it writes."""
+    import io
+
+    import PIL.Image
+    from cvat_sdk.api_client import models
+
+    spec = importlib.util.spec_from_file_location("osprey_describe_masks", ROOT / "deploy/cvat/osprey_describe_masks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    encoded = pathlib.Path(image_path).read_bytes()
+    width, height = PIL.Image.open(io.BytesIO(encoded)).size
+    text = models.Attribute(id=5, name="description", input_type="text", mutable=True, values=[""], default_value="")
+    labels = [models.Label(id=3, name="object", attributes=[text]), models.Label(id=4, name="plain", attributes=[])]
+    # A mask shape in CVAT's encoding (runs across the rows of its box, background first, then the
+    # box's left, top, right, bottom): in the box of columns 40-109 and rows 30-69, the pixels with
+    # x - 40 < 2 * (y - 30) + 10 (tests/tests/integrations.rs builds the same mask).
+    left, top, right, bottom = 40, 30, 109, 69
+    runs, value, run = [], False, 0
+    for y in range(top, bottom + 1):
+        for x in range(left, right + 1):
+            if (x - 40 < 2 * (y - 30) + 10) == value:
+                run += 1
+            else:
+                runs.append(run)
+                value, run = not value, 1
+    runs.append(run)
+    mask_points = [float(v) for v in runs + [left, top, right, bottom]]
+
+    def shape(id, type, label_id, points, value=None):
+        attributes = [models.AttributeVal(spec_id=5, value=value)] if value is not None else []
+        return models.LabeledShape(
+            type=type, frame=0, label_id=label_id, points=points, id=id, occluded=False, z_order=0,
+            rotation=0.0, outside=False, attributes=attributes, group=0, source="manual", elements=[],
+        )
+
+    shapes = [
+        shape(11, "polygon", 3, polygon, ""),
+        shape(12, "mask", 3, mask_points),
+        shape(13, "polygon", 3, polygon, "described by hand"),  # left alone without --overwrite
+        shape(14, "polygon", 4, polygon),  # its label has no description attribute
+        shape(15, "rectangle", 3, [10.0, 10.0, 50.0, 50.0], ""),  # not a mask or polygon
+    ]
+
+    class Task:
+        updates = []
+
+        def get_labels(self):
+            return labels
+
+        def get_annotations(self):
+            return models.LabeledData(version=0, tags=[], shapes=shapes, tracks=[])
+
+        def get_frame(self, frame, quality=None):
+            assert frame == 0 and quality == "original"
+            return io.BytesIO(encoded)
+
+        def update_annotations(self, data):
+            self.updates.append(data.to_dict())
+
+    task = Task()
+    osprey = module.OspreyClient(grpc, stubs, key)
+    written = module.describe_task(task, osprey)
+    return {"written": {str(k): v for k, v in written.items()}, "updates": task.updates}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--gateway", required=True)
@@ -73,6 +140,9 @@ def main():
     parser.add_argument("--point", required=True)
     parser.add_argument("--negative", required=True)
     parser.add_argument("--box", required=True)
+    parser.add_argument("--grpc", required=True, help="host:port of the gateway's gRPC side")
+    parser.add_argument("--stubs", required=True, help="folder for the generated gRPC modules")
+    parser.add_argument("--polygon", required=True, help="x0,y0,x1,y1,... of a region to describe")
     args = parser.parse_args()
     image = base64.b64encode(pathlib.Path(args.image).read_bytes()).decode()
     xy = lambda text: [float(v) for v in text.split(",")]
@@ -93,6 +163,7 @@ def main():
         "wrong_key": run("osprey-detector", dict(detector, OSPREY_API_KEY="wrong"), {"image": image}),
         "not_json": run("osprey-detector", detector, b"{oops"),
         "auto_annotation": auto_annotation(args.gateway, args.key, args.image),
+        "describe_masks": describe_masks(args.grpc, args.key, args.stubs, args.image, xy(args.polygon)),
     }
     json.dump(out, sys.stdout)
 

@@ -14,6 +14,8 @@ use osprey_proto::v1;
 use serde_json::{Value, json};
 
 const KEY: &str = "integration-key";
+/// A region of the sample photo (x0, y0, x1, y1, ...) the CVAT describe-masks script describes.
+const POLYGON: &str = "20,15,90,10,110,60,60,95,15,70";
 
 struct Cluster {
     _workers: Vec<Process>,
@@ -429,6 +431,9 @@ async fn x_anylabeling_server_answers_as_grpc_does() {
         .arg("--image")
         .arg(root.join("tests/fixtures/vision/photo.png"))
         .args(["--point", "60,50", "--negative", "140,20", "--box", "120,90,20,10"])
+        .args(["--grpc", cluster.gateway.url().trim_start_matches("http://"), "--polygon", POLYGON])
+        .arg("--stubs")
+        .arg(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("osprey-stubs"))
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -475,6 +480,40 @@ async fn x_anylabeling_server_answers_as_grpc_does() {
             shape["attributes"].as_array().unwrap().iter().map(|a| a["spec_id"].as_u64().unwrap()).collect();
         assert_eq!(spec_ids, [0, 1], "{shape}");
     }
+    // Describing the shapes already in a task (deploy/cvat/osprey_describe_masks.py): the polygon
+    // and the mask shape whose description is empty get the gRPC description of the same region;
+    // a shape described by hand, one whose label has no description attribute and a rectangle
+    // are left alone.
+    let polygon: Vec<f64> = POLYGON.split(',').map(|v| v.parse().unwrap()).collect();
+    // The script's mask shape (tools/cvat_function_check.py): in the box of columns 40-109 and
+    // rows 30-69, the pixels with x - 40 < 2 * (y - 30) + 10.
+    let pixels: Vec<u8> = (0..photo.height * photo.width)
+        .map(|i| {
+            let (x, y) = ((i % photo.width) as i64, (i / photo.width) as i64);
+            u8::from((40..110).contains(&x) && (30..70).contains(&y) && x - 40 < 2 * (y - 30) + 10)
+        })
+        .collect();
+    let box_mask = Mask::from_row_major(photo.height, photo.width, &pixels).unwrap();
+    let masks = [Mask::from_polygons(photo.height, photo.width, &[polygon]).unwrap(), box_mask];
+    let mut grpc = client(&cluster.gateway, Some(KEY)).await.unwrap();
+    let request = v1::DescribeRequest {
+        parameters: None,
+        ..osprey_e2e::describe_request(&photo, osprey_e2e::mask_regions(&masks), 1024)
+    };
+    let texts: Vec<String> =
+        osprey_e2e::describe(&mut grpc, request).await.unwrap().into_iter().map(|r| r.text).collect();
+    let described = &cvat["describe_masks"];
+    assert_eq!(described["written"], json!({"11": texts[0], "12": texts[1]}), "{described}");
+    let updates = described["updates"].as_array().unwrap();
+    assert_eq!(updates.len(), 1, "one update for the task: {described}");
+    let shapes = updates[0]["shapes"].as_array().unwrap();
+    let ids: Vec<u64> = shapes.iter().map(|s| s["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [11, 12], "{described}");
+    for (shape, text) in shapes.iter().zip(&texts) {
+        assert_eq!(shape["attributes"], json!([{"spec_id": 5, "value": text}]), "{shape}");
+    }
+    assert_eq!(shapes[1]["type"], "mask", "the mask stays a mask: {}", shapes[1]);
+
     for (case, status, words) in [
         ("no_points", 400, "positive point or a box"),
         ("bad_image", 400, "INVALID_IMAGE"),

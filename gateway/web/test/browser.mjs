@@ -2,9 +2,9 @@
 // `gateway local --serve` (real worker binaries, real MobileSAM): open the sample photo, click,
 // compare the page's mask with what the Segment API returns for the same prompt, accept and read
 // the description, refine, draw a box, run everything mode, ask, export COCO and check the file,
-// import it back, undo; a bad file, an image over the pixel limit, a wrong API key and a SAM
-// worker that is down show the server's messages and lose no region; after a gateway restart the
-// page registers its image again.
+// import it back, undo; a bad file, an image over the pixel limit, a missing or wrong API key and
+// a SAM worker that is down show the server's messages and lose no region; after a gateway
+// restart the page registers its image again.
 //
 // node test/browser.mjs GATEWAY_BINARY [SCREENSHOT.png]
 // Prints the median click-to-mask latency; exits non-zero on the first failed check.
@@ -423,9 +423,13 @@ async function main() {
   check(importedAnswer.answer === expectedAnswer && importedAnswer.question === question, "imported question and answer");
   check(importedAnswer.regionIds.join() === [imported.regions[0].id, imported.regions[1].id].join(), "the imported answer names the imported regions");
 
-  // ---- a wrong API key: the server's message; the right one works ----
+  // ---- a missing or wrong API key: the server's message; the right one works ----
   const keyed = await context.newPage();
   await keyed.goto(`http://127.0.0.1:${keyedHttpPort}/`);
+  await keyed.locator("#file").setInputFiles(samplePath);
+  const noKeyMessage = await errorText(keyed);
+  check(noKeyMessage === "Unauthenticated: missing or invalid API key", `a missing key shows the server's message (${noKeyMessage})`);
+  await keyed.locator("#error-close").click();
   await keyed.locator("#apikey").fill("open sesame");
   await keyed.locator("#file").setInputFiles(samplePath);
   const keyMessage = await errorText(keyed);

@@ -73,7 +73,9 @@ impl Gateway {
         let image_key = image.key.clone();
         let (prompts, everything, was_resident) = match input.work {
             SegmentWork::Prompts(prompts) => {
-                let request = worker::PredictRequest { image_key, image: None, prompts };
+                // A Segment client may refine its masks later, so it gets their logits.
+                let request =
+                    worker::PredictRequest { image_key, image: None, prompts, return_low_res_logits: true };
                 let response = self.sam.predict(deadline, request, pixels).await?;
                 let prompts = response
                     .prompts

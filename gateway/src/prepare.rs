@@ -45,6 +45,8 @@ impl Gateway {
                 image_key: image.key.clone(),
                 image: None,
                 prompts: prompts.iter().map(|(_, p)| p.clone()).collect(),
+                // A region needs only its mask.
+                return_low_res_logits: false,
             };
             let response = self
                 .sam

@@ -22,6 +22,10 @@ use tonic::transport::Channel;
 /// below this.
 const IMAGE_TOKEN_BYTES: u64 = 4 * 4 * 24 * 4;
 
+/// One mask's low-resolution logits from the tiny SAM model: 32 × 32 f32
+/// (`tests/fixtures/sam/tiny_config.json`; 256 × 256 at full size).
+const SAM_LOGITS_BYTES: u64 = 32 * 32 * 4;
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
@@ -36,6 +40,12 @@ struct VisionCli {
 struct LlmCli {
     #[command(flatten)]
     args: llm_worker::service::ServeArgs,
+}
+
+#[derive(Parser)]
+struct SamCli {
+    #[command(flatten)]
+    args: sam_worker::service::ServeArgs,
 }
 
 #[derive(Parser)]
@@ -65,8 +75,24 @@ async fn start_llm() -> String {
     url
 }
 
+async fn start_sam() -> String {
+    let dir = fixtures().join("sam");
+    let (weights, config) = (dir.join("tiny_sam.pth"), dir.join("tiny_config.json"));
+    let argv = ["s", "--weights", weights.to_str().unwrap(), "--config", config.to_str().unwrap()];
+    let (listener, url) = listener().await;
+    tokio::spawn(sam_worker::service::run(SamCli::parse_from(argv).args, listener, std::future::pending()));
+    serving(&url).await;
+    url
+}
+
 async fn start_gateway(vision_url: &str, llm_url: &str) -> OspreyClient<Channel> {
-    let args = GatewayCli::parse_from(["g", "--vision-workers", vision_url, "--llm-workers", llm_url]).args;
+    start_gateway_with(vision_url, llm_url, &[]).await
+}
+
+async fn start_gateway_with(vision_url: &str, llm_url: &str, extra: &[&str]) -> OspreyClient<Channel> {
+    let mut argv = vec!["g", "--vision-workers", vision_url, "--llm-workers", llm_url];
+    argv.extend_from_slice(extra);
+    let args = GatewayCli::parse_from(argv).args;
     let (listener, url) = listener().await;
     tokio::spawn(gateway::service::run(args, listener, std::future::pending()));
     serving(&url).await;
@@ -80,6 +106,8 @@ struct Bytes {
     vision_received: u64,
     llm_sent: u64,
     llm_received: u64,
+    sam_sent: u64,
+    sam_received: u64,
 }
 
 impl Bytes {
@@ -103,6 +131,8 @@ impl Bytes {
             vision_received: counter("vision", "received"),
             llm_sent: counter("llm", "sent"),
             llm_received: counter("llm", "received"),
+            sam_sent: counter("sam", "sent"),
+            sam_received: counter("sam", "received"),
         }
     }
 
@@ -112,6 +142,8 @@ impl Bytes {
             vision_received: self.vision_received - before.vision_received,
             llm_sent: self.llm_sent - before.llm_sent,
             llm_received: self.llm_received - before.llm_received,
+            sam_sent: self.sam_sent - before.sam_sent,
+            sam_received: self.sam_received - before.sam_received,
         }
     }
 
@@ -122,6 +154,8 @@ impl Bytes {
             ("vision received", self.vision_received),
             ("llm sent", self.llm_sent),
             ("llm received", self.llm_received),
+            ("sam sent", self.sam_sent),
+            ("sam received", self.sam_received),
         ] {
             assert!(value < limit, "{what}: {name} {value} B, not below {limit} B ({self:?})");
         }
@@ -274,4 +308,36 @@ async fn warm_requests_send_no_image_sized_payload_and_answer_as_cold_ones() {
     let (answer, bytes) = ask(&mut other, port, &by_file, a_size).await;
     assert_eq!(answer, warm_ask);
     bytes.assert_all_below(IMAGE_TOKEN_BYTES, "warm Ask on the new LLM replica");
+
+    // A SAM prompt as a region: SAM sends back its masks, and their low-resolution logits only to
+    // Segment, whose clients refine masks with them; a described region needs only its mask.
+    let sam_url = start_sam().await;
+    let mut with_sam = start_gateway_with(&vision_url, &llm_url, &["--sam-workers", &sam_url]).await;
+    let point = v1::SamPrompt {
+        points: vec![v1::Point { x: 80.0, y: 50.0, label: v1::PointLabel::Foreground as i32 }],
+        ..Default::default()
+    };
+    let before = Bytes::read(port);
+    let segment =
+        v1::SegmentRequest { image: Some(by_file.clone()), prompts: vec![point.clone()], everything: None };
+    let segmented = with_sam.segment(segment).await.unwrap().into_inner();
+    let bytes = Bytes::read(port).since(before);
+    println!("Segment, one point: {bytes:?}");
+    assert!(segmented.prompts[0].masks[0].low_res_logits.is_some());
+    assert!(bytes.sam_received >= SAM_LOGITS_BYTES, "Segment gets the logits: {bytes:?}");
+    let request = v1::DescribeRequest {
+        image: Some(by_file),
+        regions: vec![v1::Region { source: Some(v1::region::Source::Prompt(point)), label: "p".into() }],
+        everything: None,
+        task: DescribeTask::Short as i32,
+        parameters: None,
+    };
+    let before = Bytes::read(port);
+    let mut stream = with_sam.describe(request).await.unwrap().into_inner();
+    let result = stream.message().await.unwrap().unwrap();
+    let bytes = Bytes::read(port).since(before);
+    println!("Describe, one point region (all warm): {bytes:?}");
+    assert_eq!(result.mask, segmented.prompts[0].masks[0].mask, "the region is SAM's mask");
+    assert!(bytes.sam_sent < SAM_LOGITS_BYTES, "no pixels to SAM: {bytes:?}");
+    assert!(bytes.sam_received < SAM_LOGITS_BYTES, "no logits from SAM: {bytes:?}");
 }

@@ -191,7 +191,8 @@ impl SamService {
         let predictions = self.predict(embedding, prompts, deadline).await?;
         metrics::histogram!("osprey_sam_predict_duration_seconds")
             .record(decode_start.elapsed().as_secs_f64());
-        let prompts = predictions.iter().map(prompt_masks).collect::<Result<Vec<_>, _>>()?;
+        let logits = request.return_low_res_logits;
+        let prompts = predictions.iter().map(|p| prompt_masks(p, logits)).collect::<Result<Vec<_>, _>>()?;
         let ns = elapsed_ns(start);
         Ok(PredictResponse {
             prompts,
@@ -344,7 +345,8 @@ pub fn params_from_proto(p: EverythingParams) -> AmgParams {
     }
 }
 
-fn prompt_masks(p: &Prediction) -> Result<PromptMasks, ServiceError> {
+/// A prediction's masks as sent back; their low-resolution logits only when `with_logits`.
+fn prompt_masks(p: &Prediction, with_logits: bool) -> Result<PromptMasks, ServiceError> {
     let masks = (0..p.num_masks)
         .map(|k| {
             let mask = p
@@ -361,7 +363,7 @@ fn prompt_masks(p: &Prediction) -> Result<PromptMasks, ServiceError> {
                 stability_score: 0.0,
                 point: None,
                 crop_box_xywh: Vec::new(),
-                low_res_logits: p.low_res(k).map(|values| LowResLogits {
+                low_res_logits: p.low_res(k).filter(|_| with_logits).map(|values| LowResLogits {
                     height: p.low_res_size as u32,
                     width: p.low_res_size as u32,
                     values: values.to_vec(),

@@ -12,7 +12,7 @@ use osprey_common::mask::rle_from_worker;
 use osprey_proto::worker::v1::sam_client::SamClient;
 use osprey_proto::worker::v1::{
     BoxXyxy, EmbedRequest, EverythingParams, EverythingRequest, LowResLogits, Point, PointLabel,
-    PredictRequest, RgbImage, SamPrompt,
+    PredictRequest, ProposedMask, RgbImage, SamPrompt,
 };
 use osprey_test_support::{InProcess, serve_in_process};
 use sam_worker::service::{ServeArgs, run};
@@ -75,8 +75,9 @@ fn fixture_prompts() -> Vec<(usize, SamPrompt)> {
     ]
 }
 
+/// A Predict that asks for the low-resolution logits too (as the gateway's Segment does).
 fn predict(key: &str, image: Option<RgbImage>, prompts: Vec<SamPrompt>) -> PredictRequest {
-    PredictRequest { image_key: key.into(), image, prompts }
+    PredictRequest { image_key: key.into(), image, prompts, return_low_res_logits: true }
 }
 
 #[tokio::test]
@@ -122,6 +123,18 @@ async fn embed_predict_resident_and_everything() {
             assert_eq!((logits.height, logits.width), (32, 32));
             assert!(rel_l2(&logits.values, &want_logits[k * lr..(k + 1) * lr]) <= MAX_REL_L2);
         }
+    }
+
+    // Unless asked for, the logits stay here (a described region needs only its mask): the same
+    // masks and scores without them.
+    let unasked = PredictRequest { return_low_res_logits: false, ..predict("clicks", None, prompts.clone()) };
+    let without = client.predict(unasked).await.unwrap().into_inner();
+    assert_eq!(without.prompts.len(), warm.prompts.len());
+    for (bare, full) in without.prompts.iter().zip(&warm.prompts) {
+        assert!(bare.masks.iter().all(|m| m.low_res_logits.is_none()));
+        let full: Vec<_> =
+            full.masks.iter().map(|m| ProposedMask { low_res_logits: None, ..m.clone() }).collect();
+        assert_eq!(bare.masks, full);
     }
 
     // Everything on the resident image, without pixels (no crop layers): relaxed thresholds so

@@ -109,9 +109,9 @@ pub fn answer_from_bytes(bytes: &[u8]) -> Option<worker::GenerateResponse> {
     worker::GenerateResponse::decode(unsealed(bytes)?).ok()
 }
 
-/// Cached blob: the model revision (length-prefixed) then the safetensors bytes, sealed.
+/// Cached blob: the feature revision (length-prefixed) then the safetensors bytes, sealed.
 pub fn blob_to_bytes(blob: &worker::FeatureBlob) -> Vec<u8> {
-    let revision = blob.model_revision.as_bytes();
+    let revision = blob.feature_revision.as_bytes();
     sealed(4 + revision.len() + blob.safetensors.len(), |bytes| {
         bytes.extend_from_slice(&(revision.len() as u32).to_le_bytes());
         bytes.extend_from_slice(revision);
@@ -123,7 +123,7 @@ pub fn blob_from_bytes(bytes: &[u8]) -> Option<worker::FeatureBlob> {
     let bytes = unsealed(bytes)?;
     let n = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
     let revision = std::str::from_utf8(bytes.get(4..4 + n)?).ok()?.to_string();
-    Some(worker::FeatureBlob { safetensors: bytes.get(4 + n..)?.to_vec(), model_revision: revision })
+    Some(worker::FeatureBlob { safetensors: bytes.get(4 + n..)?.to_vec(), feature_revision: revision })
 }
 
 /// Bytes before the pixels of a registered image: the seal, then its width and height. Reading
@@ -167,7 +167,7 @@ mod tests {
 
     #[test]
     fn formats_round_trip() {
-        let blob = worker::FeatureBlob { safetensors: vec![1, 2, 3], model_revision: "rev".into() };
+        let blob = worker::FeatureBlob { safetensors: vec![1, 2, 3], feature_revision: "rev".into() };
         assert_eq!(blob_from_bytes(&blob_to_bytes(&blob)), Some(blob));
         assert_eq!(blob_from_bytes(&[9, 0, 0, 0, b'x']), None);
 
@@ -182,7 +182,7 @@ mod tests {
 
     #[test]
     fn damaged_entries_are_refused() {
-        let blob = worker::FeatureBlob { safetensors: vec![7; 64], model_revision: "rev".into() };
+        let blob = worker::FeatureBlob { safetensors: vec![7; 64], feature_revision: "rev".into() };
         let image = RgbImage::from_raw(2, 1, vec![1, 2, 3, 4, 5, 6]).unwrap();
         let answer = worker::GenerateResponse { answer: "a cat".into(), ..Default::default() };
         let entries = [blob_to_bytes(&blob), pixels_to_bytes(&image), answer_to_bytes(&answer)];

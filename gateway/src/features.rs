@@ -88,27 +88,44 @@ impl Gateway {
             Ok(Pooled { response, tier: CacheTier::Resident, encode_ns: 0, pool_ns: elapsed_ns(start) })
         };
         resident_first(resident, async || {
-            let shared = self.cache.get(&features_key(&image.key)).await.and_then(|b| blob_from_bytes(&b));
-            let (blob, tier) = match shared {
-                Some(blob) => (blob, CacheTier::Shared),
-                None => (self.encode(image, deadline).await?, CacheTier::Computed),
-            };
-            let encode_ns = elapsed_ns(start);
-            let with_blob = worker::PoolRequest { features: Some(blob), ..request.clone() };
-            let response = match tier {
-                // The replica that encoded keeps the features resident: pool there without them, and
-                // send the blob only if another replica answers.
-                CacheTier::Computed => {
-                    resident_first(self.vision.pool(deadline, &request), async || {
-                        self.vision.pool(deadline, &with_blob).await
-                    })
-                    .await?
+            let with_blob = |blob| worker::PoolRequest { features: Some(blob), ..request.clone() };
+            if let Some(blob) = self.shared_features(&image.key).await {
+                let encode_ns = elapsed_ns(start);
+                match self.vision.pool(deadline, &with_blob(blob)).await {
+                    // The replica refuses features of another feature revision than its own (its
+                    // weights changed under the same `--model-revision`, so under the same image
+                    // key): they are computed again below, and replace the shared entry.
+                    Err(ServiceError::FailedPrecondition(why)) => {
+                        tracing::info!(%why, "shared features not usable here; encoding again");
+                    }
+                    response => {
+                        let pool_ns = elapsed_ns(start).saturating_sub(encode_ns);
+                        return Ok(Pooled {
+                            response: response?,
+                            tier: CacheTier::Shared,
+                            encode_ns,
+                            pool_ns,
+                        });
+                    }
                 }
-                _ => self.vision.pool(deadline, &with_blob).await?,
-            };
-            Ok(Pooled { response, tier, encode_ns, pool_ns: elapsed_ns(start).saturating_sub(encode_ns) })
+            }
+            let blob = self.encode(image, deadline).await?;
+            let encode_ns = elapsed_ns(start);
+            // The replica that encoded keeps the features resident: pool there without them, and
+            // send the blob only if another replica answers.
+            let response = resident_first(self.vision.pool(deadline, &request), async || {
+                self.vision.pool(deadline, &with_blob(blob)).await
+            })
+            .await?;
+            let pool_ns = elapsed_ns(start).saturating_sub(encode_ns);
+            Ok(Pooled { response, tier: CacheTier::Computed, encode_ns, pool_ns })
         })
         .await
+    }
+
+    /// The image's features from the shared cache, if present and intact.
+    async fn shared_features(&self, image_key: &str) -> Option<worker::FeatureBlob> {
+        self.cache.get(&features_key(image_key)).await.and_then(|bytes| blob_from_bytes(&bytes))
     }
 
     /// Makes the image's features resident on its vision replica and present in the shared cache
@@ -118,7 +135,7 @@ impl Gateway {
         image: &RequestImage,
         deadline: Deadline,
     ) -> Result<CacheTier, ServiceError> {
-        if self.cache.get(&features_key(&image.key)).await.and_then(|b| blob_from_bytes(&b)).is_some() {
+        if self.shared_features(&image.key).await.is_some() {
             return Ok(CacheTier::Shared);
         }
         self.encode(image, deadline).await?;

@@ -108,7 +108,16 @@ where
     F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), start).await
+}
+
+/// As [`serve_in_process`], on a listener bound beforehand (when a test needs the server's
+/// address before it starts it, e.g. to pick which replica owns an image).
+pub async fn serve_on<F, Fut>(listener: TcpListener, start: F) -> InProcess
+where
+    F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel();
     let server = start(listener, stopped);

@@ -58,7 +58,7 @@ impl ImageFeatures {
         named.push(("image_hw", &image_hw));
         let bytes = safetensors::serialize(named, None)
             .map_err(|e| VisionError::Internal(format!("serialising features: {e}")))?;
-        Ok(FeatureBlob { safetensors: bytes, model_revision: feature_revision.to_string() })
+        Ok(FeatureBlob { safetensors: bytes, feature_revision: feature_revision.to_string() })
     }
 
     /// Reads a blob, checking every level's shape against the model's.

@@ -178,10 +178,10 @@ impl VisionService {
         let (features, was_resident) = match (self.resident.get(&request.image_key), &request.features) {
             (Some(features), _) => (features, true),
             (None, Some(blob)) => {
-                if blob.model_revision != self.feature_revision {
+                if blob.feature_revision != self.feature_revision {
                     return Err(ServiceError::FailedPrecondition(format!(
                         "features were computed by weights of revision {:?}, this worker runs {:?}",
-                        blob.model_revision, self.feature_revision
+                        blob.feature_revision, self.feature_revision
                     )));
                 }
                 let features =

@@ -138,7 +138,7 @@ async fn encode_pool_resident_and_blob_on_another_replica() {
     // A blob from another model revision is refused.
     let mut stale = pool_request("other", &masks);
     let mut old_blob = blob;
-    old_blob.model_revision = "some-older-model".into();
+    old_blob.feature_revision = "some-older-model".into();
     stale.features = Some(old_blob);
     assert_eq!(second.pool(stale).await.unwrap_err().code(), Code::FailedPrecondition);
 }

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 
+use osprey_common::error::StatusExt;
 use osprey_common::mask::{Mask, rle_to_proto};
 use osprey_proto::v1;
 use tonic::{Code, Request};
@@ -64,6 +65,13 @@ async fn bad_input_and_auth() {
         };
         assert_eq!(status.code(), Code::InvalidArgument, "{expected}: {status:?}");
         assert!(status.message().starts_with(expected), "expected {expected:?}, got {:?}", status.message());
+        // The field also travels as a structured google.rpc.BadRequest detail.
+        let field = expected.split_once(':').map_or(expected, |(field, _)| field);
+        let details = status.get_error_details();
+        let violations = &details.bad_request().expect("a BadRequest detail").field_violations;
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert_eq!(violations[0].field, field);
+        assert!(status.message().ends_with(&violations[0].description), "{violations:?}");
     }
 
     // Annotate: a bad item gets an error, the stream goes on with the next one.

@@ -140,6 +140,70 @@ async fn result_cache_answers_repeated_greedy_questions_without_vision_or_llm() 
     assert_eq!(status.code(), Code::InvalidArgument);
 }
 
+/// A model failure on the replica that owns the image (its encode fails: INTERNAL) is that
+/// replica's, not the client's: the gateway tries the next replica, which answers. When every
+/// replica fails so, the request is INTERNAL (not INVALID_ARGUMENT, not UNAVAILABLE).
+#[tokio::test]
+async fn a_failed_encode_is_internal_and_fails_over() {
+    let key = photo_key();
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let (first, second) = (bind().await.unwrap(), bind().await.unwrap());
+    let urls = [&first, &second].map(|l| format!("http://{}", l.local_addr().unwrap()));
+    let (owner, other) =
+        if gateway::routing::rank(&key, &urls)[0] == urls[0] { (first, second) } else { (second, first) };
+    let faulty = vision_on(owner, &["--fault-image-key", &key]).await;
+    let fine = vision_on(other, &[]).await;
+    let llm = llm().await;
+    let image = v1::image::Source::Encoded(photo());
+
+    let (_gateway, mut client) = gateway(&[&faulty, &fine], &llm, &[]).await;
+    let results = describe(&mut client, describe_request(image.clone(), masks(&[1, 4]))).await;
+    assert_eq!(results.iter().map(|r| r.region_index).collect::<Vec<_>>(), [0, 1]);
+    assert!(results.iter().all(|r| tier(r) == CacheTier::Computed));
+
+    // (The first faulty replica holds the features by now, pooled from the blob.)
+    let listener = bind().await.unwrap();
+    let faulty_alone = vision_on(listener, &["--fault-image-key", &key]).await;
+    let (_alone, mut client) = gateway(&[&faulty_alone], &llm, &[]).await;
+    let status = match client.describe(describe_request(image, masks(&[1]))).await {
+        Err(status) => status,
+        Ok(response) => response.into_inner().message().await.unwrap_err(),
+    };
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().contains("injected fault"), "{}", status.message());
+}
+
+/// Vision weights replaced under the same gateway `--model-revision` (so the same image keys):
+/// the shared cache still holds features of the old weights, which the new replica refuses. They
+/// are computed again (and replaced in the cache) instead of failing the request.
+#[tokio::test]
+async fn features_of_another_feature_revision_are_computed_again() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let bind = || async { tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap() };
+    let old = vision_on(bind().await, &["--feature-revision", "weights-1"]).await;
+    let new = vision_on(bind().await, &["--feature-revision", "weights-2"]).await;
+    let llm = llm().await;
+    let shared = ["--redis-url", url.as_str()];
+    let (_g1, mut before) = gateway(&[&old], &llm, &shared).await;
+    let (_g2, mut after) = gateway(&[&new], &llm, &shared).await;
+    let image = v1::image::Source::Encoded(photo());
+
+    let first = describe(&mut before, describe_request(image.clone(), masks(&[1, 4]))).await;
+    assert!(first.iter().all(|r| tier(r) == CacheTier::Computed));
+    let again = describe(&mut after, describe_request(image.clone(), masks(&[1, 4]))).await;
+    assert!(again.iter().all(|r| tier(r) == CacheTier::Computed), "encoded with the new weights");
+    for (a, b) in again.iter().zip(&first) {
+        assert_eq!(a.raw_text, b.raw_text, "the same weights under two names answer alike");
+    }
+    // The shared entry is now the new revision's: a third gateway in front of another new
+    // replica uses it.
+    let newer = vision_on(bind().await, &["--feature-revision", "weights-2"]).await;
+    let (_g3, mut third) = gateway(&[&newer], &llm, &shared).await;
+    let shared_hit = describe(&mut third, describe_request(image, masks(&[1, 4]))).await;
+    assert!(shared_hit.iter().all(|r| tier(r) == CacheTier::Shared));
+}
+
 #[tokio::test]
 async fn gateways_share_features_through_redis_and_registered_images() {
     let redis = RedisServer::start();

@@ -1,5 +1,6 @@
 //! SAM prompts through Segment and Describe, and everything mode.
 
+use osprey_common::error::StatusExt;
 use osprey_proto::v1::{self, CacheTier};
 use tonic::Code;
 
@@ -66,6 +67,13 @@ async fn sam_prompts_segment_and_everything() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("regions[1].prompt"), "{}", status.message());
+    // The SAM worker found it (`prompts[0].points[0]` in its request); the client gets the field
+    // as its own request names it, as a BadRequest detail too.
+    let details = status.get_error_details();
+    let violations = &details.bad_request().expect("a BadRequest detail").field_violations;
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert_eq!(violations[0].field, "regions[1].prompt.points[0]");
+    assert!(violations[0].description.contains("not finite"), "{violations:?}");
 
     // Everything mode describes what SAM proposes (loose thresholds for the random model).
     let everything = v1::EverythingParams {

@@ -7,8 +7,8 @@ use clap::Parser;
 use osprey_common::mask::{Mask, rle_to_proto};
 use osprey_proto::v1::osprey_client::OspreyClient;
 use osprey_proto::v1::{self, CacheTier, DescribeTask};
-use osprey_test_support::serve_in_process;
 pub use osprey_test_support::{InProcess as Running, fixtures};
+use osprey_test_support::{serve_in_process, serve_on};
 use safetensors::SafeTensors;
 use tonic::transport::Channel;
 
@@ -37,10 +37,16 @@ pub struct GatewayCli {
 }
 
 pub async fn vision() -> Running {
+    vision_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), &[]).await
+}
+
+/// A vision worker on `listener`, with `extra` flags.
+pub async fn vision_on(listener: tokio::net::TcpListener, extra: &[&str]) -> Running {
     let weights = fixtures().join("vision/tiny/tiny_st");
-    let args =
-        VisionCli::parse_from(["v", "--weights", weights.to_str().unwrap(), "--feature-dtype", "f32"]).args;
-    serve_in_process(|listener, stopped| {
+    let mut argv = vec!["v", "--weights", weights.to_str().unwrap(), "--feature-dtype", "f32"];
+    argv.extend_from_slice(extra);
+    let args = VisionCli::parse_from(argv).args;
+    serve_on(listener, |listener, stopped| {
         vision_worker::service::run(args, listener, async {
             let _ = stopped.await;
         })
@@ -98,6 +104,11 @@ pub async fn gateway(vision: &[&Running], llm: &Running, extra: &[&str]) -> (Run
 
 pub fn photo() -> Vec<u8> {
     std::fs::read(fixtures().join("vision/photo.png")).unwrap()
+}
+
+/// The photo's image key under the gateway's default `--model-revision`.
+pub fn photo_key() -> String {
+    osprey_common::image::decode_image(&photo(), &Default::default()).unwrap().key("osprey-7b")
 }
 
 /// The vision fixture's masks (103x157): 1 full, 4 blobs, 8 person.

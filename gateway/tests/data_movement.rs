@@ -7,15 +7,17 @@
 //! recorder is global.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::time::Duration;
 
-use clap::Parser;
 use osprey_common::mask::{Mask, rle_to_proto};
 use osprey_proto::v1::osprey_client::OspreyClient;
 use osprey_proto::v1::{self, CacheTier, DescribeTask};
-use tokio::net::TcpListener;
 use tonic::transport::Channel;
+
+/// The tiny models' servers and the gateway in front of them, as the pipeline tests start them.
+#[path = "pipeline/support.rs"]
+#[allow(dead_code)]
+mod support;
+use support::{fixtures, gateway, photo};
 
 /// Image tokens of the tiny vision model: res4 of a 64 px input is 4×4 positions of 24 f32
 /// (`tests/fixtures/vision/tiny/tiny_st/config.json`). Every payload of a warm request must stay
@@ -25,79 +27,6 @@ const IMAGE_TOKEN_BYTES: u64 = 4 * 4 * 24 * 4;
 /// One mask's low-resolution logits from the tiny SAM model: 32 × 32 f32
 /// (`tests/fixtures/sam/tiny_config.json`; 256 × 256 at full size).
 const SAM_LOGITS_BYTES: u64 = 32 * 32 * 4;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-#[derive(Parser)]
-struct VisionCli {
-    #[command(flatten)]
-    args: vision_worker::service::ServeArgs,
-}
-
-#[derive(Parser)]
-struct LlmCli {
-    #[command(flatten)]
-    args: llm_worker::service::ServeArgs,
-}
-
-#[derive(Parser)]
-struct SamCli {
-    #[command(flatten)]
-    args: sam_worker::service::ServeArgs,
-}
-
-#[derive(Parser)]
-struct GatewayCli {
-    #[command(flatten)]
-    args: gateway::service::GatewayArgs,
-}
-
-async fn listener() -> (TcpListener, String) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    (listener, url)
-}
-
-async fn serving(url: &str) {
-    osprey_common::grpc::connect_when_serving(url, "", Duration::from_secs(120)).await.unwrap();
-}
-
-async fn start_llm() -> String {
-    let weights = fixtures().join("llm/tiny");
-    let args =
-        LlmCli::parse_from(["l", "--weights", weights.to_str().unwrap(), "--default-max-new-tokens", "3"])
-            .args;
-    let (listener, url) = listener().await;
-    tokio::spawn(llm_worker::service::run(args, listener, std::future::pending()));
-    serving(&url).await;
-    url
-}
-
-async fn start_sam() -> String {
-    let dir = fixtures().join("sam");
-    let (weights, config) = (dir.join("tiny_sam.pth"), dir.join("tiny_config.json"));
-    let argv = ["s", "--weights", weights.to_str().unwrap(), "--config", config.to_str().unwrap()];
-    let (listener, url) = listener().await;
-    tokio::spawn(sam_worker::service::run(SamCli::parse_from(argv).args, listener, std::future::pending()));
-    serving(&url).await;
-    url
-}
-
-async fn start_gateway(vision_url: &str, llm_url: &str) -> OspreyClient<Channel> {
-    start_gateway_with(vision_url, llm_url, &[]).await
-}
-
-async fn start_gateway_with(vision_url: &str, llm_url: &str, extra: &[&str]) -> OspreyClient<Channel> {
-    let mut argv = vec!["g", "--vision-workers", vision_url, "--llm-workers", llm_url];
-    argv.extend_from_slice(extra);
-    let args = GatewayCli::parse_from(argv).args;
-    let (listener, url) = listener().await;
-    tokio::spawn(gateway::service::run(args, listener, std::future::pending()));
-    serving(&url).await;
-    OspreyClient::connect(url).await.unwrap()
-}
 
 /// Bytes moved per worker kind and direction, from the Prometheus text at `port`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -239,16 +168,10 @@ async fn warm_requests_send_no_image_sized_payload_and_answer_as_cold_ones() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     osprey_common::telemetry::init_prometheus(([127, 0, 0, 1], port).into()).unwrap();
 
-    let weights = fixtures().join("vision/tiny/tiny_st");
-    let vision_args =
-        VisionCli::parse_from(["v", "--weights", weights.to_str().unwrap(), "--feature-dtype", "f32"]).args;
-    let (vision_listener, vision_url) = listener().await;
-    tokio::spawn(vision_worker::service::run(vision_args, vision_listener, std::future::pending()));
-    serving(&vision_url).await;
-    let llm_url = start_llm().await;
-    let mut client = start_gateway(&vision_url, &llm_url).await;
+    let (vision, llm) = (support::vision().await, support::llm().await);
+    let (_gateway, mut client) = gateway(&[&vision], &llm, &[]).await;
 
-    let photo = std::fs::read(fixtures().join("vision/photo.png")).unwrap();
+    let photo = photo();
     let a = register(&mut client, photo.clone()).await;
     let a_size = (a.width, a.height);
     let pixel_bytes = u64::from(a.width * a.height * 3);
@@ -294,8 +217,8 @@ async fn warm_requests_send_no_image_sized_payload_and_answer_as_cold_ones() {
     // A new LLM replica (replaced or restarted: it keeps nothing) behind another gateway: the
     // first request finds the features resident on vision, the LLM lacking the image tokens; they
     // are fetched from vision and sent once, and the answers are the same.
-    let fresh_llm = start_llm().await;
-    let mut other = start_gateway(&vision_url, &fresh_llm).await;
+    let fresh_llm = support::llm().await;
+    let (_other_gateway, mut other) = gateway(&[&vision], &fresh_llm, &[]).await;
     let by_file = v1::Image { source: Some(v1::image::Source::Encoded(photo)) };
     let (answer, tier, prefix_hit, bytes) = describe(&mut other, port, &by_file, a_size).await;
     println!("Describe, new LLM replica: {bytes:?}");
@@ -311,8 +234,8 @@ async fn warm_requests_send_no_image_sized_payload_and_answer_as_cold_ones() {
 
     // A SAM prompt as a region: SAM sends back its masks, and their low-resolution logits only to
     // Segment, whose clients refine masks with them; a described region needs only its mask.
-    let sam_url = start_sam().await;
-    let mut with_sam = start_gateway_with(&vision_url, &llm_url, &["--sam-workers", &sam_url]).await;
+    let sam = support::sam().await;
+    let (_sam_gateway, mut with_sam) = gateway(&[&vision], &llm, &["--sam-workers", &sam.url]).await;
     let point = v1::SamPrompt {
         points: vec![v1::Point { x: 80.0, y: 50.0, label: v1::PointLabel::Foreground as i32 }],
         ..Default::default()

@@ -13,7 +13,7 @@ use llm_worker::prompt::PromptError;
 use llm_worker::sampling::{FinishReason, SamplingParams};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llm")
+    osprey_test_support::fixture("llm")
 }
 
 fn model() -> OspreyLlama {

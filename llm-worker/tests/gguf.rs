@@ -17,7 +17,7 @@ use llm_worker::sampling::{SamplingParams, argmax};
 use llm_worker::tokenizer::OspreyTokenizer;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llm")
+    osprey_test_support::fixture("llm")
 }
 
 /// A fresh directory for one test's files.
@@ -62,11 +62,12 @@ fn spliced(model: &OspreyLlama) -> Tensor {
     model.splice(&ids, Some(&image), &e["mask_tokens"], &e["pos_tokens"]).unwrap()
 }
 
+/// [`osprey_test_support::rel_l2`] of two tensors of the same shape.
 fn rel_l2(got: &Tensor, want: &Tensor) -> f32 {
     assert_eq!(got.dims(), want.dims(), "shapes differ");
-    let diff = (got - want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-    let norm = want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-    diff / norm.max(1e-12)
+    let values =
+        |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    osprey_test_support::rel_l2(&values(got), &values(want)) as f32
 }
 
 fn greedy(model: &OspreyLlama, embeds: &Tensor) -> Vec<u32> {

@@ -18,7 +18,7 @@ use llm_worker::sampling::{SamplingParams, argmax};
 const TOL: f32 = 1e-4;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llm")
+    osprey_test_support::fixture("llm")
 }
 
 fn load_model(name: &str) -> OspreyLlama {
@@ -31,11 +31,12 @@ fn expected(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).expect("expected tensors")
 }
 
+/// [`osprey_test_support::rel_l2`] of two tensors of the same shape.
 fn rel_l2(got: &Tensor, want: &Tensor) -> f32 {
     assert_eq!(got.dims(), want.dims(), "shapes differ");
-    let diff = (got - want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-    let norm = want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-    diff / norm.max(1e-12)
+    let values =
+        |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    osprey_test_support::rel_l2(&values(got), &values(want)) as f32
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor) {

@@ -20,7 +20,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llm")
+    osprey_test_support::fixture("llm")
 }
 
 #[derive(Parser)]

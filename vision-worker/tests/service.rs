@@ -73,13 +73,6 @@ fn expected(name: &str) -> Vec<f32> {
         .collect()
 }
 
-fn relative_l2(actual: &[f32], expected: &[f32]) -> f64 {
-    assert_eq!(actual.len(), expected.len());
-    let diff: f64 = actual.iter().zip(expected).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
-    let norm: f64 = expected.iter().map(|b| (*b as f64).powi(2)).sum();
-    (diff / norm.max(1e-30)).sqrt()
-}
-
 fn pool_request(key: &str, masks: &[Mask]) -> PoolRequest {
     PoolRequest {
         image_key: key.into(),
@@ -118,7 +111,7 @@ async fn encode_pool_resident_and_blob_on_another_replica() {
     for (name, actual) in
         [("mask_tokens", &mask_tokens), ("pos_tokens", &pos_tokens), ("image_tokens", &image_tokens)]
     {
-        let error = relative_l2(actual, &expected(name));
+        let error = osprey_test_support::rel_l2(actual, &expected(name));
         assert!(error <= 1e-4, "{name}: relative L2 error {error:e}");
     }
 

@@ -165,7 +165,7 @@ async fn ask(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_requests_send_no_image_sized_payload_and_answer_as_cold_ones() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = osprey_test_support::free_port();
     osprey_common::telemetry::init_prometheus(([127, 0, 0, 1], port).into()).unwrap();
 
     let (vision, llm) = (support::vision().await, support::llm().await);

@@ -72,7 +72,7 @@ fn grpc_web(url: &str, message: &[u8], key: Option<&str>) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_side_serves_the_page_and_grpc_web_over_tls_behind_the_key() {
-    let http_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let http_port = osprey_test_support::free_port();
     let http = format!("127.0.0.1:{http_port}");
     let (cert, key) = (tls_fixture("server.pem"), tls_fixture("server.key"));
     let argv = [
@@ -167,7 +167,7 @@ async fn http_side_serves_the_page_and_grpc_web_over_tls_behind_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_key_on_a_large_upload_gets_its_answer_not_a_reset() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let http_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let http_port = osprey_test_support::free_port();
     let http = format!("127.0.0.1:{http_port}");
     let argv = [
         "g",

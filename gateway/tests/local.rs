@@ -10,7 +10,7 @@ fn local_pipeline_runs_the_sample_and_exits_cleanly() {
     let gateway = env!("CARGO_BIN_EXE_gateway");
     let workers = std::path::Path::new(gateway).with_file_name("vision-worker");
     assert!(workers.exists(), "build the workspace first: {} is missing", workers.display());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = osprey_test_support::free_port();
     let output = Command::new(gateway)
         .args(["local", "--listen", &format!("127.0.0.1:{port}"), "--max-new-tokens", "4"])
         .output()

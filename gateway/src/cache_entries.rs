@@ -228,6 +228,16 @@ mod tests {
         ] {
             assert_ne!(base, other);
         }
+        // The same words asked as a question or verbatim, and other generation limits, differ too.
+        assert_ne!(
+            answer_key("r", "img", &[&a], "text:q", &[], None),
+            answer_key("r", "img", &[&a], "verbatim:q", &[], None)
+        );
+        let longer = worker::GenerationParameters { max_new_tokens: Some(6), ..Default::default() };
+        assert_ne!(
+            answer_key("r", "img", &[&a], "task:0", &[], Some(&greedy)),
+            answer_key("r", "img", &[&a], "task:0", &[], Some(&longer))
+        );
         assert!(base.starts_with("result:"));
     }
 

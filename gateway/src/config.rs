@@ -43,15 +43,31 @@ pub struct GatewayArgs {
     /// The PEM private key of `--tls-cert`.
     #[arg(long, env, requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
-    /// Clients must send this key as `authorization: Bearer KEY` or `x-api-key: KEY`. Open when unset.
+    /// Clients must send this key as `authorization: Bearer KEY` or `x-api-key: KEY`. Open when
+    /// neither this nor `--api-keys-file` is given. Named `default` in metrics.
     #[arg(long, env)]
     pub api_key: Option<String>,
+    /// Several named keys, one a line: `NAME:KEY`, or `NAME:KEY:PER_SECOND:BURST` to limit that
+    /// key's requests (over it: RESOURCE_EXHAUSTED with a retry hint); `#` starts a comment. Sent
+    /// as `--api-key`'s; requests are counted by key name and status in
+    /// `osprey_gateway_requests_total`.
+    #[arg(long, env)]
+    pub api_keys_file: Option<std::path::PathBuf>,
     /// Model revision mixed into image keys; change it when any model's weights change.
     #[arg(long, env, default_value = "osprey-7b")]
     pub model_revision: String,
     /// Most regions in one request.
     #[arg(long, env, default_value_t = 256)]
     pub max_regions: usize,
+    /// Most points per side of everything mode's grid (`everything.points_per_side`; SAM runs
+    /// the square of it per crop).
+    #[arg(long, env, default_value_t = 64)]
+    pub max_points_per_side: u32,
+    /// Most tokens one Describe (or Annotate item) may ask to generate: regions (everything
+    /// mode: `everything.max_masks`) times `parameters.max_new_tokens` (the LLM worker's default,
+    /// 512, when unset).
+    #[arg(long, env, default_value_t = 256 * 512)]
+    pub max_request_tokens: u64,
     /// Largest image file accepted, in bytes.
     #[arg(long, env, default_value_t = 32 << 20)]
     pub max_image_bytes: usize,

@@ -16,9 +16,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tonic::service::LayerExt;
-use tonic::service::interceptor::InterceptedService;
 
-use crate::auth::ApiKeyCheck;
+use crate::auth::{ApiKeyCheck, KeyedService};
 use crate::config::GatewayArgs;
 use crate::handlers::OspreyService;
 use crate::state::Gateway;
@@ -48,18 +47,16 @@ const ASSETS: &[Asset] = &[
 /// Every HTTP route: the page's assets (open: they hold nothing secret), gRPC-Web for
 /// `osprey.v1.Osprey` and the integrations (both behind the API key, which each integration
 /// reads from the headers its tool sends).
-pub fn router(gateway: Arc<Gateway>, args: &GatewayArgs) -> axum::Router {
-    let api_key = ApiKeyCheck::new(args.api_key.as_deref());
+pub fn router(gateway: Arc<Gateway>, args: &GatewayArgs, api_key: &ApiKeyCheck) -> axum::Router {
     let osprey = OspreyServer::new(OspreyService(gateway.clone()))
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
-    let grpc_web =
-        tonic_web::GrpcWebLayer::new().named_layer(InterceptedService::new(osprey, api_key.clone()));
+    let grpc_web = tonic_web::GrpcWebLayer::new().named_layer(KeyedService::new(osprey, api_key.clone()));
     // A base64 (grpc-web-text) message is 4/3 of its size; twice the limit covers any we accept.
     let refused =
         RefusedCall { api_key: api_key.clone(), drain_limit: args.max_message_bytes.saturating_mul(2) };
     // Each integration checks the key as its tool sends it (basic auth, a Token header...).
-    let integrations = crate::integrations::router(OspreyService(gateway), api_key);
+    let integrations = crate::integrations::router(OspreyService(gateway), api_key.clone());
     let mut router = axum::Router::new()
         .route_service("/osprey.v1.Osprey/{*method}", grpc_web)
         .route_layer(axum::middleware::from_fn_with_state(refused, read_refused_body));

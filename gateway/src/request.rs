@@ -15,8 +15,16 @@ use osprey_proto::worker::v1 as worker;
 pub struct Limits {
     pub max_regions: usize,
     pub max_question_bytes: usize,
+    /// Most `everything.points_per_side`.
+    pub max_points_per_side: u32,
+    /// Most regions x `max_new_tokens` in one Describe or Annotate item.
+    pub max_request_tokens: u64,
     pub image: ImageLimits,
 }
+
+/// The LLM worker's `--default-max-new-tokens` as shipped: what a region without
+/// `parameters.max_new_tokens` counts toward `--max-request-tokens`.
+pub const ASSUMED_MAX_NEW_TOKENS: u32 = 512;
 
 /// The image of a request.
 #[derive(Debug)]
@@ -106,7 +114,9 @@ fn describe_parts(
     if regions.is_empty() && everything.is_none() {
         return Err(ServiceError::invalid("regions", "at least one region is needed"));
     }
+    let everything = everything.map(|params| capped_masks(params, limits)).transpose()?;
     let regions = regions_input(image, regions, everything, limits)?;
+    check_tokens(&regions, parameters.as_ref(), limits)?;
     Ok(DescribeInput { regions, task, parameters: parameters.map(Into::into) })
 }
 
@@ -157,9 +167,64 @@ pub fn segment(request: v1::SegmentRequest, limits: &Limits) -> Result<SegmentIn
             return Err(ServiceError::invalid("prompts", "at least one prompt (or everything) is needed"));
         }
         (None, false) => SegmentWork::Prompts(prompts.into_iter().map(Into::into).collect()),
-        (Some(params), true) => SegmentWork::Everything(params.into()),
+        (Some(params), true) => SegmentWork::Everything(checked_grid(params, limits)?.into()),
     };
     Ok(SegmentInput { image, work })
+}
+
+/// Regions x new tokens held to `--max-request-tokens` (each region of a Describe is one answer).
+fn check_tokens(
+    regions: &RegionsInput,
+    parameters: Option<&v1::GenerationParameters>,
+    limits: &Limits,
+) -> Result<(), ServiceError> {
+    let everything = regions.everything.as_ref().map(|p| u64::from(p.max_masks.unwrap_or(0)));
+    let answers = regions.sources.len() as u64 + everything.unwrap_or(0);
+    let asked = parameters.and_then(|p| p.max_new_tokens);
+    let tokens = u64::from(asked.unwrap_or(ASSUMED_MAX_NEW_TOKENS));
+    if answers * tokens <= limits.max_request_tokens {
+        return Ok(());
+    }
+    let field = if asked.is_some() { "parameters.max_new_tokens" } else { "regions" };
+    Err(ServiceError::invalid(
+        field,
+        format!(
+            "{answers} regions x {tokens} new tokens is over the limit of {} tokens per request \
+             (--max-request-tokens)",
+            limits.max_request_tokens
+        ),
+    ))
+}
+
+/// Everything mode's grid held to `--max-points-per-side`.
+fn checked_grid(params: v1::EverythingParams, limits: &Limits) -> Result<v1::EverythingParams, ServiceError> {
+    if let Some(side) = params.points_per_side
+        && side > limits.max_points_per_side
+    {
+        return Err(ServiceError::invalid(
+            "everything.points_per_side",
+            format!("{side} is over the limit of {}", limits.max_points_per_side),
+        ));
+    }
+    Ok(params)
+}
+
+/// Everything mode as regions to describe: its grid checked, and at most `--max-regions` masks
+/// (the default when `max_masks` is unset).
+fn capped_masks(params: v1::EverythingParams, limits: &Limits) -> Result<v1::EverythingParams, ServiceError> {
+    let mut params = checked_grid(params, limits)?;
+    let max_regions = u32::try_from(limits.max_regions).unwrap_or(u32::MAX);
+    match params.max_masks {
+        Some(masks) if masks > max_regions => {
+            return Err(ServiceError::invalid(
+                "everything.max_masks",
+                format!("{masks} regions, over the limit of {max_regions}"),
+            ));
+        }
+        Some(_) => {}
+        None => params.max_masks = Some(max_regions),
+    }
+    Ok(params)
 }
 
 fn regions_input(
@@ -277,7 +342,13 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { max_regions: 2, max_question_bytes: 32, image: ImageLimits::default() }
+        Limits {
+            max_regions: 2,
+            max_question_bytes: 32,
+            max_points_per_side: 16,
+            max_request_tokens: 1024,
+            image: ImageLimits::default(),
+        }
     }
 
     fn key_image() -> Option<v1::Image> {
@@ -358,6 +429,60 @@ mod tests {
         // Everything mode alone needs no regions.
         let everything = v1::DescribeRequest { regions: vec![], everything: Some(Default::default()), ..ok };
         assert!(describe(everything, &limits()).unwrap().regions.everything.is_some());
+    }
+
+    #[test]
+    fn the_costliest_requests_are_capped() {
+        let one =
+            v1::DescribeRequest { image: key_image(), regions: vec![prompt_region()], ..Default::default() };
+        let tokens = |n| Some(v1::GenerationParameters { max_new_tokens: Some(n), ..Default::default() });
+        // 1 region x 1024 tokens is the limit; 2 x 512 (the assumed default) too; 2 x 513 is over.
+        assert!(describe(v1::DescribeRequest { parameters: tokens(1024), ..one.clone() }, &limits()).is_ok());
+        let two = v1::DescribeRequest { regions: vec![prompt_region(); 2], ..one.clone() };
+        assert!(describe(two.clone(), &limits()).is_ok());
+        let over =
+            describe(v1::DescribeRequest { parameters: tokens(513), ..two.clone() }, &limits()).unwrap_err();
+        assert_eq!(over.field(), Some("parameters.max_new_tokens"));
+        assert!(over.to_string().contains("2 regions x 513 new tokens is over the limit of 1024"), "{over}");
+        let tight = Limits { max_request_tokens: 1000, ..limits() };
+        assert_eq!(field(describe(two, &tight)), "regions");
+        assert_eq!(
+            field(annotate_item(
+                v1::AnnotateRequest {
+                    parameters: tokens(1025),
+                    image: key_image(),
+                    regions: vec![prompt_region()],
+                    ..Default::default()
+                },
+                &limits()
+            )),
+            "parameters.max_new_tokens"
+        );
+
+        // Everything mode: the grid, and max_masks counted as regions (unset: --max-regions).
+        let grid =
+            |side, max_masks| v1::EverythingParams { points_per_side: side, max_masks, ..Default::default() };
+        let everything =
+            |params| v1::DescribeRequest { regions: vec![], everything: Some(params), ..one.clone() };
+        let input = describe(everything(grid(Some(16), None)), &limits()).unwrap();
+        assert_eq!(input.regions.everything.unwrap().max_masks, Some(2));
+        assert_eq!(
+            field(describe(everything(grid(Some(17), None)), &limits())),
+            "everything.points_per_side"
+        );
+        assert_eq!(field(describe(everything(grid(None, Some(3))), &limits())), "everything.max_masks");
+        let everything_tokens =
+            v1::DescribeRequest { parameters: tokens(600), ..everything(grid(None, None)) };
+        assert_eq!(field(describe(everything_tokens, &limits())), "parameters.max_new_tokens");
+        let one_mask = v1::DescribeRequest { parameters: tokens(600), ..everything(grid(None, Some(1))) };
+        assert!(describe(one_mask, &limits()).is_ok());
+        let segment_grid = |side| v1::SegmentRequest {
+            image: key_image(),
+            prompts: vec![],
+            everything: Some(grid(Some(side), None)),
+        };
+        assert!(segment(segment_grid(16), &limits()).is_ok());
+        assert_eq!(field(segment(segment_grid(17), &limits())), "everything.points_per_side");
     }
 
     #[test]

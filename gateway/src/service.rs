@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::auth::ApiKeyCheck;
+use crate::auth::{ApiKeyCheck, KeyedService};
 pub use crate::config::GatewayArgs;
 use crate::handlers::OspreyService;
 use crate::state::Gateway;
@@ -18,6 +18,7 @@ pub async fn run(
     let tls = tls_config(&args)?;
     let http_tls = crate::http::tls_config(&args)?;
     let (routes, health) = osprey_common::grpc::standard_routes(&["osprey.v1.Osprey"]).await;
+    let keys = ApiKeyCheck::from_flags(args.api_key.as_deref(), args.api_keys_file.as_deref())?;
     let gateway = Arc::new(Gateway::new(&args)?);
     gateway.discover_workers().await;
     let http = match args.http_listen {
@@ -26,14 +27,13 @@ pub async fn run(
             let listener = tokio::net::TcpListener::bind(address)
                 .await
                 .map_err(|e| anyhow::anyhow!("--http-listen {address}: {e}"))?;
-            Some((listener, crate::http::router(gateway.clone(), &args)))
+            Some((listener, crate::http::router(gateway.clone(), &args, &keys)))
         }
     };
     let server = osprey_proto::v1::osprey_server::OspreyServer::new(OspreyService(gateway))
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
-    let api_key = ApiKeyCheck::new(args.api_key.as_deref());
-    let routes = routes.add_service(tonic::service::interceptor::InterceptedService::new(server, api_key));
+    let routes = routes.add_service(KeyedService::new(server, keys));
     // One shutdown signal for both sides.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

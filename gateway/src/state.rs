@@ -41,6 +41,8 @@ impl Gateway {
             limits: Limits {
                 max_regions: args.max_regions,
                 max_question_bytes: args.max_question_bytes,
+                max_points_per_side: args.max_points_per_side,
+                max_request_tokens: args.max_request_tokens,
                 image: ImageLimits {
                     max_bytes: args.max_image_bytes,
                     max_pixels: args.max_image_pixels,

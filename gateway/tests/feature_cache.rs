@@ -129,3 +129,29 @@ async fn entries_expire_after_their_ttl_in_both_backends() {
     assert!(!off.caches_results());
     assert_eq!(off.get_result("result:y").await, None);
 }
+
+#[tokio::test]
+async fn redis_with_a_password_in_the_url() {
+    let port = free_port();
+    let _redis = RedisServer::start_with(port, &["--requirepass", "s3cret"]);
+    for url in
+        [format!("redis://:s3cret@127.0.0.1:{port}/0"), format!("redis://default:s3cret@127.0.0.1:{port}/0")]
+    {
+        let cache = cache(&["--redis-url", &url, "--redis-timeout-ms", "500"]);
+        cache.put("img", vec![7, 8]).await;
+        assert_eq!(cache.get("img").await, Some(vec![7, 8]), "{url}");
+    }
+    // A wrong or missing password: every lookup a miss (counted as an error), never a failure.
+    for url in [format!("redis://:wrong@127.0.0.1:{port}/0"), format!("redis://127.0.0.1:{port}/0")] {
+        let cache = cache(&["--redis-url", &url, "--redis-timeout-ms", "500"]);
+        cache.put("img2", vec![1]).await;
+        assert_eq!(cache.get("img").await, None, "{url}");
+    }
+    // The entry is really in Redis, behind the password.
+    let client = redis::Client::open(format!("redis://:s3cret@127.0.0.1:{port}/0")).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let stored: Vec<u8> = redis::cmd("GET").arg("osprey:img").query_async(&mut connection).await.unwrap();
+    assert_eq!(stored, [7, 8]);
+    let exists: bool = redis::cmd("EXISTS").arg("osprey:img2").query_async(&mut connection).await.unwrap();
+    assert!(!exists, "a refused client stored an entry");
+}

@@ -49,8 +49,14 @@ impl RedisServer {
 
     /// Starts one on `port` (to bring a stopped server back where clients expect it).
     pub fn start_on(port: u16) -> Self {
+        Self::start_with(port, &[])
+    }
+
+    /// Starts one on `port` with more `redis-server` flags (e.g. `--requirepass`).
+    pub fn start_with(port: u16, extra: &[&str]) -> Self {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server must be on PATH (`apt-get install redis-server`; tools/setup_test_env.sh installs it)");

@@ -13,7 +13,7 @@ use osprey_proto::v1::osprey_server::Osprey;
 use tokio_stream::StreamExt;
 use tonic::{Code, Status};
 
-use crate::auth::ApiKeyCheck;
+use crate::auth::{ApiKeyCheck, Refusal};
 use crate::handlers::OspreyService;
 
 /// The gateway as the adapters see it.
@@ -92,9 +92,10 @@ impl Backend {
         self.describe(request).await
     }
 
-    /// Whether the request carries the gateway's API key in any form a tool sends it.
-    pub fn authorized(&self, headers: &HeaderMap) -> bool {
-        self.api_key.accepts_any(given_keys(headers).iter().map(String::as_str))
+    /// Admits a request carrying one of the gateway's API keys in any form a tool sends it
+    /// (its rate limit applies): the key's name, for the request counts.
+    pub fn admit(&self, headers: &HeaderMap) -> Result<String, Refusal> {
+        self.api_key.admit(given_keys(headers).iter().map(String::as_str))
     }
 }
 
@@ -165,10 +166,16 @@ pub fn json(status: StatusCode, body: &serde_json::Value) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
-/// Counts a request of `tool` answered with `status` (beside the pipeline's own metrics).
-pub fn count(tool: &'static str, status: StatusCode) {
-    metrics::counter!("osprey_integration_requests_total", "tool" => tool, "status" => status.as_u16().to_string())
-        .increment(1);
+/// Counts a request of `tool` by key `key` (its name) answered with `status` (beside the
+/// pipeline's own metrics).
+pub fn count(tool: &'static str, key: &str, status: StatusCode) {
+    metrics::counter!(
+        "osprey_integration_requests_total",
+        "tool" => tool,
+        "key" => key.to_string(),
+        "status" => status.as_u16().to_string()
+    )
+    .increment(1);
 }
 
 /// A JSON request body, or a message saying why it is not one.

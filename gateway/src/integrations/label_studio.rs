@@ -22,6 +22,8 @@ use axum::routing::{get, post};
 use osprey_proto::v1;
 use serde_json::{Value, json};
 
+use crate::auth::Refusal;
+
 use super::brush_rle;
 use super::calls::{
     Backend, Failure, Registered, count, json as json_response, mask_region, match_option, parse_body,
@@ -158,26 +160,29 @@ where
     F: FnOnce(&'a State, Value) -> Fut,
     Fut: std::future::Future<Output = Result<Value, Failure>>,
 {
-    let result = if !state.backend.authorized(headers) {
-        Err(Failure {
-            status: StatusCode::UNAUTHORIZED,
-            message: "missing or wrong API key: connect the model with basic auth (any user name, the \
-                      gateway's API key as password), or send Authorization: Token KEY"
-                .into(),
-        })
-    } else {
-        match parse_body(body) {
-            Ok(request) => work(state, request).await,
-            Err(message) => Err(Failure::bad_request(message)),
+    let (key, result) = match state.backend.admit(headers) {
+        Err(refusal) => {
+            let message = match refusal {
+                Refusal::Unauthenticated => "missing or wrong API key: connect the model with basic auth \
+                                             (any user name, the gateway's API key as password), or send \
+                                             Authorization: Token KEY"
+                    .into(),
+                Refusal::RateLimited { .. } => refusal.message(),
+            };
+            (refusal.key_label(), Err(Failure { status: refusal.http_status(), message }))
         }
+        Ok(key) => match parse_body(body) {
+            Ok(request) => (key, work(state, request).await),
+            Err(message) => (key, Err(Failure::bad_request(message))),
+        },
     };
     match result {
         Ok(body) => {
-            count("label-studio", StatusCode::OK);
+            count("label-studio", &key, StatusCode::OK);
             json_response(StatusCode::OK, &body)
         }
         Err(failure) => {
-            count("label-studio", failure.status);
+            count("label-studio", &key, failure.status);
             let body = json!({"status": failure.status.as_u16(), "detail": failure.message});
             let mut response = json_response(failure.status, &body);
             if failure.status == StatusCode::UNAUTHORIZED {

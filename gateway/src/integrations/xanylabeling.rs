@@ -23,6 +23,8 @@ use osprey_proto::v1;
 use serde_json::{Value, json};
 use tonic::Code;
 
+use crate::auth::Refusal;
+
 use super::calls::{
     Backend, Registered, count, decode_base64_image, json as json_response, mask_region, parse_body,
     result_mask,
@@ -119,10 +121,19 @@ async fn answer(
     headers: &HeaderMap,
     work: impl Future<Output = Result<Value, Error>>,
 ) -> Response {
-    let result = if backend.authorized(headers) {
-        work.await
-    } else {
-        Err(Error::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "Invalid or missing API Key"))
+    let (key, result) = match backend.admit(headers) {
+        Ok(key) => (key, work.await),
+        Err(refusal) => {
+            let error = match refusal {
+                Refusal::Unauthenticated => {
+                    Error::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "Invalid or missing API Key")
+                }
+                Refusal::RateLimited { .. } => {
+                    Error::new(refusal.http_status(), "RATE_LIMITED", refusal.message())
+                }
+            };
+            (refusal.key_label(), Err(error))
+        }
     };
     let (status, body) = match result {
         Ok(data) => (StatusCode::OK, json!({"success": true, "data": data})),
@@ -131,7 +142,7 @@ async fn answer(
             (error.status, body)
         }
     };
-    count("x-anylabeling", status);
+    count("x-anylabeling", &key, status);
     json_response(status, &body)
 }
 

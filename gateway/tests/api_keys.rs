@@ -5,49 +5,19 @@
 //! test binary: the metrics recorder is global.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
 use osprey_common::error::StatusExt;
-use osprey_common::mask::{Mask, rle_to_proto};
 use osprey_proto::v1::osprey_client::OspreyClient;
 use osprey_proto::v1::{self, DescribeTask};
-use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-#[derive(Parser)]
-struct VisionCli {
-    #[command(flatten)]
-    args: vision_worker::service::ServeArgs,
-}
-
-#[derive(Parser)]
-struct LlmCli {
-    #[command(flatten)]
-    args: llm_worker::service::ServeArgs,
-}
-
-#[derive(Parser)]
-struct GatewayCli {
-    #[command(flatten)]
-    args: gateway::service::GatewayArgs,
-}
-
-async fn listener() -> (TcpListener, String) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    (listener, url)
-}
-
-async fn serving(url: &str) {
-    osprey_common::grpc::connect_when_serving(url, "", Duration::from_secs(120)).await.unwrap();
-}
+/// The tiny models' servers and the gateway in front of them, as the pipeline tests start them.
+#[path = "pipeline/support.rs"]
+#[allow(dead_code)]
+mod support;
+use support::{gateway, llm, masks, photo, vision};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -78,19 +48,9 @@ fn counter(metrics: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
 }
 
 fn describe_request(parameters: Option<v1::GenerationParameters>, regions: usize) -> v1::DescribeRequest {
-    let encoded = std::fs::read(fixtures().join("vision/photo.png")).unwrap();
-    let mut values = vec![0u8; 103 * 157];
-    values[..2000].fill(1);
-    let mask = Mask::from_row_major(103, 157, &values).unwrap();
-    let region = v1::Region {
-        source: Some(v1::region::Source::Mask(v1::Mask {
-            format: Some(v1::mask::Format::Rle(rle_to_proto(&mask.to_rle()))),
-        })),
-        label: String::new(),
-    };
     v1::DescribeRequest {
-        image: Some(v1::Image { source: Some(v1::image::Source::Encoded(encoded)) }),
-        regions: vec![region; regions],
+        image: Some(v1::Image { source: Some(v1::image::Source::Encoded(photo())) }),
+        regions: masks(&vec![1; regions]),
         everything: None,
         task: DescribeTask::Short as i32,
         parameters,
@@ -120,37 +80,14 @@ async fn named_keys_are_counted_by_name_and_rate_limited() {
     let metrics_port = free_port();
     osprey_common::telemetry::init_prometheus(([127, 0, 0, 1], metrics_port).into()).unwrap();
 
-    let vision_weights = fixtures().join("vision/tiny/tiny_st");
-    let vision_args =
-        VisionCli::parse_from(["v", "--weights", vision_weights.to_str().unwrap(), "--feature-dtype", "f32"])
-            .args;
-    let (vision_listener, vision_url) = listener().await;
-    tokio::spawn(vision_worker::service::run(vision_args, vision_listener, std::future::pending()));
-    let llm_weights = fixtures().join("llm/tiny");
-    let llm_args = LlmCli::parse_from([
-        "l",
-        "--weights",
-        llm_weights.to_str().unwrap(),
-        "--default-max-new-tokens",
-        "3",
-    ])
-    .args;
-    let (llm_listener, llm_url) = listener().await;
-    tokio::spawn(llm_worker::service::run(llm_args, llm_listener, std::future::pending()));
-    serving(&vision_url).await;
-    serving(&llm_url).await;
+    let (vision, llm) = (vision().await, llm().await);
 
     // bob may make 2 requests, then one every 1000 s.
     let keys = std::env::temp_dir().join(format!("osprey-api-keys-{}", std::process::id()));
     std::fs::write(&keys, "# name:key[:per_second:burst]\nalice:a-key\nbob:b-key:0.001:2\n").unwrap();
     let http_port = free_port();
     let http_listen = format!("127.0.0.1:{http_port}");
-    let argv = [
-        "g",
-        "--vision-workers",
-        &vision_url,
-        "--llm-workers",
-        &llm_url,
+    let extra = [
         "--api-key",
         "solo-key",
         "--api-keys-file",
@@ -162,12 +99,8 @@ async fn named_keys_are_counted_by_name_and_rate_limited() {
         "--max-points-per-side",
         "40",
     ];
-    let args = GatewayCli::parse_from(argv).args;
-    let (gateway_listener, gateway_url) = listener().await;
-    tokio::spawn(gateway::service::run(args, gateway_listener, std::future::pending()));
-    serving(&gateway_url).await;
+    let (_gateway, mut client) = gateway(&[&vision], &llm, &extra).await;
     std::fs::remove_file(&keys).unwrap();
-    let mut client = OspreyClient::connect(gateway_url).await.unwrap();
 
     // Each key opens; an unknown one and none do not.
     let alice = Some(("authorization", "Bearer a-key"));

@@ -302,3 +302,31 @@ async fn damaged_redis_entries_are_recomputed_or_refused_never_served() {
         assert_eq!((&a.raw_text, a.generated_tokens), (&b.raw_text, b.generated_tokens));
     }
 }
+
+/// A request that names its image by key reads the pixels only when a stage needs them: once the
+/// features are computed, Describe by key reads the image's size alone, so pixels damaged in the
+/// cache afterwards go unread (reading them would refuse the request, as above).
+#[tokio::test]
+async fn requests_by_key_read_pixels_only_when_a_stage_needs_them() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let (vision_a, vision_b, llm) = (vision().await, vision().await, llm().await);
+    let shared = ["--redis-url", &url];
+    let (_g1, mut first) = gateway(&[&vision_a], &llm, &shared).await;
+    let (_g2, mut second) = gateway(&[&vision_b], &llm, &shared).await;
+
+    let registered = first
+        .register_image(v1::RegisterImageRequest { encoded: photo(), warm_features: true })
+        .await
+        .unwrap()
+        .into_inner();
+    damage_entry(&url, &format!("osprey:pixels:{}", registered.key)).await;
+    let by_key = v1::image::Source::Key(registered.key);
+    let resident = describe(&mut first, describe_request(by_key.clone(), masks(&[1, 4]))).await;
+    assert!(resident.iter().all(|r| tier(r) == CacheTier::Resident));
+    let from_shared = describe(&mut second, describe_request(by_key, masks(&[1, 4]))).await;
+    assert!(from_shared.iter().all(|r| tier(r) == CacheTier::Shared));
+    for (a, b) in resident.iter().zip(&from_shared) {
+        assert_eq!(a.raw_text, b.raw_text);
+    }
+}

@@ -10,6 +10,7 @@ use std::time::Duration;
 use osprey_common::error::StatusExt;
 use osprey_proto::v1::osprey_client::OspreyClient;
 use osprey_proto::v1::{self, DescribeTask};
+use osprey_test_support::free_port;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
@@ -18,10 +19,6 @@ use tonic::{Code, Request, Status};
 #[allow(dead_code)]
 mod support;
 use support::{gateway, llm, masks, photo, vision};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// A plain HTTP/1.0 request; the whole response.
 fn http(port: u16, request: &str) -> String {

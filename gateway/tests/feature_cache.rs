@@ -154,4 +154,11 @@ async fn redis_with_a_password_in_the_url() {
     assert_eq!(stored, [7, 8]);
     let exists: bool = redis::cmd("EXISTS").arg("osprey:img2").query_async(&mut connection).await.unwrap();
     assert!(!exists, "a refused client stored an entry");
+
+    // TLS to Redis is not built in (docs/RELIABILITY.md, Security): a `rediss://` URL is a
+    // startup error, never a silent plaintext connection.
+    let args =
+        Cli::parse_from(["gateway", "--redis-url", &format!("rediss://:s3cret@127.0.0.1:{port}/0")]).cache;
+    let error = FeatureCache::from_args(&args).err().expect("rediss:// refused");
+    assert!(error.to_string().to_lowercase().contains("tls"), "{error}");
 }

@@ -76,12 +76,17 @@ impl ServiceError {
         }
     }
 
-    /// The status to answer with, counting the failure in `osprey_request_failures_total{code}`:
-    /// the one place failures are counted, overload refusals included.
+    /// The status to answer with, the failure counted by [`count_failure`].
     pub fn into_status(self) -> Status {
-        metrics::counter!("osprey_request_failures_total", "code" => code_label(self.code())).increment(1);
+        count_failure(self.code());
         self.into()
     }
+}
+
+/// Counts a failure answered with `code` in `osprey_request_failures_total{code}`: the one place
+/// failures are counted, admission and API-key refusals included.
+pub fn count_failure(code: Code) {
+    metrics::counter!("osprey_request_failures_total", "code" => code_label(code)).increment(1);
 }
 
 /// The canonical name of a gRPC code, as a metric label (`INVALID_ARGUMENT`).

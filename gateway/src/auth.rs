@@ -96,8 +96,10 @@ impl Refusal {
         }
     }
 
-    /// The gRPC status, with a `google.rpc.RetryInfo` hint when rate limited.
+    /// The gRPC status, with a `google.rpc.RetryInfo` hint when rate limited; counted with every
+    /// other failure.
     pub fn into_status(self) -> Status {
+        osprey_common::error::count_failure(self.code());
         let message = self.message();
         match self {
             Self::Unauthenticated => Status::unauthenticated(message),
@@ -369,7 +371,10 @@ mod tests {
         ] {
             let refusal = check.admit_headers(&headers(&[(header, value)])).unwrap_err();
             assert_eq!(refusal, Refusal::Unauthenticated, "{header}: {value}");
-            assert_eq!(refusal.into_status().code(), Code::Unauthenticated);
+            let counted = osprey_test_support::counted(|| {
+                assert_eq!(refusal.into_status().code(), Code::Unauthenticated);
+            });
+            assert_eq!(counted, [("osprey_request_failures_total{code=UNAUTHENTICATED}".to_string(), 1)]);
         }
         assert!(check.admit_headers(&HeaderMap::new()).is_err());
         assert!(!check.accepts_headers(&headers(&[("x-api-key", "sesam")])));
@@ -431,7 +436,10 @@ mod tests {
             *retry_after > Duration::from_secs(1) && *retry_after <= Duration::from_secs(2),
             "{retry_after:?}"
         );
-        let status = refusal.clone().into_status();
+        let mut status = None;
+        let counted = osprey_test_support::counted(|| status = Some(refusal.clone().into_status()));
+        let status = status.unwrap();
+        assert_eq!(counted, [("osprey_request_failures_total{code=RESOURCE_EXHAUSTED}".to_string(), 1)]);
         assert_eq!(status.code(), Code::ResourceExhausted);
         assert_eq!(status.get_error_details().retry_info().and_then(|r| r.retry_delay), Some(*retry_after));
         assert_eq!(refusal.http_status(), StatusCode::TOO_MANY_REQUESTS);

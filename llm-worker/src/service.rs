@@ -319,7 +319,8 @@ impl Relay {
                     }
                 }
                 Event::Error(message) => {
-                    let _ = self.tx.send(Err(Status::internal(message))).await;
+                    // Counted with every other failure (a model failure: the gateway may retry).
+                    let _ = self.tx.send(Err(ServiceError::Internal(message).into_status())).await;
                     return;
                 }
             };

@@ -5,10 +5,12 @@
 //! - [`RedisServer`]: a throwaway `redis-server` (no persistence) on a loopback port.
 //! - [`serve_in_process`]: a gRPC server started in the test's own process on a free loopback
 //!   port, waited on until its health service reports SERVING, stopped when dropped.
+//! - [`counted`]: the metric counters some code increments.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -132,6 +134,45 @@ where
     InProcess { url, stop: Some(stop) }
 }
 
+/// The counters `work` increments on this thread, in order: each as `name{label=value,...}` with
+/// the amount (a recorder local to the call, so tests running beside it do not interfere).
+pub fn counted(work: impl FnOnce()) -> Vec<(String, u64)> {
+    type Seen = Arc<Mutex<Vec<(String, u64)>>>;
+    struct Increments(String, Seen);
+    impl metrics::CounterFn for Increments {
+        fn increment(&self, amount: u64) {
+            self.1.lock().unwrap().push((self.0.clone(), amount));
+        }
+        fn absolute(&self, _: u64) {}
+    }
+    struct Recorder(Seen);
+    impl metrics::Recorder for Recorder {
+        fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+        fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+        fn describe_histogram(
+            &self,
+            _: metrics::KeyName,
+            _: Option<metrics::Unit>,
+            _: metrics::SharedString,
+        ) {
+        }
+        fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+            let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+            let name = format!("{}{{{}}}", key.name(), labels.join(","));
+            metrics::Counter::from_arc(Arc::new(Increments(name, self.0.clone())))
+        }
+        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            metrics::Gauge::noop()
+        }
+        fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+    let seen = Seen::default();
+    metrics::with_local_recorder(&Recorder(seen.clone()), work);
+    seen.lock().unwrap().clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +182,15 @@ mod tests {
         assert_eq!(rel_l2(&[3.0, 4.0], &[3.0, 4.0]), 0.0);
         assert!((rel_l2(&[3.0, 4.5], &[3.0, 4.0]) - 0.1).abs() < 1e-12);
         assert!((rel_l2(&[0.3, 0.4], &[0.0, 0.0]) - 0.5).abs() < 1e-7);
+    }
+
+    #[test]
+    fn counted_sees_each_increment_with_its_labels() {
+        let seen = counted(|| {
+            metrics::counter!("a_total", "kind" => "x").increment(2);
+            metrics::counter!("b_total").increment(1);
+        });
+        assert_eq!(seen, [("a_total{kind=x}".to_string(), 2), ("b_total{}".to_string(), 1)]);
     }
 
     #[test]

@@ -128,8 +128,9 @@ impl Gateway {
         self.cache.get(&features_key(image_key)).await.and_then(|bytes| blob_from_bytes(&bytes))
     }
 
-    /// Makes the image's features resident on its vision replica and present in the shared cache
-    /// (RegisterImage with `warm_features`); answers where they were found.
+    /// Makes sure the image's features are computed (RegisterImage with `warm_features`): present in
+    /// the shared cache, or encoded now on the routed vision replica, which keeps them resident, and
+    /// stored there; answers where they were found.
     pub async fn warm_features(
         &self,
         image: &RequestImage,

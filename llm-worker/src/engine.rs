@@ -38,7 +38,8 @@ use crate::tokenizer::IMAGE_TOKEN_INDEX;
 pub struct EngineConfig {
     /// Most sequences decoded together in one forward.
     pub max_batch_size: usize,
-    /// Requests waiting in the channel to the engine thread before `try_submit` says overloaded.
+    /// Requests waiting in the channel to the engine thread before `try_submit` says overloaded
+    /// (the engine takes them from the channel only while at most a batch of questions waits).
     pub max_queued_requests: usize,
     /// Computed prefixes kept for reuse by later requests about the same image (LRU).
     pub prefix_cache_entries: usize,
@@ -434,8 +435,10 @@ impl Engine {
                     None => break,
                 }
             }
-            // New requests join between decode steps.
-            while open {
+            // New requests join between decode steps, while at most a batch of questions waits:
+            // the rest stay in the bounded channel, so that a full channel refuses new requests
+            // (RESOURCE_EXHAUSTED) instead of the waiting list growing without bound.
+            while open && self.waiting.len() < self.cfg.max_batch_size.max(1) {
                 match rx.try_recv() {
                     Ok(cmd) => self.handle(cmd),
                     Err(mpsc::error::TryRecvError::Empty) => break,

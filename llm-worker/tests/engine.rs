@@ -233,3 +233,36 @@ fn engine_thread_streams_tokens() {
     drop(handle);
     thread.join().unwrap();
 }
+
+#[test]
+fn a_busy_engine_refuses_what_its_queue_cannot_hold() {
+    let e = expected();
+    let config = EngineConfig { max_batch_size: 1, max_queued_requests: 2, ..EngineConfig::default() };
+    let (handle, thread) = Engine::new(model(), config).spawn().unwrap();
+    // One long answer keeps the only batch slot busy.
+    let mut running = handle.try_submit(request(&e, "", None, greedy(200))).unwrap();
+    assert!(matches!(running[0].blocking_recv(), Some(Event::Token(_))));
+    let mut finished = false;
+    let mut accepted = Vec::new();
+    let refused = loop {
+        match handle.try_submit(request(&e, "_b", None, greedy(200))) {
+            Ok(streams) => accepted.push(streams),
+            Err(LlmError::Overloaded(_)) => break true,
+            Err(other) => panic!("{other}"),
+        }
+        // Time for the engine to take from the channel what it will.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        while let Ok(event) = running[0].try_recv() {
+            finished |= matches!(event, Event::Finished(_));
+        }
+        if finished {
+            break false;
+        }
+    };
+    // One question waits beside the running one and two requests wait in the channel; the next is
+    // refused while the first answer is still decoding.
+    assert!(refused, "{} requests were queued behind a running answer, none refused", accepted.len());
+    assert_eq!(accepted.len(), 3);
+    drop((running, accepted, handle));
+    thread.join().unwrap();
+}

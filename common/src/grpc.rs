@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::service::Routes;
-use tonic::transport::Channel;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Channel, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -121,12 +121,48 @@ pub fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-/// Serves `routes` on `listener` until `shutdown` completes; then reports NOT_SERVING (so load
-/// balancers stop sending), stops accepting and lets in-flight requests finish.
+/// A worker's TLS flags: TLS with `--tls-cert`/`--tls-key`, and mutual TLS (only clients with a
+/// certificate signed by `--tls-client-ca`, i.e. gateways given `--worker-tls-cert`) with all three.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServerTlsArgs {
+    /// Serve TLS with this PEM certificate (chain); needs `--tls-key`. Plaintext when unset.
+    #[arg(long, env, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, env, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Accept only clients presenting a certificate signed by this PEM CA (mutual TLS); needs
+    /// `--tls-cert`.
+    #[arg(long, env, requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+}
+
+impl ServerTlsArgs {
+    /// The server TLS configuration, if TLS is on.
+    pub fn config(&self) -> anyhow::Result<Option<ServerTlsConfig>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else { return Ok(None) };
+        let identity = Identity::from_pem(read_pem(cert, "certificate")?, read_pem(key, "key")?);
+        let mut config = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.tls_client_ca {
+            config = config.client_ca_root(Certificate::from_pem(read_pem(ca, "client CA")?));
+        }
+        Ok(Some(config))
+    }
+}
+
+/// A PEM file named in a TLS flag; the error names the file.
+pub fn read_pem(path: &std::path::Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read the TLS {what} {}: {e}", path.display()))
+}
+
+/// Serves `routes` on `listener` (over TLS when `tls` is given) until `shutdown` completes; then
+/// reports NOT_SERVING (so load balancers stop sending), stops accepting and lets in-flight
+/// requests finish.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     health: &Health,
+    tls: Option<ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let health = health.clone();
@@ -134,10 +170,11 @@ pub async fn serve(
         shutdown.await;
         health.set_not_serving().await;
     };
-    tonic::transport::Server::builder()
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming(listener), drain)
-        .await
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server.add_routes(routes).serve_with_incoming_shutdown(incoming(listener), drain).await
 }
 
 /// Whether the server at `url` answers SERVING for `service` (`""`: the server as a whole).

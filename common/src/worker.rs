@@ -209,18 +209,20 @@ pub fn elapsed_ns(start: Instant) -> u64 {
 pub async fn serve_worker(
     service_name: &'static str,
     listener: TcpListener,
+    tls: &crate::grpc::ServerTlsArgs,
     shutdown: impl Future<Output = ()> + Send,
     warm_up: impl Future<Output = anyhow::Result<()>>,
     add_service: impl FnOnce(Routes) -> Routes,
 ) -> anyhow::Result<()> {
+    let tls = tls.config()?;
     let start = Instant::now();
     warm_up.instrument(tracing::info_span!("warm_up")).await?;
     tracing::info!(seconds = start.elapsed().as_secs_f64(), "warmed up");
     let (routes, health) = standard_routes(&[service_name]).await;
     let routes = add_service(routes);
     health.set_serving().await;
-    tracing::info!(address = %listener.local_addr()?, "serving");
-    serve(listener, routes, &health, shutdown).await?;
+    tracing::info!(address = %listener.local_addr()?, tls = tls.is_some(), "serving");
+    serve(listener, routes, &health, tls, shutdown).await?;
     tracing::info!("drained");
     Ok(())
 }

@@ -19,7 +19,7 @@ async fn health_and_reflection_work_over_tcp() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server_health = health.clone();
     let server = tokio::spawn(async move {
-        serve(listener, routes, &server_health, async {
+        serve(listener, routes, &server_health, None, async {
             let _ = stopped.await;
         })
         .await
@@ -105,7 +105,7 @@ async fn reflection_lists_only_what_a_gateway_serves() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server_health = health.clone();
     let server = tokio::spawn(async move {
-        serve(listener, routes, &server_health, async {
+        serve(listener, routes, &server_health, None, async {
             let _ = stopped.await;
         })
         .await

@@ -43,6 +43,21 @@ pub struct GatewayArgs {
     /// The PEM private key of `--tls-cert`.
     #[arg(long, env, requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+    /// Connect to the workers over TLS, trusting this PEM CA (the workers' `--tls-cert` must be
+    /// signed by it). Plaintext when unset.
+    #[arg(long, env)]
+    pub worker_tls_ca: Option<std::path::PathBuf>,
+    /// The name the workers' certificates are checked against (default: the address dialled,
+    /// which after resolution is an IP address).
+    #[arg(long, env, requires = "worker_tls_ca")]
+    pub worker_tls_domain: Option<String>,
+    /// The gateway's client certificate for mutual TLS with workers given `--tls-client-ca`;
+    /// needs `--worker-tls-key` and `--worker-tls-ca`.
+    #[arg(long, env, requires_all = ["worker_tls_key", "worker_tls_ca"])]
+    pub worker_tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of `--worker-tls-cert`.
+    #[arg(long, env, requires = "worker_tls_cert")]
+    pub worker_tls_key: Option<std::path::PathBuf>,
     /// Clients must send this key as `authorization: Bearer KEY` or `x-api-key: KEY`. Open when
     /// neither this nor `--api-keys-file` is given. Named `default` in metrics.
     #[arg(long, env)]
@@ -94,6 +109,24 @@ pub struct GatewayArgs {
 }
 
 impl GatewayArgs {
+    /// The TLS configuration of the gateway's worker channels, if TLS to workers is on.
+    pub fn worker_tls(&self) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+        use osprey_common::grpc::read_pem;
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let Some(ca) = &self.worker_tls_ca else { return Ok(None) };
+        let mut config =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(ca, "worker CA")?));
+        if let Some(domain) = &self.worker_tls_domain {
+            config = config.domain_name(domain.clone());
+        }
+        if let (Some(cert), Some(key)) = (&self.worker_tls_cert, &self.worker_tls_key) {
+            let identity =
+                Identity::from_pem(read_pem(cert, "client certificate")?, read_pem(key, "client key")?);
+            config = config.identity(identity);
+        }
+        Ok(Some(config))
+    }
+
     /// The deadline of a request whose client sets none.
     pub fn default_deadline(&self) -> Duration {
         Duration::from_secs(self.request_timeout_seconds.max(1))

@@ -54,22 +54,7 @@ pub async fn run(
     let grpc = async {
         health.set_serving().await;
         tracing::info!(address = %listener.local_addr()?, tls = tls.is_some(), "serving");
-        let shutdown = until_stopped();
-        match tls {
-            None => osprey_common::grpc::serve(listener, routes, &health, shutdown).await?,
-            Some(tls) => {
-                // As osprey_common::grpc::serve, over TLS.
-                let drain = async move {
-                    shutdown.await;
-                    health.set_not_serving().await;
-                };
-                tonic::transport::Server::builder()
-                    .tls_config(tls)?
-                    .add_routes(routes)
-                    .serve_with_incoming_shutdown(osprey_common::grpc::incoming(listener), drain)
-                    .await?
-            }
-        }
+        osprey_common::grpc::serve(listener, routes, &health, tls, until_stopped()).await?;
         anyhow::Ok(())
     };
     tokio::try_join!(grpc, http)?;
@@ -79,10 +64,9 @@ pub async fn run(
 /// The server TLS configuration from `--tls-cert` and `--tls-key`, if given.
 fn tls_config(args: &GatewayArgs) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
     let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else { return Ok(None) };
-    let read = |path: &std::path::Path, what: &str| {
-        std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read the TLS {what} {}: {e}", path.display()))
-    };
-    let identity = tonic::transport::Identity::from_pem(read(cert, "certificate")?, read(key, "key")?);
+    use osprey_common::grpc::read_pem;
+    let identity =
+        tonic::transport::Identity::from_pem(read_pem(cert, "certificate")?, read_pem(key, "key")?);
     Ok(Some(tonic::transport::ServerTlsConfig::new().identity(identity)))
 }
 

@@ -31,8 +31,12 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(args: &GatewayArgs) -> anyhow::Result<Self> {
-        let replicas =
-            |kind, targets: &[String]| Replicas::new(kind, targets).map(Arc::new).map_err(anyhow::Error::msg);
+        let tls = args.worker_tls()?;
+        let replicas = |kind, targets: &[String]| {
+            Replicas::new(kind, targets)
+                .map(|r| Arc::new(r.with_tls(tls.clone())))
+                .map_err(anyhow::Error::msg)
+        };
         Ok(Self {
             vision: Vision(replicas("vision", &args.vision_workers)?),
             llm: Llm(replicas("llm", &args.llm_workers)?),

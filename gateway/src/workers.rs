@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use osprey_common::ServiceError;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Uri};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -51,6 +51,8 @@ pub struct Replicas {
     /// The configured names, as `host:port`.
     targets: Vec<String>,
     resolver: Arc<dyn Resolver>,
+    /// TLS (and the gateway's client certificate) on every replica's channel; plaintext if `None`.
+    tls: Option<ClientTlsConfig>,
     state: Mutex<State>,
 }
 
@@ -87,7 +89,13 @@ impl Replicas {
             .map(|t| host_port(t).map_err(|e| format!("--{kind}-workers {t:?}: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
         let state = State { resolved: vec![BTreeSet::new(); targets.len()], replicas: BTreeMap::new() };
-        Ok(Self { kind, targets, resolver, state: Mutex::new(state) })
+        Ok(Self { kind, targets, resolver, tls: None, state: Mutex::new(state) })
+    }
+
+    /// Replicas reached over TLS with `tls` (`--worker-tls-*`).
+    pub fn with_tls(mut self, tls: Option<ClientTlsConfig>) -> Self {
+        self.tls = tls;
+        self
     }
 
     pub fn is_empty(&self) -> bool {
@@ -113,7 +121,10 @@ impl Replicas {
         let mut state = self.state();
         for ((target, answer), resolved) in self.targets.iter().zip(answers).zip(&mut state.resolved) {
             match answer {
-                Ok(addresses) => *resolved = addresses.iter().map(|a| format!("http://{a}")).collect(),
+                Ok(addresses) => {
+                    let scheme = if self.tls.is_some() { "https" } else { "http" };
+                    *resolved = addresses.iter().map(|a| format!("{scheme}://{a}")).collect()
+                }
                 Err(err) => {
                     tracing::warn!(kind = self.kind, target, %err, "cannot resolve worker name; keeping its last addresses")
                 }
@@ -130,10 +141,14 @@ impl Replicas {
         });
         for url in wanted {
             if !state.replicas.contains_key(&url) {
-                let channel = Endpoint::from_shared(url.clone())
+                let mut endpoint = Endpoint::from_shared(url.clone())
                     .expect("a socket address makes a valid URL. This is a bug.")
-                    .connect_timeout(Duration::from_secs(5))
-                    .connect_lazy();
+                    .connect_timeout(Duration::from_secs(5));
+                if let Some(tls) = &self.tls {
+                    endpoint =
+                        endpoint.tls_config(tls.clone()).expect("an https URL takes TLS. This is a bug.");
+                }
+                let channel = endpoint.connect_lazy();
                 state.replicas.insert(url.clone(), Replica { channel, healthy: true });
                 change.added.push(url);
             }

@@ -105,7 +105,7 @@ async fn serve_hung(worker: Hung) -> InProcess {
         let routes =
             routes.add_service(VisionServer::new(worker.clone())).add_service(SamServer::new(worker));
         health.set_serving().await;
-        osprey_common::grpc::serve(listener, routes, &health, async {
+        osprey_common::grpc::serve(listener, routes, &health, None, async {
             let _ = stopped.await;
         })
         .await?;

@@ -34,7 +34,7 @@ async fn start(address: SocketAddr, name: &'static str) -> oneshot::Sender<()> {
     health.set_serving().await;
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
-        osprey_common::grpc::serve(listener, routes, &health, async {
+        osprey_common::grpc::serve(listener, routes, &health, None, async {
             let _ = stopped.await;
         })
         .await

@@ -73,6 +73,9 @@ pub struct ServeArgs {
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env, default_value_t = 256 << 20)]
     pub max_message_bytes: usize,
+    /// TLS, and mutual TLS with `--tls-client-ca` (docs/RELIABILITY.md, Security).
+    #[command(flatten)]
+    pub tls: osprey_common::grpc::ServerTlsArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
@@ -432,6 +435,7 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let tls = args.tls.config()?;
     let (routes, health) = standard_routes(&["osprey.worker.v1.Llm"]).await;
     let load_args = args.clone();
     let service = Arc::new(tokio::task::spawn_blocking(move || LlmService::load(&load_args)).await??);
@@ -440,8 +444,8 @@ pub async fn run(
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
     health.set_serving().await;
-    tracing::info!(address = %listener.local_addr()?, "serving");
-    serve(listener, routes.add_service(llm), &health, shutdown).await?;
+    tracing::info!(address = %listener.local_addr()?, tls = tls.is_some(), "serving");
+    serve(listener, routes.add_service(llm), &health, tls, shutdown).await?;
     Ok(())
 }
 

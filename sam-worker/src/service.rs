@@ -71,6 +71,9 @@ pub struct ServeArgs {
     /// Largest gRPC message accepted, in bytes.
     #[arg(long, env, default_value_t = 256 << 20)]
     pub max_message_bytes: usize,
+    /// TLS, and mutual TLS with `--tls-client-ca` (docs/RELIABILITY.md, Security).
+    #[command(flatten)]
+    pub tls: osprey_common::grpc::ServerTlsArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
@@ -469,7 +472,7 @@ pub async fn run(
     let sam = SamServer::from_arc(service.clone())
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
-    worker::serve_worker("osprey.worker.v1.Sam", listener, shutdown, warm_up(&service), |routes| {
+    worker::serve_worker("osprey.worker.v1.Sam", listener, &args.tls, shutdown, warm_up(&service), |routes| {
         routes.add_service(sam)
     })
     .await

@@ -76,6 +76,9 @@ pub struct ServeArgs {
     /// error would (to test how model failures are answered and failed over).
     #[arg(long, hide = true)]
     pub fault_image_key: Option<String>,
+    /// TLS, and mutual TLS with `--tls-client-ca` (docs/RELIABILITY.md, Security).
+    #[command(flatten)]
+    pub tls: osprey_common::grpc::ServerTlsArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
 }
@@ -292,9 +295,14 @@ pub async fn run(
     let vision = VisionServer::from_arc(service.clone())
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
-    worker::serve_worker("osprey.worker.v1.Vision", listener, shutdown, service.warm_up(), |routes| {
-        routes.add_service(vision)
-    })
+    worker::serve_worker(
+        "osprey.worker.v1.Vision",
+        listener,
+        &args.tls,
+        shutdown,
+        service.warm_up(),
+        |routes| routes.add_service(vision),
+    )
     .await
 }
 

@@ -253,31 +253,8 @@ pub fn parse_keys_file(text: &str) -> Result<Vec<(String, String, Option<RateLim
 
 /// Counts a call of key `name` that ended (or began answering) with `status`.
 pub fn count(name: &str, status: Code) {
-    metrics::counter!("osprey_gateway_requests_total", "key" => name.to_string(), "status" => code_name(status))
+    metrics::counter!("osprey_gateway_requests_total", "key" => name.to_string(), "status" => osprey_common::error::code_label(status))
         .increment(1);
-}
-
-/// The gRPC code's canonical name (`OK`, `INVALID_ARGUMENT`...), the `status` label.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 /// A gRPC service behind the key check: refused calls are answered here; admitted ones are

@@ -39,12 +39,14 @@ const STEPS: &str = "osprey_llm_batch_size_count";
 /// The gateway's count of answer streams broken mid-answer and finished on another LLM replica.
 const STREAM_RETRIES: &str = "osprey_gateway_llm_stream_retries_total";
 
-const PHASES: [&str; 8] = [
+const PHASES: [&str; 10] = [
     "no fault (control)",
     "vision replica SIGKILL (the busier of 2), restarted",
     "vision replica SIGSTOP (the busier of 2) for deadline + 1 s, then SIGCONT",
     "LLM replica SIGKILL (the busier of 2), restarted",
+    "LLM replica SIGSTOP (the busier of 2) for deadline + 1 s, then SIGCONT",
     "SAM worker SIGKILL (its only replica), restarted",
+    "SAM worker SIGSTOP (its only replica) for deadline + 1 s, then SIGCONT",
     "Redis restarted empty",
     "LLM replica SIGTERM (the busier of 2; drain, exit), restarted",
     "gateway SIGTERM (drain, exit)",
@@ -268,6 +270,8 @@ struct Row {
     answered: usize,
     wrong: Vec<String>,
     failed: BTreeMap<&'static str, usize>,
+    /// The first message of each clear status.
+    examples: BTreeMap<&'static str, String>,
     unclear: Vec<String>,
     hung: usize,
     latencies: Vec<f64>,
@@ -402,21 +406,42 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
         load.wait_calls(CALLS_PER_STEP).await;
     }
 
-    // 4: the only SAM worker dies with point prompts in flight; it is restarted.
+    // 4: an LLM replica hangs with answers streaming, then resumes.
     start_phase(4);
     load.wait_calls(CALLS_PER_STEP).await;
+    let victim = busiest(&llm, STEPS).await;
+    wait_busy(&llm[victim], STEPS).await;
+    in_flight_at_fault[4] = load.wait_in_flight(0).await;
+    llm[victim].signal(libc::SIGSTOP).unwrap();
+    tokio::time::sleep(CALL_DEADLINE + Duration::from_secs(1)).await;
+    llm[victim].signal(libc::SIGCONT).unwrap();
+    load.wait_calls(CALLS_PER_STEP).await;
+
+    // 5: the only SAM worker dies with point prompts in flight; it is restarted.
+    start_phase(5);
+    load.wait_calls(CALLS_PER_STEP).await;
     wait_busy(&sam, "osprey_sam_predict_batch_size_count").await;
-    in_flight_at_fault[4] = load.wait_in_flight(1).await;
+    in_flight_at_fault[5] = load.wait_in_flight(1).await;
     sam.kill();
     load.wait_calls(CALLS_PER_STEP).await;
     sam.start().unwrap();
     sam.wait_ready().await.unwrap();
     load.wait_calls(CALLS_PER_STEP).await;
 
-    // 5: Redis restarts empty (no persistence) under the feature reads.
-    start_phase(5);
+    // 6: the only SAM worker hangs with point prompts in flight, then resumes.
+    start_phase(6);
     load.wait_calls(CALLS_PER_STEP).await;
-    in_flight_at_fault[5] = load.wait_in_flight(0).await;
+    wait_busy(&sam, "osprey_sam_predict_batch_size_count").await;
+    in_flight_at_fault[6] = load.wait_in_flight(1).await;
+    sam.signal(libc::SIGSTOP).unwrap();
+    tokio::time::sleep(CALL_DEADLINE + Duration::from_secs(1)).await;
+    sam.signal(libc::SIGCONT).unwrap();
+    load.wait_calls(CALLS_PER_STEP).await;
+
+    // 7: Redis restarts empty (no persistence) under the feature reads.
+    start_phase(7);
+    load.wait_calls(CALLS_PER_STEP).await;
+    in_flight_at_fault[7] = load.wait_in_flight(0).await;
     let redis_errors_before = gateway.metric("osprey_feature_cache_errors_total", &[]).await.unwrap();
     redis.kill();
     redis.start().unwrap();
@@ -430,13 +455,13 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
         gateway.metric("osprey_gateway_replica_failures_total", &[("kind", "llm")]).await.unwrap();
     let llm_stream_retries = gateway.metric(STREAM_RETRIES, &[]).await.unwrap();
 
-    // 6: an LLM replica is told to stop with answers streaming: it finishes them and exits by
+    // 8: an LLM replica is told to stop with answers streaming: it finishes them and exits by
     // itself inside its grace period; the gateway sends new questions to the other replica.
-    start_phase(6);
+    start_phase(8);
     load.wait_calls(CALLS_PER_STEP).await;
     let victim = busiest(&llm, STEPS).await;
     wait_busy(&llm[victim], STEPS).await;
-    in_flight_at_fault[6] = load.wait_in_flight(0).await;
+    in_flight_at_fault[8] = load.wait_in_flight(0).await;
     let llm_terminated = Instant::now();
     llm[victim].signal(libc::SIGTERM).unwrap();
     let llm_exit = llm[victim].wait_exit(CALL_DEADLINE + Duration::from_secs(2));
@@ -448,11 +473,11 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
     llm[victim].wait_ready().await.unwrap();
     load.wait_calls(CALLS_PER_STEP).await;
 
-    // 7: the gateway is told to stop with calls in flight: they finish, new ones are refused, and
+    // 9: the gateway is told to stop with calls in flight: they finish, new ones are refused, and
     // it exits by itself inside its grace period (every call it holds has a deadline).
-    start_phase(7);
+    start_phase(9);
     load.wait_calls(CALLS_PER_STEP).await;
-    in_flight_at_fault[7] = load.wait_in_flight(0).await;
+    in_flight_at_fault[9] = load.wait_in_flight(0).await;
     let terminated = Instant::now();
     gateway.signal(libc::SIGTERM).unwrap();
     let grace = GATEWAY_REQUEST_TIMEOUT + Duration::from_secs(2);
@@ -484,10 +509,18 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
                 row.wrong.push(format!("{name}: {answer:?} instead of {:?}", expected[outcome.call]))
             }
             Ending::Failed(status) => match clear(status.code()) {
-                Some(code) => *row.failed.entry(code).or_default() += 1,
+                Some(code) => {
+                    *row.failed.entry(code).or_default() += 1;
+                    row.examples.entry(code).or_insert_with(|| status.message().to_string());
+                }
+                // tonic's answer when the client's own timer (the call's deadline) fires first: a
+                // unary call whose server is hung races the gateway's DEADLINE_EXCEEDED.
+                None if status.code() == Code::Cancelled && status.message() == "Timeout expired" => {
+                    *row.failed.entry("CANCELLED (client deadline)").or_default() += 1
+                }
                 // tonic's own answer when the connection closes under a call the gateway never
                 // took: a call sent after SIGTERM, racing the connection's close.
-                None if outcome.phase == 7
+                None if outcome.phase == 9
                     && outcome.started > terminated
                     && status.code() == Code::Cancelled
                     && status.message() == "operation was canceled" =>
@@ -516,6 +549,11 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
             row.p99_ms(),
             row.max_ms()
         );
+    }
+    for (name, row) in PHASES.iter().zip(&rows) {
+        for (code, message) in &row.examples {
+            println!("{name}: e.g. {code} {message:?}");
+        }
     }
     println!(
         "gateway: {vision_failovers} vision and {llm_failovers} LLM calls moved to another replica; \

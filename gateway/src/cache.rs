@@ -25,6 +25,10 @@ pub struct CacheArgs {
     /// replicas. Without it, features are cached in this process's memory.
     #[arg(long, env)]
     pub redis_url: Option<String>,
+    /// PEM CA that signed the certificate of a `rediss://` (TLS) Redis; the system's roots when
+    /// unset. A password goes in the URL: `rediss://:PASSWORD@redis:6380/0`.
+    #[arg(long, env, requires = "redis_url")]
+    pub redis_tls_ca: Option<std::path::PathBuf>,
     /// How long cached features live, in seconds.
     #[arg(long, env, default_value_t = 24 * 3600)]
     pub cache_ttl_seconds: u64,
@@ -58,10 +62,11 @@ enum Store {
 }
 
 impl FeatureCache {
-    pub fn from_args(args: &CacheArgs) -> Result<Self, redis::RedisError> {
+    pub fn from_args(args: &CacheArgs) -> anyhow::Result<Self> {
         let store = match &args.redis_url {
             Some(url) => Store::Redis(RedisCache::new(
                 url,
+                args.redis_tls_ca.as_deref(),
                 Duration::from_millis(args.redis_timeout_ms),
                 args.cache_max_entry_bytes,
             )?),
@@ -195,13 +200,25 @@ pub struct RedisCache {
 }
 
 impl RedisCache {
-    pub fn new(url: &str, timeout: Duration, max_entry_bytes: usize) -> Result<Self, redis::RedisError> {
-        Ok(Self {
-            client: redis::Client::open(url)?,
-            connection: AsyncMutex::new(None),
-            timeout,
-            max_entry_bytes,
-        })
+    /// A cache at `url` (`redis://`, or `rediss://` trusting `tls_ca`, else the system's roots).
+    pub fn new(
+        url: &str,
+        tls_ca: Option<&std::path::Path>,
+        timeout: Duration,
+        max_entry_bytes: usize,
+    ) -> anyhow::Result<Self> {
+        let client = match tls_ca {
+            None => redis::Client::open(url)?,
+            Some(ca) => {
+                let root_cert = std::fs::read(ca)
+                    .map_err(|e| anyhow::anyhow!("cannot read --redis-tls-ca {}: {e}", ca.display()))?;
+                redis::Client::build_with_tls(
+                    url,
+                    redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) },
+                )?
+            }
+        };
+        Ok(Self { client, connection: AsyncMutex::new(None), timeout, max_entry_bytes })
     }
 
     async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {

@@ -154,11 +154,44 @@ async fn redis_with_a_password_in_the_url() {
     assert_eq!(stored, [7, 8]);
     let exists: bool = redis::cmd("EXISTS").arg("osprey:img2").query_async(&mut connection).await.unwrap();
     assert!(!exists, "a refused client stored an entry");
+}
 
-    // TLS to Redis is not built in (docs/RELIABILITY.md, Security): a `rediss://` URL is a
-    // startup error, never a silent plaintext connection.
-    let args =
-        Cli::parse_from(["gateway", "--redis-url", &format!("rediss://:s3cret@127.0.0.1:{port}/0")]).cache;
-    let error = FeatureCache::from_args(&args).err().expect("rediss:// refused");
-    assert!(error.to_string().to_lowercase().contains("tls"), "{error}");
+#[tokio::test]
+async fn redis_over_tls_with_a_password() {
+    let tls = osprey_test_support::fixtures().join("tls");
+    let path = |name: &str| tls.join(name).to_str().unwrap().to_string();
+    let port = free_port();
+    let (cert, key, ca) = (path("server.pem"), path("server.key"), path("ca.pem"));
+    let flags = [
+        "--port",
+        "0",
+        "--tls-port",
+        &port.to_string(),
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+        "--requirepass",
+        "s3cret",
+    ];
+    let _redis = RedisServer::start_with(port, &flags);
+    let url = format!("rediss://:s3cret@127.0.0.1:{port}/0");
+    let trusting = cache(&["--redis-url", &url, "--redis-tls-ca", &ca, "--redis-timeout-ms", "2000"]);
+    trusting.put("img", vec![4, 2]).await;
+    assert_eq!(trusting.get("img").await, Some(vec![4, 2]));
+
+    // Not trusting the server's CA, or plaintext to the TLS port: misses, never an answer.
+    let untrusting = cache(&["--redis-url", &url, "--redis-timeout-ms", "500"]);
+    assert_eq!(untrusting.get("img").await, None);
+    let plaintext =
+        cache(&["--redis-url", &format!("redis://:s3cret@127.0.0.1:{port}/0"), "--redis-timeout-ms", "500"]);
+    assert_eq!(plaintext.get("img").await, None);
+    // A missing CA file is a startup error naming it.
+    let args = Cli::parse_from(["gateway", "--redis-url", &url, "--redis-tls-ca", "no-such-ca.pem"]).cache;
+    let error = FeatureCache::from_args(&args).err().expect("a missing CA refused");
+    assert!(error.to_string().contains("no-such-ca.pem"), "{error}");
 }

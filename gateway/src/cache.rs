@@ -58,18 +58,19 @@ pub struct FeatureCache {
 
 enum Store {
     Memory(MemoryCache),
-    Redis(RedisCache),
+    /// Boxed: the client (with its TLS settings) is several times the memory store's size.
+    Redis(Box<RedisCache>),
 }
 
 impl FeatureCache {
     pub fn from_args(args: &CacheArgs) -> anyhow::Result<Self> {
         let store = match &args.redis_url {
-            Some(url) => Store::Redis(RedisCache::new(
+            Some(url) => Store::Redis(Box::new(RedisCache::new(
                 url,
                 args.redis_tls_ca.as_deref(),
                 Duration::from_millis(args.redis_timeout_ms),
                 args.cache_max_entry_bytes,
-            )?),
+            )?)),
             None => Store::Memory(MemoryCache::new(args.memory_cache_bytes, args.cache_max_entry_bytes)),
         };
         Ok(Self {

@@ -93,6 +93,11 @@ fn spawn_worker(name: &str, weights: &Path, port: u16, extra: &[String]) -> anyh
         .arg(weights)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(extra)
+        // The workers' TLS flags read the same variables as the gateway's public TLS: the local
+        // workers talk to this gateway in plaintext.
+        .env_remove("TLS_CERT")
+        .env_remove("TLS_KEY")
+        .env_remove("TLS_CLIENT_CA")
         .env("LOG_LEVEL", std::env::var("LOG_LEVEL").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
         .spawn()?;

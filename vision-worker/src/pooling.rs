@@ -23,7 +23,7 @@ use candle_core::{
 use osprey_common::resize::{LinearTap, bilinear_tap, torch_bilinear, torch_linear_taps};
 use rayon::prelude::*;
 
-use crate::models::kernels::{Simd, multiversion};
+use osprey_kernels::{Simd, multiversion};
 
 /// Added to the mask area before dividing, as upstream does (an empty mask pools to 0).
 const AREA_EPS: f32 = 1e-8;

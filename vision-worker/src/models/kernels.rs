@@ -11,112 +11,12 @@
 //! reductions split over a fixed number of partial sums, so every instruction set gives the same
 //! bits (no fused multiply-add: Rust never contracts `a * b + c`).
 
-use std::sync::OnceLock;
-
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Result, Tensor, bail};
+use osprey_kernels::{gelu, multiversion};
 use rayon::prelude::*;
 
-/// An instruction set the kernels run with, one the CPU has (so the type cannot name others).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Simd(Level);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Level {
-    Baseline,
-    Avx2,
-    Avx512,
-}
-
-impl Simd {
-    /// Every instruction set this CPU runs, narrowest first.
-    pub fn available() -> Vec<Simd> {
-        let mut levels = vec![Simd(Level::Baseline)];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                levels.push(Simd(Level::Avx2));
-            }
-            if is_x86_feature_detected!("avx512f") {
-                levels.push(Simd(Level::Avx512));
-            }
-        }
-        levels
-    }
-
-    /// The widest available, or the one `OSPREY_SIMD` (`baseline`, `avx2`, `avx512`) names when
-    /// the CPU has it: a way to run the narrower paths on a wider machine.
-    pub fn detect() -> Simd {
-        static CHOSEN: OnceLock<Simd> = OnceLock::new();
-        *CHOSEN.get_or_init(|| {
-            let available = Self::available();
-            let widest = *available.last().expect("the baseline is always available");
-            let wanted = match std::env::var("OSPREY_SIMD").as_deref() {
-                Ok("baseline") => Some(Level::Baseline),
-                Ok("avx2") => Some(Level::Avx2),
-                Ok("avx512") => Some(Level::Avx512),
-                _ => None,
-            };
-            match wanted {
-                Some(level) => available.into_iter().find(|s| s.0 == level).unwrap_or(widest),
-                None => widest,
-            }
-        })
-    }
-
-    /// The level (for the dispatch in `multiversion!`; only this module makes a `Simd`).
-    pub(crate) fn level(self) -> Level {
-        self.0
-    }
-
-    pub fn name(self) -> &'static str {
-        match self.0 {
-            Level::Baseline => "baseline",
-            Level::Avx2 => "avx2",
-            Level::Avx512 => "avx512",
-        }
-    }
-}
-
-/// Defines `fn name(simd: Simd, args...)` whose body is compiled once per instruction set (the
-/// body inlined into functions with those target features) and picked by `simd`.
-macro_rules! multiversion {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$meta])*
-        #[allow(clippy::too_many_arguments)]
-        fn $name(simd: Simd, $($arg: $ty),*) {
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn generic($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                #[allow(clippy::too_many_arguments)]
-                fn avx512($($arg: $ty),*) {
-                    generic($($arg),*)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                fn avx2($($arg: $ty),*) {
-                    generic($($arg),*)
-                }
-                use $crate::models::kernels::Level;
-                match simd.level() {
-                    // SAFETY: a `Simd` only holds a level the CPU has (see `Simd::available`).
-                    Level::Avx512 => return unsafe { avx512($($arg),*) },
-                    // SAFETY: as above.
-                    Level::Avx2 => return unsafe { avx2($($arg),*) },
-                    Level::Baseline => {}
-                }
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = simd;
-            generic($($arg),*)
-        }
-    };
-}
-
-pub(crate) use multiversion;
+pub use osprey_kernels::Simd;
 
 /// Partial sums per reduction: enough independent lanes for 2 AVX-512 or 4 AVX2 registers.
 const LANES: usize = 32;
@@ -339,43 +239,6 @@ pub fn dwconv_norm(x: &Tensor, dw: &DwParams, norm: &NormParams) -> Result<Tenso
     Tensor::from_vec(out, (b, h, w, c), &Device::Cpu)
 }
 
-/// Coefficients of `erf(x) ~ x P(x^2) / Q(x^2)` on `[0, 3.92]` (beyond, erf rounds to 1 in f32).
-/// Fitted for this file by iteratively reweighted least squares on the relative error against a
-/// 30-digit erf; evaluated in f32 the result is within 4.1e-7 of erf everywhere (under 7 units in
-/// the last place of values near 1; far below the 1e-4 parity tolerance) and within 2.4e-7
-/// relative below 0.1; the unit tests check both bounds.
-const ERF_P: [f32; 6] = [
-    std::f32::consts::FRAC_2_SQRT_PI,
-    0.188_894_84,
-    0.052_565_22,
-    0.003_705_838_7,
-    2.844_144_5e-4,
-    2.072_830_3e-6,
-];
-const ERF_Q: [f32; 6] = [1.0, 0.500_736_5, 0.113_499_366, 0.014_848_074, 0.001_149_718_6, 3.830_368_6e-5];
-/// Past this, erf(x) is 1.0 in f32.
-const ERF_CLAMP: f32 = 3.92;
-
-/// `erf(x)` in f32, branch-free so that it vectorises.
-#[inline(always)]
-pub fn erf(x: f32) -> f32 {
-    let a = x.abs().min(ERF_CLAMP);
-    let t = a * a;
-    let mut p = ERF_P[5];
-    let mut q = ERF_Q[5];
-    for k in (0..5).rev() {
-        p = p * t + ERF_P[k];
-        q = q * t + ERF_Q[k];
-    }
-    (a * p / q).min(1.0).copysign(x)
-}
-
-/// Exact (erf) GELU, `nn.GELU()`: `x/2 (1 + erf(x / sqrt 2))`.
-#[inline(always)]
-pub fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
 multiversion! {
     fn bias_gelu_rows(rows: &mut [f32], bias: &[f32]) {
         for row in rows.chunks_exact_mut(bias.len()) {
@@ -456,28 +319,6 @@ pub fn is_cpu_f32(x: &Tensor) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn erf_is_within_a_few_ulp() {
-        let mut worst_abs = 0.0_f64;
-        let mut worst_rel_small = 0.0_f64;
-        for i in 0..=2_000_000 {
-            let x = i as f32 * 2.5e-6;
-            let want = candle_core::cpu::erf::erf_f64(f64::from(x));
-            let got = f64::from(erf(x));
-            worst_abs = worst_abs.max((got - want).abs());
-            if x > 0.0 && x < 0.1 {
-                worst_rel_small = worst_rel_small.max(((got - want) / want).abs());
-            }
-            assert_eq!(erf(-x), -erf(x));
-        }
-        for x in [5.0_f32, 10.0, 1e10, f32::INFINITY] {
-            assert_eq!(erf(x), 1.0);
-        }
-        assert!(gelu(f32::NAN).is_nan());
-        assert!(worst_abs < 4.2e-7, "max abs error {worst_abs:e}");
-        assert!(worst_rel_small < 3e-7, "max rel error below 0.1: {worst_rel_small:e}");
-    }
 
     #[test]
     fn every_instruction_set_gives_the_same_bits() {

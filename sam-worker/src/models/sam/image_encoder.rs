@@ -7,7 +7,7 @@
 
 use candle_core::{D, DType, IndexOp, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
-use candle_transformers::models::segment_anything::{LayerNorm2d, MlpBlock};
+use candle_transformers::models::segment_anything::LayerNorm2d;
 
 use super::SamConfig;
 
@@ -105,12 +105,35 @@ fn get_rel_pos(q_size: usize, k_size: usize, rel_pos: &Tensor) -> Result<Tensor>
     rel_pos.index_select(&idx, 0)?.reshape((q_size, k_size, ()))
 }
 
+/// The block's MLP, `lin2(gelu(lin1(x)))` (`MLPBlock`); nn.GELU() is the exact erf form, computed
+/// in place on the CPU.
+#[derive(Debug)]
+struct Mlp {
+    lin1: Linear,
+    lin2: Linear,
+}
+
+impl Mlp {
+    fn load(dim: usize, mlp_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            lin1: candle_nn::linear(dim, mlp_dim, vb.pp("lin1"))?,
+            lin2: candle_nn::linear(mlp_dim, dim, vb.pp("lin2"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.lin2.forward(&osprey_kernels::gelu_erf(self.lin1.forward(xs)?)?)
+    }
+}
+
 #[derive(Debug)]
 struct Block {
     norm1: LayerNorm,
     attn: Attention,
     norm2: LayerNorm,
-    mlp: MlpBlock,
+    mlp: Mlp,
     /// 0 for global attention.
     window_size: usize,
 }
@@ -125,8 +148,7 @@ impl Block {
             norm1: candle_nn::layer_norm(dim, eps, vb.pp("norm1"))?,
             attn: Attention::load(vb.pp("attn"), dim, cfg.encoder_num_heads, input_size)?,
             norm2: candle_nn::layer_norm(dim, eps, vb.pp("norm2"))?,
-            // nn.GELU() is the exact erf form: candle_nn's `Activation::Gelu`.
-            mlp: MlpBlock::new(dim, cfg.encoder_mlp_dim(), candle_nn::Activation::Gelu, vb.pp("mlp"))?,
+            mlp: Mlp::load(dim, cfg.encoder_mlp_dim(), vb.pp("mlp"))?,
             window_size,
         })
     }

@@ -7,6 +7,7 @@
 use candle_core::{IndexOp, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use candle_transformers::models::segment_anything::LayerNorm2d;
+use osprey_kernels::gelu_erf;
 
 use super::SamConfig;
 use super::transformer::TwoWayTransformer;
@@ -152,13 +153,8 @@ impl MaskDecoder {
         let mask_tokens_out = hs.narrow(1, 1, self.num_mask_tokens)?;
 
         let src = src.transpose(1, 2)?.contiguous()?.reshape((b, ce, h, w))?;
-        let upscaled = self
-            .upscale_conv1
-            .forward(&src)?
-            .apply(&self.upscale_ln)?
-            .gelu_erf()?
-            .apply(&|x: &Tensor| self.upscale_conv2.forward(x))?
-            .gelu_erf()?;
+        let upscaled = gelu_erf(self.upscale_conv1.forward(&src)?.apply(&self.upscale_ln)?)?;
+        let upscaled = gelu_erf(self.upscale_conv2.forward(&upscaled)?)?;
         let hyper_in = self
             .hypernetworks
             .iter()

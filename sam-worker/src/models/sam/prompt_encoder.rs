@@ -8,6 +8,7 @@
 use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use candle_transformers::models::segment_anything::LayerNorm2d;
+use osprey_kernels::gelu_erf;
 
 use super::SamConfig;
 
@@ -132,13 +133,8 @@ impl PromptEncoder {
     }
 
     fn embed_mask(&self, mask: &Tensor) -> Result<Tensor> {
-        mask.apply(&self.mask_conv1)?
-            .apply(&self.mask_ln1)?
-            .gelu_erf()?
-            .apply(&self.mask_conv2)?
-            .apply(&self.mask_ln2)?
-            .gelu_erf()?
-            .apply(&self.mask_conv3)
+        let x = gelu_erf(mask.apply(&self.mask_conv1)?.apply(&self.mask_ln1)?)?;
+        gelu_erf(x.apply(&self.mask_conv2)?.apply(&self.mask_ln2)?)?.apply(&self.mask_conv3)
     }
 
     /// Sparse `[1, N, C]` and dense `[1, C, grid, grid]` embeddings for one prompt. Coordinates are in

@@ -15,6 +15,7 @@
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::segment_anything::LayerNorm2d;
+use osprey_kernels::gelu_erf;
 use serde::{Deserialize, Serialize};
 
 use super::SamConfig;
@@ -214,10 +215,10 @@ impl MbConv {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = self.conv1.forward(xs)?.gelu_erf()?;
-        let ys = self.conv2.forward(&ys)?.gelu_erf()?;
+        let ys = gelu_erf(self.conv1.forward(xs)?)?;
+        let ys = gelu_erf(self.conv2.forward(&ys)?)?;
         let ys = self.conv3.forward(&ys)?;
-        (ys + xs)?.gelu_erf()
+        gelu_erf((ys + xs)?)
     }
 }
 
@@ -240,8 +241,8 @@ impl PatchMerging {
 
     /// `[B, C, H, W]` → `[B, C', H', W']`.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = self.conv1.forward(xs)?.gelu_erf()?;
-        let ys = self.conv2.forward(&ys)?.gelu_erf()?;
+        let ys = gelu_erf(self.conv1.forward(xs)?)?;
+        let ys = gelu_erf(self.conv2.forward(&ys)?)?;
         self.conv3.forward(&ys)
     }
 }
@@ -329,7 +330,7 @@ impl Mlp {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(&self.norm.forward(xs)?)?.gelu_erf()?)
+        self.fc2.forward(&gelu_erf(self.fc1.forward(&self.norm.forward(xs)?)?)?)
     }
 }
 
@@ -434,7 +435,7 @@ impl TinyVit {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.stem1.forward(&xs.to_dtype(DType::F32)?)?.gelu_erf()?;
+        let xs = gelu_erf(self.stem1.forward(&xs.to_dtype(DType::F32)?)?)?;
         let mut xs = self.stem2.forward(&xs)?;
         for block in &self.mbconv {
             xs = block.forward(&xs)?;

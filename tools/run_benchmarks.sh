@@ -129,7 +129,7 @@ CORES="$(nproc)"
 MEM="$(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
 FLAGS="$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -x -E 'avx2|fma|f16c|avx512f|avx512bw|avx512vl|avx512_vnni|avx512_bf16|avx512_fp16|amx_tile' | sort | tr '\n' ' ')"
 RUSTC="$(rustc --version)"
-CANDLE="$(sed -n 's/^candle-core = { version = "=\{0,1\}\([0-9.]*\)".*/\1/p' Cargo.toml | head -1)"
+CANDLE="$(sed -n 's/^candle-core = .*"=\{0,1\}\([0-9][0-9.]*\)".*/\1/p' Cargo.toml | head -1)"
 ref_field() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))$2)" "$1" 2> /dev/null || echo '?'; }
 # A step's section: its output, marked when it is from an earlier run than this one.
 section() {

@@ -126,14 +126,14 @@ pub fn incoming(listener: TcpListener) -> TcpIncoming {
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ServerTlsArgs {
     /// Serve TLS with this PEM certificate (chain); needs `--tls-key`. Plaintext when unset.
-    #[arg(long, env, requires = "tls_key")]
+    #[arg(long, env = "OSPREY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<std::path::PathBuf>,
     /// The PEM private key of `--tls-cert`.
-    #[arg(long, env, requires = "tls_cert")]
+    #[arg(long, env = "OSPREY_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
     /// Accept only clients presenting a certificate signed by this PEM CA (mutual TLS); needs
     /// `--tls-cert`.
-    #[arg(long, env, requires = "tls_cert")]
+    #[arg(long, env = "OSPREY_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<std::path::PathBuf>,
 }
 

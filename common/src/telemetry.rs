@@ -1,5 +1,5 @@
 //! Logs, traces and metrics, set up the same way in every binary: `fmt` logs (JSON on request)
-//! filtered by `LOG_LEVEL`, OpenTelemetry OTLP trace export when `--otlp-endpoint` is set, W3C
+//! filtered by `OSPREY_LOG_LEVEL`, OpenTelemetry OTLP trace export when `--otlp-endpoint` is set, W3C
 //! trace context carried in gRPC metadata across every hop, and a Prometheus endpoint.
 
 use std::net::SocketAddr;
@@ -20,17 +20,18 @@ use tracing_subscriber::{EnvFilter, Layer};
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct TelemetryArgs {
     /// OpenTelemetry collector endpoint (OTLP over gRPC, e.g. `http://otel-collector:4317`).
-    /// Traces are exported only when this is set.
-    #[arg(long, env)]
+    /// Traces are exported only when this is set. Its variable and `--otlp-service-name`'s are
+    /// OpenTelemetry's own (what its operators and SDKs set), not `OSPREY_*`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// Service name attached to exported traces; defaults to the binary's name.
-    #[arg(long, env)]
+    #[arg(long, env = "OTEL_SERVICE_NAME")]
     pub otlp_service_name: Option<String>,
     /// Write logs as JSON lines (for log collectors) instead of text.
-    #[arg(long, env)]
+    #[arg(long, env = "OSPREY_JSON_OUTPUT")]
     pub json_output: bool,
     /// Serve Prometheus metrics on this port at `/metrics`. Off when unset.
-    #[arg(long, env)]
+    #[arg(long, env = "OSPREY_PROMETHEUS_PORT")]
     pub prometheus_port: Option<u16>,
 }
 
@@ -54,7 +55,7 @@ impl Drop for TelemetryGuard {
 /// tokio runtime (the OTLP exporter and the metrics listener run on it).
 pub fn init_telemetry(args: &TelemetryArgs, binary_name: &str) -> anyhow::Result<TelemetryGuard> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter = EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("OSPREY_LOG_LEVEL").unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer().with_file(true).with_line_number(true);
     let fmt = if args.json_output { fmt.json().flatten_event(true).boxed() } else { fmt.boxed() };
 

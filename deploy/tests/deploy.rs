@@ -249,7 +249,7 @@ fn deploy_matches_the_binaries() {
                 continue;
             }
         };
-        // Variables that are no flag of the binary must be read by our code (LOG_LEVEL, HF_*)
+        // Variables that are no flag of the binary must be read by our code (OSPREY_LOG_LEVEL, HF_*)
         // or by the NVIDIA container runtime.
         for name in unknown_env {
             if !name.starts_with("NVIDIA_") && !source.contains(&format!("\"{name}\"")) {
@@ -264,7 +264,9 @@ fn deploy_matches_the_binaries() {
         }
         let prometheus = parsed.prometheus_port;
         if prometheus.is_none() {
-            failures.push(format!("{at}: no --prometheus-port / PROMETHEUS_PORT, so no metrics to scale on"));
+            failures.push(format!(
+                "{at}: no --prometheus-port / OSPREY_PROMETHEUS_PORT, so no metrics to scale on"
+            ));
         }
         // `standard_routes` registers grpc.health.v1 and reflection; the workers' shared
         // `serve_worker` calls it for them.

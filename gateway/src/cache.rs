@@ -1,7 +1,6 @@
 //! The feature cache shared by every gateway replica (docs/ARCHITECTURE.md, cache tiers): image
-//! features (and
-//! the pixels of registered images) keyed by image key, so that an image is encoded once however
-//! many regions, requests and replicas ask about it.
+//! features (and the pixels of registered images) keyed by image key, so that an image is encoded
+//! once however many regions, requests and replicas ask about it.
 //!
 //! The same store also keeps answers to deterministic (greedy) questions, so that asking again
 //! about the same region skips vision and the LLM (the result cache, `--result-cache-ttl-seconds`).
@@ -23,29 +22,29 @@ use tokio::sync::Mutex as AsyncMutex;
 pub struct CacheArgs {
     /// Redis URL (e.g. `redis://redis:6379/0`) of the feature cache shared by all gateway
     /// replicas. Without it, features are cached in this process's memory.
-    #[arg(long, env)]
+    #[arg(long, env = "OSPREY_REDIS_URL")]
     pub redis_url: Option<String>,
     /// PEM CA that signed the certificate of a `rediss://` (TLS) Redis; the system's roots when
     /// unset. A password goes in the URL: `rediss://:PASSWORD@redis:6380/0`.
-    #[arg(long, env, requires = "redis_url")]
+    #[arg(long, env = "OSPREY_REDIS_TLS_CA", requires = "redis_url")]
     pub redis_tls_ca: Option<std::path::PathBuf>,
     /// How long cached features live, in seconds.
-    #[arg(long, env, default_value_t = 24 * 3600)]
+    #[arg(long, env = "OSPREY_CACHE_TTL_SECONDS", default_value_t = 24 * 3600)]
     pub cache_ttl_seconds: u64,
     /// Entries larger than this are not cached (bytes).
-    #[arg(long, env, default_value_t = 64 << 20)]
+    #[arg(long, env = "OSPREY_CACHE_MAX_ENTRY_BYTES", default_value_t = 64 << 20)]
     pub cache_max_entry_bytes: usize,
     /// Size of the in-memory cache used when no Redis URL is given (bytes).
-    #[arg(long, env, default_value_t = 2 << 30)]
+    #[arg(long, env = "OSPREY_MEMORY_CACHE_BYTES", default_value_t = 2 << 30)]
     pub memory_cache_bytes: usize,
     /// Redis connect and response timeout, in milliseconds; a slower Redis counts as a miss.
-    #[arg(long, env, default_value_t = 2000)]
+    #[arg(long, env = "OSPREY_REDIS_TIMEOUT_MS", default_value_t = 2000)]
     pub redis_timeout_ms: u64,
     /// How long answers to greedy (deterministic) questions are kept, in seconds; a repeated
     /// question about the same region then skips vision and the LLM. 0 (the default) turns the
     /// result cache off. Answers are keyed by `--model-revision`: change it when the workers'
     /// weights or defaults (e.g. the LLM's default `max_new_tokens`) change.
-    #[arg(long, env, default_value_t = 0)]
+    #[arg(long, env = "OSPREY_RESULT_CACHE_TTL_SECONDS", default_value_t = 0)]
     pub result_cache_ttl_seconds: u64,
 }
 

@@ -46,7 +46,7 @@ pub struct LocalArgs {
     #[arg(long)]
     pub image: Option<PathBuf>,
     /// Share features through this Redis instead of the in-memory cache.
-    #[arg(long, env)]
+    #[arg(long, env = "OSPREY_REDIS_URL")]
     pub redis_url: Option<String>,
     /// Address of the public API.
     #[arg(long, default_value = "127.0.0.1:50051")]
@@ -95,10 +95,10 @@ fn spawn_worker(name: &str, weights: &Path, port: u16, extra: &[String]) -> anyh
         .args(extra)
         // The workers' TLS flags read the same variables as the gateway's public TLS: the local
         // workers talk to this gateway in plaintext.
-        .env_remove("TLS_CERT")
-        .env_remove("TLS_KEY")
-        .env_remove("TLS_CLIENT_CA")
-        .env("LOG_LEVEL", std::env::var("LOG_LEVEL").unwrap_or_else(|_| "warn".into()))
+        .env_remove("OSPREY_TLS_CERT")
+        .env_remove("OSPREY_TLS_KEY")
+        .env_remove("OSPREY_TLS_CLIENT_CA")
+        .env("OSPREY_LOG_LEVEL", std::env::var("OSPREY_LOG_LEVEL").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
         .spawn()?;
     Ok(child)

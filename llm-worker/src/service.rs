@@ -40,38 +40,38 @@ pub struct ServeArgs {
     #[arg(long, env = "OSPREY_WEIGHTS")]
     pub weights: PathBuf,
     /// Address to serve gRPC on.
-    #[arg(long, env, default_value = "0.0.0.0:50053")]
+    #[arg(long, env = "OSPREY_LISTEN", default_value = "0.0.0.0:50053")]
     pub listen: SocketAddr,
     /// Compute device: `cpu` or `cuda:N` (a build with `--features cuda`).
-    #[arg(long, env, default_value = "cpu")]
+    #[arg(long, env = "OSPREY_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Weights and activations dtype: `auto` (f32 on the CPU, bf16 on a GPU), `f32`, `bf16`, `f16`.
-    #[arg(long, env, default_value = "auto")]
+    #[arg(long, env = "OSPREY_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// Most sequences decoded together in one forward pass.
-    #[arg(long, env, default_value_t = 32)]
+    #[arg(long, env = "OSPREY_MAX_BATCH_SIZE", default_value_t = 32)]
     pub max_batch_size: usize,
     /// Requests queued for the engine before new ones are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, env, default_value_t = 64)]
+    #[arg(long, env = "OSPREY_MAX_QUEUED_REQUESTS", default_value_t = 64)]
     pub max_queued_requests: usize,
     /// Computed prefixes (system prompt + image tokens) kept for later requests about the same image.
-    #[arg(long, env, default_value_t = 16)]
+    #[arg(long, env = "OSPREY_PREFIX_CACHE_ENTRIES", default_value_t = 16)]
     pub prefix_cache_entries: usize,
     /// Bytes of image tokens kept so that later requests about an image need not send them again
     /// (f32: 3 MiB per image at full size, so the default holds more images than the prefix cache).
-    #[arg(long, env, default_value_t = 256 << 20)]
+    #[arg(long, env = "OSPREY_RESIDENT_IMAGE_TOKEN_BYTES", default_value_t = 256 << 20)]
     pub resident_image_token_bytes: usize,
     /// New tokens per answer when the request does not say.
-    #[arg(long, env, default_value_t = 512)]
+    #[arg(long, env = "OSPREY_DEFAULT_MAX_NEW_TOKENS", default_value_t = 512)]
     pub default_max_new_tokens: u32,
     /// Most new tokens a request may ask for (the official scripts use 1024).
-    #[arg(long, env, default_value_t = 1024)]
+    #[arg(long, env = "OSPREY_MAX_NEW_TOKENS_LIMIT", default_value_t = 1024)]
     pub max_new_tokens_limit: u32,
     /// Most questions in one request.
-    #[arg(long, env, default_value_t = 1024)]
+    #[arg(long, env = "OSPREY_MAX_QUESTIONS", default_value_t = 1024)]
     pub max_questions: usize,
     /// Largest gRPC message accepted, in bytes.
-    #[arg(long, env, default_value_t = 256 << 20)]
+    #[arg(long, env = "OSPREY_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
     pub max_message_bytes: usize,
     /// TLS, and mutual TLS with `--tls-client-ca` (docs/RELIABILITY.md, Security).
     #[command(flatten)]

@@ -35,7 +35,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Run on the first CUDA device (needs a build with `--features cuda`).
-        #[arg(long, env = "OSPREY_SAM_CUDA")]
+        #[arg(long, env = "OSPREY_CUDA")]
         cuda: bool,
     },
 }
@@ -61,4 +61,13 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every flag read from the environment reads `OSPREY_<FLAG>` (or OpenTelemetry's names).
+    #[test]
+    fn flags_read_their_osprey_variables() {
+        osprey_test_support::assert_env_names(&<super::Args as clap::CommandFactory>::command());
+    }
 }

@@ -36,40 +36,40 @@ use crate::prompt::Prompt;
 pub struct ServeArgs {
     /// Checkpoint with the official key names (`sam_vit_b_01ec64.pth`, ..., `mobile_sam.pt`; `.pth` or safetensors).
     /// Or a Hugging Face repo id and file, `owner/name[@revision]:path/in/repo.pth`, fetched into `HF_HOME`.
-    #[arg(long, env = "OSPREY_SAM_WEIGHTS")]
+    #[arg(long, env = "OSPREY_WEIGHTS")]
     pub weights: PathBuf,
     /// JSON model config (fields of `SamConfig`); by default read off the checkpoint's tensor shapes
     /// (ViT-B/L/H, MobileSAM's TinyViT or a reduced model).
-    #[arg(long, env = "OSPREY_SAM_CONFIG")]
+    #[arg(long, env = "OSPREY_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to serve gRPC on.
-    #[arg(long, env, default_value = "0.0.0.0:50054")]
+    #[arg(long, env = "OSPREY_LISTEN", default_value = "0.0.0.0:50054")]
     pub listen: SocketAddr,
     /// Compute device: `cpu`, or `cuda:N` in a build with `--features cuda`.
-    #[arg(long, env, default_value = "cpu")]
+    #[arg(long, env = "OSPREY_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Most queued Predict requests the model thread takes at once: the prompts of those on the
     /// same image go through the mask decoder together, in one batched call.
-    #[arg(long, env, default_value_t = 8)]
+    #[arg(long, env = "OSPREY_MAX_BATCH_SIZE", default_value_t = 8)]
     pub max_batch_size: usize,
     /// Bytes of image embeddings kept resident, least recently used evicted first (a ViT embedding
     /// is 256 x 64 x 64 f32 = 4 MiB).
-    #[arg(long, env, default_value_t = 2 << 30)]
+    #[arg(long, env = "OSPREY_MAX_RESIDENT_BYTES", default_value_t = 2 << 30)]
     pub max_resident_bytes: usize,
     /// Requests in flight at once; more are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, env, default_value_t = 256)]
+    #[arg(long, env = "OSPREY_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
     /// Most prompts in one Predict call.
-    #[arg(long, env, default_value_t = 256)]
+    #[arg(long, env = "OSPREY_MAX_PROMPTS", default_value_t = 256)]
     pub max_prompts: usize,
     /// Most points in one prompt.
-    #[arg(long, env, default_value_t = 64)]
+    #[arg(long, env = "OSPREY_MAX_POINTS_PER_PROMPT", default_value_t = 64)]
     pub max_points_per_prompt: usize,
     /// Largest image accepted, in pixels.
-    #[arg(long, env, default_value_t = 40_000_000)]
+    #[arg(long, env = "OSPREY_MAX_PIXELS", default_value_t = 40_000_000)]
     pub max_pixels: u64,
     /// Largest gRPC message accepted, in bytes.
-    #[arg(long, env, default_value_t = 256 << 20)]
+    #[arg(long, env = "OSPREY_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
     pub max_message_bytes: usize,
     /// TLS, and mutual TLS with `--tls-client-ca` (docs/RELIABILITY.md, Security).
     #[command(flatten)]

@@ -6,6 +6,7 @@
 //! - [`serve_in_process`]: a gRPC server started in the test's own process on a free loopback
 //!   port, waited on until its health service reports SERVING, stopped when dropped.
 //! - [`counted`]: the metric counters some code increments.
+//! - [`assert_env_names`]: every flag that reads the environment reads `OSPREY_<FLAG>`.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -173,6 +174,45 @@ pub fn counted(work: impl FnOnce()) -> Vec<(String, u64)> {
     seen.lock().unwrap().clone()
 }
 
+/// Flags that read a variable named by another project's convention instead of `OSPREY_<FLAG>`:
+/// OpenTelemetry's exporter settings, which its operators and SDKs already set.
+pub const FOREIGN_ENV: &[(&str, &str)] =
+    &[("otlp-endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"), ("otlp-service-name", "OTEL_SERVICE_NAME")];
+
+/// What is wrong with the environment variables `command` and its subcommands read, one line a
+/// problem: an argument reading a variable other than `OSPREY_<FLAG>` (its long flag upper-cased,
+/// `-` as `_`) and not in [`FOREIGN_ENV`], or two arguments of one command reading the same one.
+pub fn env_name_problems(command: &clap::Command) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut stack = vec![(command.get_name().to_string(), command)];
+    while let Some((path, command)) = stack.pop() {
+        let mut readers: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for arg in command.get_arguments() {
+            let Some(env) = arg.get_env() else { continue };
+            let env = env.to_string_lossy().into_owned();
+            let flag = arg.get_long().map(str::to_string).unwrap_or_else(|| arg.get_id().to_string());
+            let own = format!("OSPREY_{}", flag.to_uppercase().replace('-', "_"));
+            if env != own && !FOREIGN_ENV.contains(&(flag.as_str(), env.as_str())) {
+                problems.push(format!("{path} --{flag} reads {env}, not {own}"));
+            }
+            readers.entry(env).or_default().push(format!("--{flag}"));
+        }
+        for (env, flags) in readers.into_iter().filter(|(_, flags)| flags.len() > 1) {
+            problems.push(format!("{path}: {} read the same variable {env}", flags.join(", ")));
+        }
+        for sub in command.get_subcommands() {
+            stack.push((format!("{path} {}", sub.get_name()), sub));
+        }
+    }
+    problems
+}
+
+/// Panics listing [`env_name_problems`] of `command` (a binary's `CommandFactory::command()`).
+pub fn assert_env_names(command: &clap::Command) {
+    let problems = env_name_problems(command);
+    assert!(problems.is_empty(), "environment variable names:\n{}", problems.join("\n"));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +236,32 @@ mod tests {
     #[test]
     fn fixtures_are_the_committed_ones() {
         assert!(fixture("vision/photo.png").is_file());
+    }
+
+    #[test]
+    fn env_names_are_osprey_flag_names_read_once_per_command() {
+        use clap::{Arg, Command};
+        let ok = Command::new("worker")
+            .arg(Arg::new("max_batch_size").long("max-batch-size").env("OSPREY_MAX_BATCH_SIZE"))
+            .arg(Arg::new("otlp_endpoint").long("otlp-endpoint").env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+            .arg(Arg::new("image").long("image"));
+        assert_eq!(env_name_problems(&ok), Vec::<String>::new());
+
+        let bad = Command::new("tool").subcommand(
+            Command::new("serve")
+                .arg(Arg::new("listen").long("listen").env("LISTEN"))
+                .arg(Arg::new("weights").long("weights").env("OSPREY_WEIGHTS"))
+                .arg(Arg::new("sam_weights").long("sam-weights").env("OSPREY_WEIGHTS"))
+                .arg(Arg::new("device").long("device").env("OTEL_SERVICE_NAME")),
+        );
+        assert_eq!(
+            env_name_problems(&bad),
+            [
+                "tool serve --listen reads LISTEN, not OSPREY_LISTEN",
+                "tool serve --sam-weights reads OSPREY_WEIGHTS, not OSPREY_SAM_WEIGHTS",
+                "tool serve --device reads OTEL_SERVICE_NAME, not OSPREY_DEVICE",
+                "tool serve: --weights, --sam-weights read the same variable OSPREY_WEIGHTS",
+            ]
+        );
     }
 }

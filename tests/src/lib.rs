@@ -106,7 +106,7 @@ impl Process {
         let mut command = Command::new(&self.program);
         command
             .args(&self.args)
-            .env("LOG_LEVEL", std::env::var("LOG_LEVEL").unwrap_or_else(|_| "warn".into()))
+            .env("OSPREY_LOG_LEVEL", std::env::var("OSPREY_LOG_LEVEL").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

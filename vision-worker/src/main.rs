@@ -54,3 +54,12 @@ fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every flag read from the environment reads `OSPREY_<FLAG>` (or OpenTelemetry's names).
+    #[test]
+    fn flags_read_their_osprey_variables() {
+        osprey_test_support::assert_env_names(&<super::Args as clap::CommandFactory>::command());
+    }
+}

@@ -39,38 +39,38 @@ pub struct ServeArgs {
     #[arg(long, env = "OSPREY_WEIGHTS")]
     pub weights: PathBuf,
     /// Address to serve gRPC on.
-    #[arg(long, env, default_value = "0.0.0.0:50052")]
+    #[arg(long, env = "OSPREY_LISTEN", default_value = "0.0.0.0:50052")]
     pub listen: SocketAddr,
     /// Compute device: `cpu`, or `cuda:N` in a build with `--features cuda`.
-    #[arg(long, env, default_value = "cpu")]
+    #[arg(long, env = "OSPREY_DEVICE", default_value = "cpu")]
     pub device: String,
     /// Most images encoded in one forward pass (concurrent encodes are batched).
-    #[arg(long, env, default_value_t = 4)]
+    #[arg(long, env = "OSPREY_MAX_BATCH_SIZE", default_value_t = 4)]
     pub max_batch_size: usize,
     /// Bytes of image features kept resident, least recently used evicted first.
-    #[arg(long, env, default_value_t = 4 << 30)]
+    #[arg(long, env = "OSPREY_MAX_RESIDENT_BYTES", default_value_t = 4 << 30)]
     pub max_resident_bytes: usize,
     /// Element type features are kept and shipped in: `f16` (as the reference runs the tower,
     /// half the memory) or `f32`.
-    #[arg(long, env, value_enum, default_value = "f16")]
+    #[arg(long, env = "OSPREY_FEATURE_DTYPE", value_enum, default_value = "f16")]
     pub feature_dtype: FeatureDtype,
     /// Requests in flight at once; more are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, env, default_value_t = 256)]
+    #[arg(long, env = "OSPREY_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
     pub max_concurrent_requests: usize,
     /// Most masks in one Pool call.
-    #[arg(long, env, default_value_t = 1024)]
+    #[arg(long, env = "OSPREY_MAX_MASKS", default_value_t = 1024)]
     pub max_masks: usize,
     /// Largest image accepted, in pixels.
-    #[arg(long, env, default_value_t = 40_000_000)]
+    #[arg(long, env = "OSPREY_MAX_PIXELS", default_value_t = 40_000_000)]
     pub max_pixels: u64,
     /// Largest gRPC message accepted, in bytes.
-    #[arg(long, env, default_value_t = 512 << 20)]
+    #[arg(long, env = "OSPREY_MAX_MESSAGE_BYTES", default_value_t = 512 << 20)]
     pub max_message_bytes: usize,
     /// Revision of the weights that compute features: tags every feature blob this worker sends,
     /// and a blob with another tag is refused. Defaults to a hash of the checkpoint's config and
     /// weight file names and sizes. (The gateway's `--model-revision`, which keys its caches, is
     /// a different setting.)
-    #[arg(long, env)]
+    #[arg(long, env = "OSPREY_FEATURE_REVISION")]
     pub feature_revision: Option<String>,
     /// Testing only: an encode batch holding this image key fails in the model, as a device
     /// error would (to test how model failures are answered and failed over).

@@ -399,3 +399,12 @@ fn merge(coco: Option<&Value>, items: &[Item], done: &BTreeMap<String, Value>, e
     output["annotations"] = Value::Array(annotations);
     output
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every flag read from the environment reads `OSPREY_<FLAG>` (or OpenTelemetry's names).
+    #[test]
+    fn flags_read_their_osprey_variables() {
+        osprey_test_support::assert_env_names(&<super::AnnotateArgs as clap::CommandFactory>::command());
+    }
+}

@@ -37,7 +37,7 @@ struct Cli {
     #[arg(long)]
     out: PathBuf,
     /// The all-MiniLM-L6-v2 directory (tools/fetch_minilm.sh).
-    #[arg(long, env = "OSPREY_MINILM", default_value = ".cache/weights/all-MiniLM-L6-v2")]
+    #[arg(long, env = "OSPREY_EMBEDDER", default_value = ".cache/weights/all-MiniLM-L6-v2")]
     embedder: PathBuf,
     /// Sampling temperature; the reference scripts sample at 0.2. 0 means greedy.
     #[arg(long, default_value_t = 0.2)]
@@ -95,4 +95,13 @@ async fn main() -> anyhow::Result<()> {
     use std::io::Write;
     writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&metrics)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every flag read from the environment reads `OSPREY_<FLAG>` (or OpenTelemetry's names).
+    #[test]
+    fn flags_read_their_osprey_variables() {
+        osprey_test_support::assert_env_names(&<super::Cli as clap::CommandFactory>::command());
+    }
 }

@@ -68,7 +68,7 @@ impl Drop for Pipeline {
 }
 
 fn embedder() -> PathBuf {
-    let dir = std::env::var_os("OSPREY_MINILM")
+    let dir = std::env::var_os("OSPREY_EMBEDDER")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(ROOT).join(".cache/weights/all-MiniLM-L6-v2"));
     assert!(dir.join("model.safetensors").exists(), "{}: run tools/fetch_minilm.sh", dir.display());

@@ -8,7 +8,7 @@ use osprey_eval::embed::{SentenceEmbedder, cosine};
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 
 fn embedder() -> SentenceEmbedder {
-    let dir = std::env::var_os("OSPREY_MINILM")
+    let dir = std::env::var_os("OSPREY_EMBEDDER")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(ROOT).join(".cache/weights/all-MiniLM-L6-v2"));
     SentenceEmbedder::load(&dir).expect("the MiniLM weights (run tools/fetch_minilm.sh)")

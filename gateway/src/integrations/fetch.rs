@@ -1,6 +1,7 @@
 //! A task's image as Label Studio refers to it: a `data:` URL, an `http(s)` URL, or a path on the
 //! Label Studio server (`/data/upload/...`, `/data/local-files/?d=...`) fetched from
-//! `LABEL_STUDIO_URL` with `LABEL_STUDIO_API_KEY`, the variables label-studio-ml-backend reads.
+//! `LABEL_STUDIO_URL` with `LABEL_STUDIO_API_KEY`: Label Studio's own names (those its ML backends
+//! read), so they stay unprefixed rather than `OSPREY_*`.
 
 use std::io::Read;
 use std::time::Duration;

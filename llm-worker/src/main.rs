@@ -47,6 +47,10 @@ enum Command {
         /// Quantization of the decoder's linear layers.
         #[arg(long = "type", value_enum)]
         quant: llm_worker::quantize::QuantType,
+        /// Leave out the projector: a text-only file that llama.cpp loads (its loader refuses
+        /// tensors it does not use); `serve` needs the projector, so it takes the full file.
+        #[arg(long)]
+        text_only: bool,
     },
 }
 
@@ -65,9 +69,10 @@ fn main() -> anyhow::Result<()> {
             let weights = osprey_checkpoint::hub::resolve_dir(&weights)?;
             llm_worker::dump::run(&weights, &inputs, &out, max_new_tokens)?
         }
-        Command::Quantize { weights, out, quant } => {
+        Command::Quantize { weights, out, quant, text_only } => {
             let weights = osprey_checkpoint::hub::resolve_dir(&weights)?;
-            llm_worker::quantize::run(&weights, &out, quant)?;
+            let options = llm_worker::quantize::QuantizeOptions { text_only };
+            llm_worker::quantize::run_with(&weights, &out, quant, options)?;
         }
     }
     Ok(())

@@ -14,6 +14,10 @@
 //!
 //! The file is written to `<out>.partial` and renamed when complete, so an interrupted run
 //! leaves nothing that looks like a finished model.
+//!
+//! With `text_only` the projector is left out: llama.cpp's loader refuses a file holding tensors
+//! it does not use, so the text-only file is the one llama.cpp runs, the full one the one `serve`
+//! runs (same LLaMA bytes in both).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -87,9 +91,16 @@ pub struct QuantizeReport {
     pub bytes: u64,
 }
 
+/// What `quantize` writes besides the chosen type.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuantizeOptions {
+    /// Leave out the projector (`model.mm_projector.*`): a file llama.cpp loads, `serve` does not.
+    pub text_only: bool,
+}
+
 /// The checkpoint tensors the LLM stage needs, in file order: `(name, shape, is_linear)`. The
 /// first projector weight's input width is read from the file when the config lacks it.
-fn tensor_plan(cfg: &Config) -> Vec<(String, Option<Vec<usize>>, bool)> {
+fn tensor_plan(cfg: &Config, options: QuantizeOptions) -> Vec<(String, Option<Vec<usize>>, bool)> {
     let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
     let mut plan = vec![("model.embed_tokens.weight".to_string(), Some(vec![cfg.vocab_size, h]), false)];
@@ -109,6 +120,9 @@ fn tensor_plan(cfg: &Config) -> Vec<(String, Option<Vec<usize>>, bool)> {
     if !cfg.tie_word_embeddings {
         plan.push(("lm_head.weight".to_string(), Some(vec![cfg.vocab_size, h]), true));
     }
+    if options.text_only {
+        return plan;
+    }
     let m0 = cfg.mm_hidden_size.map(|m| vec![h, m]);
     plan.push(("model.mm_projector.0.weight".to_string(), m0, false));
     plan.push(("model.mm_projector.0.bias".to_string(), Some(vec![h]), false));
@@ -119,9 +133,19 @@ fn tensor_plan(cfg: &Config) -> Vec<(String, Option<Vec<usize>>, bool)> {
 
 /// Quantizes the checkpoint in `dir` into `out` (see the module docs).
 pub fn run(dir: &Path, out: &Path, quant: QuantType) -> Result<QuantizeReport, LlmError> {
+    run_with(dir, out, quant, QuantizeOptions::default())
+}
+
+/// [`run`] with options.
+pub fn run_with(
+    dir: &Path,
+    out: &Path,
+    quant: QuantType,
+    options: QuantizeOptions,
+) -> Result<QuantizeReport, LlmError> {
     let mut cfg = load_config(dir)?;
     let vb = load_checkpoint(dir, DType::F32, &Device::Cpu)?;
-    let plan = tensor_plan(&cfg);
+    let plan = tensor_plan(&cfg, options);
     let wanted = quant.ggml();
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(plan.len());
     let mut fallbacks = 0;

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use llm_worker::checkpoint::{load_checkpoint, load_config, load_model_with, load_tokenizer};
 use llm_worker::gguf::GgufOptions;
 use llm_worker::models::osprey_llama::{OspreyLlama, PrefixKv, SeqCache};
-use llm_worker::quantize::{QuantType, QuantizeReport};
+use llm_worker::quantize::{QuantType, QuantizeOptions, QuantizeReport};
 use llm_worker::sampling::{SamplingParams, argmax};
 use llm_worker::tokenizer::OspreyTokenizer;
 
@@ -238,6 +238,38 @@ fn rewrite(
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut out = std::fs::File::create(dst).unwrap();
     gguf_file::write(&mut out, &md, &ts).unwrap();
+}
+
+/// `--text-only` leaves out exactly the projector (llama.cpp refuses tensors it does not use);
+/// every LLaMA tensor has the same type and bytes as in the full file, and `serve`'s loader
+/// refuses the text-only file naming the projector.
+#[test]
+fn text_only_file_is_the_full_file_less_the_projector() {
+    let dir = scratch("text-only");
+    let (full, text) = (dir.join("full.gguf"), dir.join("text.gguf"));
+    quantize("tiny", QuantType::Q8_0, &full);
+    let options = QuantizeOptions { text_only: true };
+    let report =
+        llm_worker::quantize::run_with(&fixtures().join("tiny"), &text, QuantType::Q8_0, options).unwrap();
+    let (full_content, mut full_file) = read_gguf(&full);
+    let (text_content, mut text_file) = read_gguf(&text);
+    let projector: Vec<&String> =
+        full_content.tensor_infos.keys().filter(|n| n.starts_with("model.mm_projector.")).collect();
+    assert_eq!(projector.len(), 4, "two weights, two biases");
+    assert_eq!(report.tensors, full_content.tensor_infos.len() - 4);
+    assert_eq!(text_content.tensor_infos.len(), full_content.tensor_infos.len() - 4);
+    for (name, info) in &text_content.tensor_infos {
+        assert!(!name.starts_with("model.mm_projector."), "{name} in the text-only file");
+        let want = &full_content.tensor_infos[name];
+        assert_eq!((info.ggml_dtype, info.shape.dims()), (want.ggml_dtype, want.shape.dims()), "{name}");
+        let got = text_content.tensor(&mut text_file, name, &Device::Cpu).unwrap();
+        let want = full_content.tensor(&mut full_file, name, &Device::Cpu).unwrap();
+        assert!(got.data().unwrap() == want.data().unwrap(), "{name}: bytes differ");
+    }
+    assert_eq!(text_content.metadata["general.architecture"].to_string().unwrap(), "llama");
+    assert_eq!(text_content.metadata["tokenizer.ggml.tokens"].to_vec().unwrap().len(), 40);
+    let msg = load_error(&text);
+    assert!(msg.contains("model.mm_projector.0.weight"), "{msg}");
 }
 
 fn load_error(path: &Path) -> String {

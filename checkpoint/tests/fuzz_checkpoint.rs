@@ -9,11 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use osprey_checkpoint::{Checkpoint, WeightsError};
+use osprey_test_support::fixture;
 use proptest::prelude::*;
-
-fn fixture(relative: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(relative)
-}
 
 /// The entries of a zip archive, in order.
 fn entries(path: &Path) -> Vec<(String, Vec<u8>)> {

@@ -11,12 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use osprey_checkpoint::Checkpoint;
 use osprey_checkpoint::hub::{HubConfig, resolve_dir_with, resolve_file_with};
+use osprey_test_support::fixtures;
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 /// One repo of the mirror: file name in the repo → bytes.
 type Repo = BTreeMap<String, Vec<u8>>;

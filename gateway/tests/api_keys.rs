@@ -8,10 +8,8 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use osprey_common::error::StatusExt;
-use osprey_proto::v1::osprey_client::OspreyClient;
 use osprey_proto::v1::{self, DescribeTask};
 use osprey_test_support::free_port;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 /// The tiny models' servers and the gateway in front of them, as the pipeline tests start them.
@@ -56,7 +54,7 @@ fn describe_request(parameters: Option<v1::GenerationParameters>, regions: usize
 
 /// Describe with `header: value`, every result read; the status it ended with.
 async fn describe(
-    client: &mut OspreyClient<Channel>,
+    client: &mut support::Client,
     header: Option<(&'static str, &str)>,
     request: v1::DescribeRequest,
 ) -> Result<usize, Status> {

@@ -9,9 +9,7 @@
 use std::io::{Read, Write};
 
 use osprey_common::mask::{Mask, rle_to_proto};
-use osprey_proto::v1::osprey_client::OspreyClient;
 use osprey_proto::v1::{self, CacheTier, DescribeTask};
-use tonic::transport::Channel;
 
 /// The tiny models' servers and the gateway in front of them, as the pipeline tests start them.
 #[path = "pipeline/support.rs"]
@@ -108,7 +106,7 @@ struct Registered {
     height: u32,
 }
 
-async fn register(client: &mut OspreyClient<Channel>, encoded: Vec<u8>) -> Registered {
+async fn register(client: &mut support::Client, encoded: Vec<u8>) -> Registered {
     let registered = client
         .register_image(v1::RegisterImageRequest { encoded, warm_features: false })
         .await
@@ -123,7 +121,7 @@ async fn register(client: &mut OspreyClient<Channel>, encoded: Vec<u8>) -> Regis
 
 /// A short description of the whole image: (answer, vision tier, LLM prefix hit, bytes moved).
 async fn describe(
-    client: &mut OspreyClient<Channel>,
+    client: &mut support::Client,
     port: u16,
     image: &v1::Image,
     (width, height): (u32, u32),
@@ -146,7 +144,7 @@ async fn describe(
 
 /// A question about the whole image as region1: (answer, bytes moved).
 async fn ask(
-    client: &mut OspreyClient<Channel>,
+    client: &mut support::Client,
     port: u16,
     image: &v1::Image,
     (width, height): (u32, u32),

@@ -5,15 +5,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use osprey_client::{Client, ConnectOptions};
 use osprey_common::mask::{Mask, rle_to_proto};
-use osprey_proto::v1::osprey_client::OspreyClient;
 use osprey_proto::v1::{self, DescribeTask};
 use osprey_proto::worker::v1 as worker;
 use osprey_proto::worker::v1::sam_server::{Sam, SamServer};
 use osprey_proto::worker::v1::vision_server::{Vision, VisionServer};
-use osprey_test_support::{InProcess, serve_in_process};
-use tonic::transport::Channel;
+use osprey_test_support::{InProcess, parse_args, serve_in_process};
 use tonic::{Code, Request, Response, Status};
 
 /// The photo's size (height, width).
@@ -105,23 +103,14 @@ async fn serve_hung(worker: Hung) -> InProcess {
         let routes =
             routes.add_service(VisionServer::new(worker.clone())).add_service(SamServer::new(worker));
         health.set_serving().await;
-        osprey_common::grpc::serve(listener, routes, &health, None, async {
-            let _ = stopped.await;
-        })
-        .await?;
+        osprey_common::grpc::serve(listener, routes, &health, None, stopped).await?;
         Ok(())
     })
     .await
 }
 
-#[derive(Parser)]
-struct GatewayCli {
-    #[command(flatten)]
-    args: gateway::service::GatewayArgs,
-}
-
-async fn gateway(worker: &str, request_timeout_seconds: &str) -> (InProcess, OspreyClient<Channel>) {
-    let args = GatewayCli::parse_from([
+async fn gateway(worker: &str, request_timeout_seconds: &str) -> (InProcess, Client) {
+    let args = parse_args([
         "g",
         "--vision-workers",
         worker,
@@ -131,15 +120,10 @@ async fn gateway(worker: &str, request_timeout_seconds: &str) -> (InProcess, Osp
         worker,
         "--request-timeout-seconds",
         request_timeout_seconds,
-    ])
-    .args;
-    let server = serve_in_process(|listener, stopped| {
-        gateway::service::run(args, listener, async {
-            let _ = stopped.await;
-        })
-    })
-    .await;
-    let client = OspreyClient::connect(server.url.clone()).await.unwrap();
+    ]);
+    let server = serve_in_process(|listener, stopped| gateway::service::run(args, listener, stopped)).await;
+    let options = ConnectOptions { endpoint: server.url.clone(), ..Default::default() };
+    let client = osprey_client::connect(&options).await.unwrap();
     (server, client)
 }
 

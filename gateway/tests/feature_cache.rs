@@ -4,20 +4,14 @@
 
 use std::time::Duration;
 
-use clap::Parser;
 use gateway::cache::{CacheArgs, FeatureCache};
-use osprey_test_support::{RedisServer, free_port};
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    cache: CacheArgs,
-}
+use osprey_test_support::{RedisServer, free_port, parse_args};
 
 fn cache(args: &[&str]) -> FeatureCache {
     let mut argv = vec!["gateway"];
     argv.extend_from_slice(args);
-    FeatureCache::from_args(&Cli::parse_from(argv).cache).unwrap()
+    let args: CacheArgs = parse_args(argv);
+    FeatureCache::from_args(&args).unwrap()
 }
 
 #[tokio::test]
@@ -191,7 +185,7 @@ async fn redis_over_tls_with_a_password() {
         cache(&["--redis-url", &format!("redis://:s3cret@127.0.0.1:{port}/0"), "--redis-timeout-ms", "500"]);
     assert_eq!(plaintext.get("img").await, None);
     // A missing CA file is a startup error naming it.
-    let args = Cli::parse_from(["gateway", "--redis-url", &url, "--redis-tls-ca", "no-such-ca.pem"]).cache;
+    let args: CacheArgs = parse_args(["gateway", "--redis-url", &url, "--redis-tls-ca", "no-such-ca.pem"]);
     let error = FeatureCache::from_args(&args).err().expect("a missing CA refused");
     assert!(error.to_string().contains("no-such-ca.pem"), "{error}");
 }

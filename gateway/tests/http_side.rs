@@ -3,20 +3,16 @@
 //! negotiated, plaintext gets nothing. No workers: RegisterImage of a bad file is answered by the
 //! gateway itself.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use clap::Parser;
-
-#[derive(Parser)]
-struct GatewayCli {
-    #[command(flatten)]
-    args: gateway::config::GatewayArgs,
-}
+use gateway::config::GatewayArgs;
+use osprey_test_support::{fixture, parse_args};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 fn tls_fixture(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tls").join(name).display().to_string()
+    fixture("tls").join(name).display().to_string()
 }
 
 /// curl with the test CA; returns (status line and headers, body).
@@ -70,32 +66,27 @@ fn grpc_web(url: &str, message: &[u8], key: Option<&str>) -> (String, String) {
     (field("grpc-status"), field("grpc-message"))
 }
 
+/// A gateway with unreachable workers, serving HTTP on `http` behind the key `sesame`, with `extra`
+/// flags; its stop signal and its task (to check that it shuts down cleanly).
+async fn start_gateway(http: &str, extra: &[&str]) -> (oneshot::Sender<()>, JoinHandle<anyhow::Result<()>>) {
+    let mut argv = vec!["g", "--vision-workers", "127.0.0.1:9", "--llm-workers", "127.0.0.1:9"];
+    argv.extend(["--http-listen", http, "--api-key", "sesame"]);
+    argv.extend_from_slice(extra);
+    let args: GatewayArgs = parse_args(argv);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(gateway::service::run(args, listener, async {
+        let _ = stopped.await;
+    }));
+    (stop, server)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_side_serves_the_page_and_grpc_web_over_tls_behind_the_key() {
     let http_port = osprey_test_support::free_port();
     let http = format!("127.0.0.1:{http_port}");
     let (cert, key) = (tls_fixture("server.pem"), tls_fixture("server.key"));
-    let argv = [
-        "g",
-        "--vision-workers",
-        "127.0.0.1:9",
-        "--llm-workers",
-        "127.0.0.1:9",
-        "--http-listen",
-        &http,
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-        "--api-key",
-        "sesame",
-    ];
-    let args = GatewayCli::parse_from(argv).args;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(gateway::service::run(args, listener, async {
-        let _ = stopped.await;
-    }));
+    let (stop, server) = start_gateway(&http, &["--tls-cert", &cert, "--tls-key", &key]).await;
     let base = format!("https://localhost:{http_port}");
 
     tokio::task::spawn_blocking(move || {
@@ -121,7 +112,8 @@ async fn http_side_serves_the_page_and_grpc_web_over_tls_behind_the_key() {
         let (head, body) = curl(&format!("{base}/app.js"), &["--http1.1"]);
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         let committed =
-            std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("web/dist/app.js")).unwrap();
+            std::fs::read(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("web/dist/app.js"))
+                .unwrap();
         assert_eq!(body, committed, "/app.js is the committed bundle");
         let (head, _) = curl(&format!("{base}/no-such-page"), &[]);
         assert!(head.contains(" 404"), "{head}");
@@ -169,23 +161,7 @@ async fn a_refused_key_on_a_large_upload_gets_its_answer_not_a_reset() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let http_port = osprey_test_support::free_port();
     let http = format!("127.0.0.1:{http_port}");
-    let argv = [
-        "g",
-        "--vision-workers",
-        "127.0.0.1:9",
-        "--llm-workers",
-        "127.0.0.1:9",
-        "--http-listen",
-        &http,
-        "--api-key",
-        "sesame",
-    ];
-    let args = GatewayCli::parse_from(argv).args;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(gateway::service::run(args, listener, async {
-        let _ = stopped.await;
-    }));
+    let (stop, server) = start_gateway(&http, &[]).await;
     let mut connection = None;
     for _ in 0..200 {
         if let Ok(stream) = tokio::net::TcpStream::connect(&http).await {

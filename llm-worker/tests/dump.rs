@@ -6,10 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use candle_core::{Device, Tensor};
-
-fn fixtures() -> PathBuf {
-    osprey_test_support::fixture("llm")
-}
+use osprey_test_support::fixture;
 
 fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.dims(), want.dims());
@@ -26,7 +23,7 @@ fn dump_and_check(
     expected_file: &str,
     dir: &std::path::Path,
 ) -> (HashMap<String, Tensor>, HashMap<String, Tensor>, PathBuf, PathBuf) {
-    let expected = candle_core::safetensors::load(fixtures().join(expected_file), &Device::Cpu).unwrap();
+    let expected = candle_core::safetensors::load(fixture("llm").join(expected_file), &Device::Cpu).unwrap();
     let (inputs, out) = (dir.join("in.safetensors"), dir.join("out.safetensors"));
     let names = ["input_ids", "image_features", "mask_tokens", "pos_tokens"];
     let tensors: HashMap<String, Tensor> =
@@ -36,7 +33,7 @@ fn dump_and_check(
     let status = Command::new(env!("CARGO_BIN_EXE_llm-worker"))
         .arg("dump")
         .arg("--weights")
-        .arg(fixtures().join(weights))
+        .arg(fixture("llm").join(weights))
         .arg("--inputs")
         .arg(&inputs)
         .arg("--out")
@@ -72,7 +69,7 @@ fn dump_matches_the_reference() {
     candle_core::safetensors::save(&bad, &inputs).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_llm-worker"))
         .args(["dump", "--weights"])
-        .arg(fixtures().join("tiny"))
+        .arg(fixture("llm/tiny"))
         .arg("--inputs")
         .arg(&inputs)
         .arg("--out")

@@ -2,7 +2,6 @@
 //! prefix reuse across requests, dropped streams, and the engine thread.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use llm_worker::LlmError;
@@ -11,19 +10,16 @@ use llm_worker::engine::{Engine, EngineConfig, Event, EventStream, Finished, Gen
 use llm_worker::models::osprey_llama::{OspreyLlama, PrefixKv, SeqCache};
 use llm_worker::prompt::PromptError;
 use llm_worker::sampling::{FinishReason, SamplingParams};
-
-fn fixtures() -> PathBuf {
-    osprey_test_support::fixture("llm")
-}
+use osprey_test_support::fixture;
 
 fn model() -> OspreyLlama {
-    let dir = fixtures().join("tiny");
+    let dir = fixture("llm/tiny");
     OspreyLlama::load(load_checkpoint(&dir, DType::F32, &Device::Cpu).unwrap(), &load_config(&dir).unwrap())
         .unwrap()
 }
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(fixture("llm/expected.safetensors"), &Device::Cpu).unwrap()
 }
 
 fn greedy(k: usize) -> SamplingParams {

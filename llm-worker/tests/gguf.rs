@@ -15,10 +15,7 @@ use llm_worker::models::osprey_llama::{OspreyLlama, PrefixKv, SeqCache};
 use llm_worker::quantize::{QuantType, QuantizeOptions, QuantizeReport};
 use llm_worker::sampling::{SamplingParams, argmax};
 use llm_worker::tokenizer::OspreyTokenizer;
-
-fn fixtures() -> PathBuf {
-    osprey_test_support::fixture("llm")
-}
+use osprey_test_support::fixture;
 
 /// A fresh directory for one test's files.
 fn scratch(name: &str) -> PathBuf {
@@ -29,7 +26,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn quantize(model: &str, quant: QuantType, out: &Path) -> QuantizeReport {
-    llm_worker::quantize::run(&fixtures().join(model), out, quant).expect("quantize")
+    llm_worker::quantize::run(&fixture("llm").join(model), out, quant).expect("quantize")
 }
 
 fn load_gguf(path: &Path, dequantize: bool) -> OspreyLlama {
@@ -37,21 +34,21 @@ fn load_gguf(path: &Path, dequantize: bool) -> OspreyLlama {
 }
 
 fn load_dir(model: &str) -> OspreyLlama {
-    let dir = fixtures().join(model);
+    let dir = fixture("llm").join(model);
     let cfg = load_config(&dir).unwrap();
     OspreyLlama::load(load_checkpoint(&dir, DType::F32, &Device::Cpu).unwrap(), &cfg).unwrap()
 }
 
 /// The tiny model with `gguf.quants`' q8_0-dequantized weights (tools/make_gguf_fixtures.py).
 fn load_reference(model: &str) -> OspreyLlama {
-    let cfg = load_config(&fixtures().join(model)).unwrap();
-    let file = fixtures().join(format!("gguf/{model}_q8_0_dequant.safetensors"));
+    let cfg = load_config(&fixture("llm").join(model)).unwrap();
+    let file = fixture("llm").join(format!("gguf/{model}_q8_0_dequant.safetensors"));
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[file], DType::F32, &Device::Cpu) }.unwrap();
     OspreyLlama::load(vb, &cfg).unwrap()
 }
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(fixture("llm/expected.safetensors"), &Device::Cpu).unwrap()
 }
 
 /// The fixture's spliced prompt (text, image and two regions).
@@ -96,7 +93,7 @@ fn q8_0_bytes_equal_gguf_quants() {
         assert_eq!(report.fallbacks, 0, "every tiny row length is a multiple of 32");
         assert!(!dir.join(format!("{model}.gguf.partial")).exists(), "the partial file was renamed");
         let reference = candle_core::safetensors::load(
-            fixtures().join(format!("gguf/{model}_q8_0_bytes.safetensors")),
+            fixture("llm").join(format!("gguf/{model}_q8_0_bytes.safetensors")),
             &Device::Cpu,
         )
         .unwrap();
@@ -199,7 +196,7 @@ fn tokenizer_and_dump_from_gguf() {
     let out = dir.join("tiny.gguf");
     quantize("tiny", QuantType::Q8_0, &out);
     let from_gguf = load_tokenizer(&out).unwrap();
-    let from_dir = OspreyTokenizer::from_dir(&fixtures().join("tiny")).unwrap();
+    let from_dir = OspreyTokenizer::from_dir(&fixture("llm/tiny")).unwrap();
     let text = "<image>\nwhat is <mask><pos> doing?";
     assert_eq!(from_gguf.tokenizer_image_token(text).unwrap(), from_dir.tokenizer_image_token(text).unwrap());
     assert_eq!((from_gguf.mask_id(), from_gguf.pos_id()), (38, 39));
@@ -329,19 +326,13 @@ fn bad_files_are_refused_naming_the_problem() {
     assert!(msg.contains("not a readable GGUF file"), "{msg}");
 }
 
-#[derive(clap::Parser)]
-struct Cli {
-    #[command(flatten)]
-    serve: llm_worker::service::ServeArgs,
-}
-
 /// `serve --weights FILE.gguf` loads model and tokenizer from the file; a GGUF without a
 /// tokenizer is refused naming the missing key.
 #[tokio::test]
 async fn serve_loads_a_gguf() {
     let dir = scratch("serve");
-    let args = |path: &Path| {
-        <Cli as clap::Parser>::parse_from(["llm-worker", "--weights", path.to_str().unwrap()]).serve
+    let args = |path: &Path| -> llm_worker::service::ServeArgs {
+        osprey_test_support::parse_args(["llm-worker", "--weights", path.to_str().unwrap()])
     };
     let tiny = dir.join("tiny.gguf");
     quantize("tiny", QuantType::Q8_0, &tiny);

@@ -3,7 +3,7 @@
 //! decoding, shared prefixes) against the same references and the full-size weight manifest.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, IndexOp, Shape, Tensor};
@@ -14,21 +14,18 @@ use llm_worker::checkpoint::{load_checkpoint, load_config};
 use llm_worker::models::osprey_llama::{Config, LogitsMode, OspreyLlama, PrefixKv, SeqCache, SeqStep};
 use llm_worker::prompt::PromptError;
 use llm_worker::sampling::{SamplingParams, argmax};
+use osprey_test_support::fixture;
 
 const TOL: f32 = 1e-4;
 
-fn fixtures() -> PathBuf {
-    osprey_test_support::fixture("llm")
-}
-
 fn load_model(name: &str) -> OspreyLlama {
-    let dir = fixtures().join(name);
+    let dir = fixture("llm").join(name);
     let cfg = load_config(&dir).expect("config");
     OspreyLlama::load(load_checkpoint(&dir, DType::F32, &Device::Cpu).expect("weights"), &cfg).expect("model")
 }
 
 fn expected(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).expect("expected tensors")
+    candle_core::safetensors::load(fixture("llm").join(name), &Device::Cpu).expect("expected tensors")
 }
 
 /// [`osprey_test_support::rel_l2`] of two tensors of the same shape.
@@ -117,7 +114,7 @@ fn tiny_gqa_matches_transformers() {
 /// a 8- or 11-bit mantissa of the f32 reference.
 #[test]
 fn half_precision_stays_close_to_transformers_f32() {
-    let dir = fixtures().join("tiny");
+    let dir = fixture("llm/tiny");
     let cfg = load_config(&dir).unwrap();
     let e = expected("expected.safetensors");
     for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 5e-3)] {
@@ -295,7 +292,7 @@ impl SimpleBackend for Recorder {
 
 #[test]
 fn full_size_weights_match_the_manifest() {
-    let text = std::fs::read_to_string(fixtures().join("manifest_full.json")).unwrap();
+    let text = std::fs::read_to_string(fixture("llm/manifest_full.json")).unwrap();
     let manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
     let c = &manifest["config"];
     let cfg = Config::osprey_7b();
@@ -357,7 +354,7 @@ fn tiny_bin_matches_transformers() {
 /// and the file.
 #[test]
 fn tiny_bin_load_errors_name_key_and_file() {
-    let dir: &Path = &fixtures().join("tiny_bin");
+    let dir: &Path = &fixture("llm/tiny_bin");
     let cfg = load_config(dir).unwrap();
     let load = |cfg: &Config| {
         let vb = load_checkpoint(dir, DType::F32, &Device::Cpu).unwrap();
@@ -378,7 +375,7 @@ fn tiny_bin_load_errors_name_key_and_file() {
             && err.contains("[48, 32]"),
         "{err}"
     );
-    let err = load_checkpoint(&fixtures().join("tokenizer"), DType::F32, &Device::Cpu).err().unwrap();
+    let err = load_checkpoint(&fixture("llm/tokenizer"), DType::F32, &Device::Cpu).err().unwrap();
     assert!(
         matches!(err, LlmError::Checkpoint { .. }) && err.to_string().contains("pytorch_model.bin"),
         "{err}"

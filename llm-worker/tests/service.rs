@@ -4,9 +4,7 @@
 //! question.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
-use clap::Parser;
 use llm_worker::service::{ServeArgs, run};
 use osprey_common::tensor::f32_to_proto;
 use osprey_proto::worker::v1::llm_client::LlmClient;
@@ -14,45 +12,33 @@ use osprey_proto::worker::v1::question::Prompt;
 use osprey_proto::worker::v1::{
     Exchange, GenerateRequest, GenerationParameters, Question, RegionTask, Tensor,
 };
+use osprey_test_support::{InProcess, fixture, parse_args, serve_in_process};
 use safetensors::SafeTensors;
-use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::transport::Channel;
 
-fn fixtures() -> PathBuf {
-    osprey_test_support::fixture("llm")
-}
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    serve: ServeArgs,
-}
-
-async fn start_worker() -> LlmClient<Channel> {
+/// Starts a worker on a free loopback port; returns a client once health says SERVING (the
+/// worker stops when the returned handle is dropped).
+async fn start_worker() -> (LlmClient<Channel>, InProcess) {
     start_worker_with(&[]).await
 }
 
 fn serve_args(extra: &[&str]) -> ServeArgs {
-    let weights = fixtures().join("tiny");
+    let weights = fixture("llm/tiny");
     let mut argv =
         vec!["llm-worker", "--weights", weights.to_str().unwrap(), "--default-max-new-tokens", "6"];
     argv.extend_from_slice(extra);
-    Cli::parse_from(argv).serve
+    parse_args(argv)
 }
 
-async fn start_worker_with(extra: &[&str]) -> LlmClient<Channel> {
+async fn start_worker_with(extra: &[&str]) -> (LlmClient<Channel>, InProcess) {
     let args = serve_args(extra);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { run(args, listener, std::future::pending()).await.unwrap() });
-    let service = "osprey.worker.v1.Llm";
-    let timeout = std::time::Duration::from_secs(120);
-    LlmClient::new(osprey_common::grpc::connect_when_serving(&address, service, timeout).await.unwrap())
+    let server = serve_in_process(|listener, stopped| run(args, listener, stopped)).await;
+    (LlmClient::connect(server.url.clone()).await.unwrap(), server)
 }
 
-fn fixture(name: &str) -> (Vec<u64>, Vec<f32>) {
-    let bytes = std::fs::read(fixtures().join("expected.safetensors")).unwrap();
+fn expected(name: &str) -> (Vec<u64>, Vec<f32>) {
+    let bytes = std::fs::read(fixture("llm/expected.safetensors")).unwrap();
     let tensors = SafeTensors::deserialize(&bytes).unwrap();
     let t = tensors.tensor(name).unwrap();
     let values = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
@@ -60,7 +46,7 @@ fn fixture(name: &str) -> (Vec<u64>, Vec<f32>) {
 }
 
 fn tensor(name: &str, rows: std::ops::Range<usize>) -> Tensor {
-    let (shape, values) = fixture(name);
+    let (shape, values) = expected(name);
     let width = shape[1] as usize;
     f32_to_proto(&[rows.len(), width], &values[rows.start * width..rows.end * width])
 }
@@ -110,7 +96,7 @@ async fn answers(
 
 #[tokio::test]
 async fn streams_answers_invariant_to_batching_and_prefix_cache() {
-    let mut client = start_worker().await;
+    let (mut client, _worker) = start_worker().await;
     let short = || question(0, Prompt::Task(RegionTask::Short as i32), 0..1);
     let ask = || question(1, Prompt::Text("what is region1 doing with region2?".into()), 0..2);
 
@@ -148,7 +134,7 @@ async fn streams_answers_invariant_to_batching_and_prefix_cache() {
 /// agree, and a GPU device on a CPU-only build is refused at load with a clear message.
 #[tokio::test]
 async fn half_precision_serves_and_gpu_device_needs_the_cuda_build() {
-    let mut client = start_worker_with(&["--dtype", "bf16"]).await;
+    let (mut client, _worker) = start_worker_with(&["--dtype", "bf16"]).await;
     let short = || question(0, Prompt::Task(RegionTask::Short as i32), 0..1);
     let ask = || question(1, Prompt::Text("what is region1 doing with region2?".into()), 0..2);
     let together = answers(&mut client, request("image-a", vec![short(), ask()])).await;
@@ -173,7 +159,7 @@ async fn half_precision_serves_and_gpu_device_needs_the_cuda_build() {
 /// gives the task's raw answer; a pair count that differs from the regions is refused.
 #[tokio::test]
 async fn verbatim_prompts_match_the_task_they_spell_out() {
-    let mut client = start_worker().await;
+    let (mut client, _worker) = start_worker().await;
     let category = question(0, Prompt::Task(RegionTask::Category as i32), 0..1);
     let verbatim = question(1, Prompt::Verbatim(llm_worker::prompt::Task::Category.question()), 0..1);
     let got = answers(&mut client, request("image-v", vec![category, verbatim])).await;
@@ -187,7 +173,7 @@ async fn verbatim_prompts_match_the_task_they_spell_out() {
 
 #[tokio::test]
 async fn malformed_questions_are_invalid_argument() {
-    let mut client = start_worker().await;
+    let (mut client, _worker) = start_worker().await;
     let short = || question(0, Prompt::Task(RegionTask::Short as i32), 0..1);
     let cases: Vec<(GenerateRequest, &str)> = vec![
         (request("k", vec![]), "questions: at least one"),
@@ -256,7 +242,7 @@ async fn raw_answers(client: &mut LlmClient<Channel>, request: GenerateRequest) 
 /// two revisions of one image, never share tokens or a cached prefix.
 #[tokio::test]
 async fn image_tokens_are_kept_per_image_and_feature_revision() {
-    let mut client = start_worker().await;
+    let (mut client, _worker) = start_worker().await;
     let questions = || {
         vec![
             question(0, Prompt::Task(RegionTask::Short as i32), 0..1),
@@ -265,7 +251,7 @@ async fn image_tokens_are_kept_per_image_and_feature_revision() {
     };
     let first = tensor("image_features", 0..6);
     // Other image tokens: the same rows in reverse order.
-    let (shape, values) = fixture("image_features");
+    let (shape, values) = expected("image_features");
     let width = shape[1] as usize;
     let reversed: Vec<f32> = values[..6 * width].chunks(width).rev().flatten().copied().collect();
     let second = f32_to_proto(&[6, width], &reversed);
@@ -304,7 +290,8 @@ async fn image_tokens_are_kept_per_image_and_feature_revision() {
     assert_eq!(texts(&old), texts(&a1));
 
     // With no room to keep image tokens, every request must carry them.
-    let mut keeps_none = start_worker_with(&["--resident-image-token-bytes", "0"]).await;
+    let (mut keeps_none, _keeps_none_worker) =
+        start_worker_with(&["--resident-image-token-bytes", "0"]).await;
     let sent = raw_answers(&mut keeps_none, about("img-1", "r1", Some(first), questions())).await;
     assert_eq!(texts(&sent), texts(&a1));
     let status = keeps_none.generate(about("img-1", "r1", None, questions())).await.unwrap_err();

@@ -4,7 +4,6 @@
 
 mod common;
 
-use clap::Parser;
 use common::*;
 use osprey_common::error::StatusExt;
 use osprey_common::image::{ImageLimits, decode_image};
@@ -14,16 +13,10 @@ use osprey_proto::worker::v1::{
     BoxXyxy, EmbedRequest, EverythingParams, EverythingRequest, LowResLogits, Point, PointLabel,
     PredictRequest, ProposedMask, RgbImage, SamPrompt,
 };
-use osprey_test_support::{InProcess, serve_in_process};
+use osprey_test_support::{InProcess, parse_args, serve_in_process};
 use sam_worker::service::{ServeArgs, run};
 use tonic::Code;
 use tonic::transport::Channel;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    serve: ServeArgs,
-}
 
 /// Starts a worker on a free loopback port; returns a client once health says SERVING (the
 /// worker stops when the returned handle is dropped).
@@ -32,13 +25,8 @@ async fn start_worker(extra: &[&str]) -> (SamClient<Channel>, InProcess) {
     let mut argv =
         vec!["sam-worker", "--weights", weights.to_str().unwrap(), "--config", config.to_str().unwrap()];
     argv.extend_from_slice(extra);
-    let args = Cli::parse_from(argv).serve;
-    let server = serve_in_process(|listener, stopped| {
-        run(args, listener, async {
-            let _ = stopped.await;
-        })
-    })
-    .await;
+    let args: ServeArgs = parse_args(argv);
+    let server = serve_in_process(|listener, stopped| run(args, listener, stopped)).await;
     (SamClient::connect(server.url.clone()).await.unwrap(), server)
 }
 

@@ -5,13 +5,18 @@
 //! - [`RedisServer`]: a throwaway `redis-server` (no persistence) on a loopback port.
 //! - [`serve_in_process`]: a gRPC server started in the test's own process on a free loopback
 //!   port, waited on until its health service reports SERVING, stopped when dropped.
+//! - [`parse_args`]: a binary's flags (a worker's `ServeArgs`, the gateway's) from a test's
+//!   command line.
 //! - [`counted`]: the metric counters some code increments.
 //! - [`assert_env_names`]: every flag that reads the environment reads `OSPREY_<FLAG>`.
 
+use std::ffi::OsString;
 use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -109,12 +114,24 @@ impl InProcess {
     }
 }
 
+/// Resolves when an [`InProcess`] server is asked to stop (or its handle is dropped): the shutdown
+/// future to hand to the server's `run`.
+pub struct Stopped(oneshot::Receiver<()>);
+
+impl Future for Stopped {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.0).poll(cx).map(|_| ())
+    }
+}
+
 /// Binds a free loopback port, runs `start(listener, stopped)` on a task (the server shuts down
 /// when `stopped` resolves) and returns once the server's health service reports SERVING.
 /// Panics if the server fails or is not serving within two minutes.
 pub async fn serve_in_process<F, Fut>(start: F) -> InProcess
 where
-    F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+    F: FnOnce(TcpListener, Stopped) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     serve_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), start).await
@@ -124,15 +141,29 @@ where
 /// address before it starts it, e.g. to pick which replica owns an image).
 pub async fn serve_on<F, Fut>(listener: TcpListener, start: F) -> InProcess
 where
-    F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+    F: FnOnce(TcpListener, Stopped) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel();
-    let server = start(listener, stopped);
+    let server = start(listener, Stopped(stopped));
     tokio::spawn(async move { server.await.unwrap() });
     osprey_common::grpc::connect_when_serving(&url, "", Duration::from_secs(120)).await.unwrap();
     InProcess { url, stop: Some(stop) }
+}
+
+/// Parses `argv` (a program name first) into the flags `A` as the binary would, panicking with the
+/// parser's message on a bad command line: `parse_args::<ServeArgs>(["vision-worker", "--weights", dir])`.
+pub fn parse_args<A, I, T>(argv: I) -> A
+where
+    A: clap::Args + clap::FromArgMatches,
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+    let command = A::augment_args(clap::Command::new("test"));
+    let matches = command.try_get_matches_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    A::from_arg_matches(&matches).unwrap_or_else(|e| panic!("{argv:?}: {e}"))
 }
 
 /// The counters `work` increments on this thread, in order: each as `name{label=value,...}` with
@@ -236,6 +267,19 @@ mod tests {
     #[test]
     fn fixtures_are_the_committed_ones() {
         assert!(fixture("vision/photo.png").is_file());
+    }
+
+    #[test]
+    fn parse_args_reads_flags_and_defaults() {
+        #[derive(clap::Args)]
+        struct Flags {
+            #[arg(long, default_value_t = 1)]
+            size: u32,
+            #[arg(long)]
+            name: Option<String>,
+        }
+        let flags: Flags = parse_args(["tool", "--size", "7"]);
+        assert_eq!((flags.size, flags.name), (7, None));
     }
 
     #[test]

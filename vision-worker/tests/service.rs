@@ -2,55 +2,37 @@
 //! fixtures, the resident LRU, feature blobs moving to another replica, bad input (INVALID_ARGUMENT
 //! with the field as a structured detail) and a failed model batch (INTERNAL).
 
-use std::path::PathBuf;
-
-use clap::Parser;
 use osprey_common::error::StatusExt;
 use osprey_common::image::{ImageLimits, decode_image};
 use osprey_common::mask::{Mask, rle_to_worker};
 use osprey_common::tensor::f32_from_proto;
 use osprey_proto::worker::v1::vision_client::VisionClient;
 use osprey_proto::worker::v1::{EncodeRequest, PoolRequest, RgbImage};
-use osprey_test_support::{InProcess, serve_in_process};
+use osprey_test_support::{InProcess, fixture, parse_args, serve_in_process};
 use safetensors::SafeTensors;
 use tonic::Code;
 use tonic::transport::Channel;
 use vision_worker::service::{ServeArgs, run};
 
-fn fixtures() -> PathBuf {
-    osprey_test_support::fixture("vision")
-}
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    serve: ServeArgs,
-}
-
 /// Starts a worker on a free loopback port; returns a client once health says SERVING (the
 /// worker stops when the returned handle is dropped).
 async fn start_worker(extra: &[&str]) -> (VisionClient<Channel>, InProcess) {
-    let weights = fixtures().join("tiny/tiny_st");
+    let weights = fixture("vision/tiny/tiny_st");
     let mut argv = vec!["vision-worker", "--weights", weights.to_str().unwrap(), "--feature-dtype", "f32"];
     argv.extend_from_slice(extra);
-    let args = Cli::parse_from(argv).serve;
-    let server = serve_in_process(|listener, stopped| {
-        run(args, listener, async {
-            let _ = stopped.await;
-        })
-    })
-    .await;
+    let args: ServeArgs = parse_args(argv);
+    let server = serve_in_process(|listener, stopped| run(args, listener, stopped)).await;
     (VisionClient::connect(server.url.clone()).await.unwrap(), server)
 }
 
 fn photo() -> RgbImage {
     let image =
-        decode_image(&std::fs::read(fixtures().join("photo.png")).unwrap(), &ImageLimits::default()).unwrap();
+        decode_image(&std::fs::read(fixture("vision/photo.png")).unwrap(), &ImageLimits::default()).unwrap();
     RgbImage { width: image.width(), height: image.height(), rgb: image.into_pixels() }
 }
 
 fn fixture_masks() -> Vec<Mask> {
-    let bytes = std::fs::read(fixtures().join("masks.safetensors")).unwrap();
+    let bytes = std::fs::read(fixture("vision/masks.safetensors")).unwrap();
     let tensors = SafeTensors::deserialize(&bytes).unwrap();
     let masks = tensors.tensor("masks").unwrap();
     let [n, h, w] = masks.shape() else { panic!("masks must be [N, H, W]") };
@@ -62,7 +44,7 @@ fn fixture_masks() -> Vec<Mask> {
 }
 
 fn expected(name: &str) -> Vec<f32> {
-    let bytes = std::fs::read(fixtures().join("expected_f32.safetensors")).unwrap();
+    let bytes = std::fs::read(fixture("vision/expected_f32.safetensors")).unwrap();
     let tensors = SafeTensors::deserialize(&bytes).unwrap();
     tensors
         .tensor(name)

@@ -3,38 +3,12 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+pub use osprey_client::Client;
 use osprey_common::mask::{Mask, rle_to_proto};
-use osprey_proto::v1::osprey_client::OspreyClient;
 use osprey_proto::v1::{self, CacheTier, DescribeTask};
-pub use osprey_test_support::{InProcess as Running, fixtures};
+pub use osprey_test_support::{InProcess as Running, fixtures, parse_args};
 use osprey_test_support::{serve_in_process, serve_on};
 use safetensors::SafeTensors;
-use tonic::transport::Channel;
-
-#[derive(Parser)]
-pub struct VisionCli {
-    #[command(flatten)]
-    pub args: vision_worker::service::ServeArgs,
-}
-
-#[derive(Parser)]
-pub struct LlmCli {
-    #[command(flatten)]
-    pub args: llm_worker::service::ServeArgs,
-}
-
-#[derive(Parser)]
-pub struct SamCli {
-    #[command(flatten)]
-    pub args: sam_worker::service::ServeArgs,
-}
-
-#[derive(Parser)]
-pub struct GatewayCli {
-    #[command(flatten)]
-    pub args: gateway::service::GatewayArgs,
-}
 
 pub async fn vision() -> Running {
     vision_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), &[]).await
@@ -45,61 +19,39 @@ pub async fn vision_on(listener: tokio::net::TcpListener, extra: &[&str]) -> Run
     let weights = fixtures().join("vision/tiny/tiny_st");
     let mut argv = vec!["v", "--weights", weights.to_str().unwrap(), "--feature-dtype", "f32"];
     argv.extend_from_slice(extra);
-    let args = VisionCli::parse_from(argv).args;
-    serve_on(listener, |listener, stopped| {
-        vision_worker::service::run(args, listener, async {
-            let _ = stopped.await;
-        })
-    })
-    .await
+    let args = parse_args(argv);
+    serve_on(listener, |listener, stopped| vision_worker::service::run(args, listener, stopped)).await
 }
 
 pub async fn llm() -> Running {
     let weights = fixtures().join("llm/tiny");
-    let args =
-        LlmCli::parse_from(["l", "--weights", weights.to_str().unwrap(), "--default-max-new-tokens", "5"])
-            .args;
-    serve_in_process(|listener, stopped| {
-        llm_worker::service::run(args, listener, async {
-            let _ = stopped.await;
-        })
-    })
-    .await
+    let args = parse_args(["l", "--weights", weights.to_str().unwrap(), "--default-max-new-tokens", "5"]);
+    serve_in_process(|listener, stopped| llm_worker::service::run(args, listener, stopped)).await
 }
 
 pub async fn sam() -> Running {
     let dir = fixtures().join("sam");
     let (weights, config) = (dir.join("tiny_sam.pth"), dir.join("tiny_config.json"));
-    let args = SamCli::parse_from([
-        "s",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ])
-    .args;
-    serve_in_process(|listener, stopped| {
-        sam_worker::service::run(args, listener, async {
-            let _ = stopped.await;
-        })
-    })
-    .await
+    let args =
+        parse_args(["s", "--weights", weights.to_str().unwrap(), "--config", config.to_str().unwrap()]);
+    serve_in_process(|listener, stopped| sam_worker::service::run(args, listener, stopped)).await
 }
 
-pub async fn gateway(vision: &[&Running], llm: &Running, extra: &[&str]) -> (Running, OspreyClient<Channel>) {
+pub async fn gateway(vision: &[&Running], llm: &Running, extra: &[&str]) -> (Running, Client) {
     let vision_urls: Vec<&str> = vision.iter().map(|v| v.url.as_str()).collect();
     let vision_urls = vision_urls.join(",");
     let mut argv = vec!["g", "--vision-workers", &vision_urls, "--llm-workers", &llm.url];
     argv.extend_from_slice(extra);
-    let args = GatewayCli::parse_from(argv).args;
-    let running = serve_in_process(|listener, stopped| {
-        gateway::service::run(args, listener, async {
-            let _ = stopped.await;
-        })
-    })
-    .await;
-    let client = OspreyClient::connect(running.url.clone()).await.unwrap();
+    let args = parse_args(argv);
+    let running = serve_in_process(|listener, stopped| gateway::service::run(args, listener, stopped)).await;
+    let client = client(&running.url).await;
     (running, client)
+}
+
+/// A client of the gateway at `url`, connected by the shared client library.
+pub async fn client(url: &str) -> Client {
+    let options = osprey_client::ConnectOptions { endpoint: url.to_string(), ..Default::default() };
+    osprey_client::connect(&options).await.unwrap()
 }
 
 pub fn photo() -> Vec<u8> {
@@ -142,10 +94,7 @@ pub fn describe_request(image: v1::image::Source, regions: Vec<v1::Region>) -> v
     }
 }
 
-pub async fn describe(
-    client: &mut OspreyClient<Channel>,
-    request: v1::DescribeRequest,
-) -> Vec<v1::RegionResult> {
+pub async fn describe(client: &mut Client, request: v1::DescribeRequest) -> Vec<v1::RegionResult> {
     let mut stream = client.describe(request).await.unwrap().into_inner();
     let mut results = Vec::new();
     while let Some(result) = stream.message().await.unwrap() {

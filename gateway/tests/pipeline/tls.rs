@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use clap::Parser;
 use osprey_proto::v1;
-use osprey_proto::v1::osprey_client::OspreyClient;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -13,22 +11,18 @@ use crate::support::*;
 
 #[tokio::test]
 async fn tls_serves_the_api_to_clients_that_trust_the_certificate() {
-    use tonic::transport::{Certificate, ClientTlsConfig};
+    use tonic::transport::ClientTlsConfig;
     let tls = fixtures().join("tls");
-    let (cert, key) = (tls.join("server.pem"), tls.join("server.key"));
     let (vision, llm) = (vision().await, llm().await);
-    let argv = [
-        "g",
-        "--vision-workers",
-        &vision.url,
-        "--llm-workers",
-        &llm.url,
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-    ];
-    let args = GatewayCli::parse_from(argv).args;
+    // The gateway's flags with the test certificate and `key_file` as its key.
+    let argv = |key_file: &str| -> Vec<String> {
+        let path = |name: &str| tls.join(name).display().to_string();
+        let mut argv =
+            ["g", "--vision-workers", &vision.url, "--llm-workers", &llm.url].map(String::from).to_vec();
+        argv.extend(["--tls-cert".into(), path("server.pem"), "--tls-key".into(), path(key_file)]);
+        argv
+    };
+    let args = parse_args(argv("server.key"));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (_stop, stopped) = oneshot::channel::<()>();
@@ -36,20 +30,12 @@ async fn tls_serves_the_api_to_clients_that_trust_the_certificate() {
         let _ = stopped.await;
     }));
 
-    let ca = Certificate::from_pem(std::fs::read(tls.join("ca.pem")).unwrap());
-    let endpoint = Channel::from_shared(format!("https://localhost:{port}"))
-        .unwrap()
-        .tls_config(ClientTlsConfig::new().ca_certificate(ca).domain_name("localhost"))
-        .unwrap();
-    let mut channel = None;
-    for _ in 0..200 {
-        if let Ok(connected) = endpoint.connect().await {
-            channel = Some(connected);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let mut client = OspreyClient::new(channel.expect("TLS connection"));
+    let options = osprey_client::ConnectOptions {
+        endpoint: format!("https://localhost:{port}"),
+        ca_cert: Some(tls.join("ca.pem")),
+        ..Default::default()
+    };
+    let mut client = osprey_client::connect(&options).await.expect("TLS connection");
     let results =
         describe(&mut client, describe_request(v1::image::Source::Encoded(photo()), masks(&[1]))).await;
     assert_eq!(results.len(), 1);
@@ -72,20 +58,8 @@ async fn tls_serves_the_api_to_clients_that_trust_the_certificate() {
     assert!(untrusting.is_err());
 
     // Missing key files are a startup error naming the file.
-    let missing = tls.join("no-such.key");
-    let argv = [
-        "g",
-        "--vision-workers",
-        &vision.url,
-        "--llm-workers",
-        &llm.url,
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        missing.to_str().unwrap(),
-    ];
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = gateway::service::run(GatewayCli::parse_from(argv).args, listener, async {}).await.unwrap_err();
+    let err = gateway::service::run(parse_args(argv("no-such.key")), listener, async {}).await.unwrap_err();
     assert!(err.to_string().contains("no-such.key"), "{err}");
 }
 
@@ -154,14 +128,14 @@ async fn workers_with_mutual_tls_answer_only_the_gateway_with_the_client_certifi
     let mut vision_argv = vec!["v", "--weights", vision_weights.to_str().unwrap(), "--feature-dtype", "f32"];
     let worker_flags = worker_tls_flags();
     vision_argv.extend(worker_flags.iter().map(String::as_str));
-    let vision_args = VisionCli::parse_from(vision_argv).args;
+    let vision_args = parse_args(vision_argv);
     let vision =
         tls_worker(|listener| vision_worker::service::run(vision_args, listener, std::future::pending()))
             .await;
     let llm_weights = fixtures().join("llm/tiny");
     let mut llm_argv = vec!["l", "--weights", llm_weights.to_str().unwrap(), "--default-max-new-tokens", "5"];
     llm_argv.extend(worker_flags.iter().map(String::as_str));
-    let llm_args = LlmCli::parse_from(llm_argv).args;
+    let llm_args = parse_args(llm_argv);
     let llm =
         tls_worker(|listener| llm_worker::service::run(llm_args, listener, std::future::pending())).await;
 
@@ -171,14 +145,12 @@ async fn workers_with_mutual_tls_answer_only_the_gateway_with_the_client_certifi
         let mut argv =
             vec!["g", "--vision-workers", &vision, "--llm-workers", &llm, "--health-interval", "0.2"];
         argv.extend(flags.iter().map(String::as_str));
-        let args = GatewayCli::parse_from(argv).args;
+        let args = parse_args(argv);
         let running = osprey_test_support::serve_in_process(|listener, stopped| {
-            gateway::service::run(args, listener, async {
-                let _ = stopped.await;
-            })
+            gateway::service::run(args, listener, stopped)
         })
         .await;
-        let client = OspreyClient::connect(running.url.clone()).await.unwrap();
+        let client = client(&running.url).await;
         (running, client)
     };
     let request = || describe_request(v1::image::Source::Encoded(photo()), masks(&[1, 4]));
@@ -206,7 +178,6 @@ async fn workers_with_mutual_tls_answer_only_the_gateway_with_the_client_certifi
     let mut argv = vec!["v", "--weights", vision_weights.to_str().unwrap()];
     argv.extend(["--tls-cert", "no-such.pem", "--tls-key", "no-such.key"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let error =
-        vision_worker::service::run(VisionCli::parse_from(argv).args, listener, async {}).await.unwrap_err();
+    let error = vision_worker::service::run(parse_args(argv), listener, async {}).await.unwrap_err();
     assert!(error.to_string().contains("no-such.pem"), "{error}");
 }

@@ -247,7 +247,7 @@ fn text_only_file_is_the_full_file_less_the_projector() {
     quantize("tiny", QuantType::Q8_0, &full);
     let options = QuantizeOptions { text_only: true };
     let report =
-        llm_worker::quantize::run_with(&fixtures().join("tiny"), &text, QuantType::Q8_0, options).unwrap();
+        llm_worker::quantize::run_with(&fixture("llm/tiny"), &text, QuantType::Q8_0, options).unwrap();
     let (full_content, mut full_file) = read_gguf(&full);
     let (text_content, mut text_file) = read_gguf(&text);
     let projector: Vec<&String> =

@@ -383,6 +383,92 @@ fn which(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(program)).find(|p| p.is_file())
 }
 
+/// A TCP proxy on loopback in front of one service, adding latency on demand: every chunk of
+/// bytes, in either direction, is passed on `latency` after it arrived (in order; throughput is
+/// not limited). Point a gateway's replica list at [`Self::url`] to slow that replica down
+/// without touching it. Stops when dropped.
+pub struct LatencyProxy {
+    /// The address clients connect to.
+    pub addr: SocketAddr,
+    latency_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LatencyProxy {
+    /// Starts one on a free port of `ip`, forwarding to `upstream` (no latency until set).
+    pub async fn start(ip: IpAddr, upstream: SocketAddr) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0)).await?;
+        let addr = listener.local_addr()?;
+        let latency_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let latency = latency_ms.clone();
+        let task = tokio::spawn(async move {
+            // Aborting the accept loop drops the set, which aborts every connection.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let latency = latency.clone();
+                connections.spawn(async move {
+                    // Upstream down: dropping the client's connection tells it at once.
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    // Either side closing ends the connection (after what was in transit).
+                    tokio::select! {
+                        _ = delayed_copy(client_read, server_write, latency.clone()) => {}
+                        _ = delayed_copy(server_read, client_write, latency) => {}
+                    }
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        Ok(Self { addr, latency_ms, task })
+    }
+
+    /// `http://ip:port`, for a gateway's replica list.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The latency added to bytes that arrive from now on, each way.
+    pub fn set_latency(&self, latency: Duration) {
+        self.latency_ms.store(latency.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for LatencyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to`, each chunk held until `latency` after it was read.
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    latency_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let read = async move {
+        let mut buffer = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buffer).await {
+            let latency = Duration::from_millis(latency_ms.load(std::sync::atomic::Ordering::SeqCst));
+            if tx.send((tokio::time::Instant::now() + latency, buffer[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
+}
+
 /// Waits until every one of `processes` is ready.
 pub async fn wait_all(processes: &mut [&mut Process]) -> anyhow::Result<()> {
     for process in processes.iter_mut() {

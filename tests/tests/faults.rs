@@ -1,5 +1,5 @@
-//! Faults under load (issue 13, item 4): the real gateway, two vision replicas, two LLM replicas,
-//! one SAM worker and Redis, with a steady closed loop of concurrent Describe (masks given) and
+//! Faults under load (issue 13, item 4): the real gateway, two vision replicas (each behind a
+//! latency proxy), two LLM replicas, one SAM worker and Redis, with a steady closed loop of concurrent Describe (masks given) and
 //! Segment (point prompts) calls over a few distinct images. A fault-free pass first records every
 //! answer (greedy, so each answer is fixed); then each fault is injected while calls are in flight,
 //! and every call must either return exactly the fault-free answer or fail with a clear status
@@ -39,7 +39,11 @@ const STEPS: &str = "osprey_llm_batch_size_count";
 /// The gateway's count of answer streams broken mid-answer and finished on another LLM replica.
 const STREAM_RETRIES: &str = "osprey_gateway_llm_stream_retries_total";
 
-const PHASES: [&str; 10] = [
+/// Latency the proxy of the slowed vision replica adds to every byte, each way: a round trip of
+/// 4 s, so a call that needs one round trip to it fits its deadline and one that needs two does not.
+const SLOW_LATENCY: Duration = Duration::from_secs(2);
+
+const PHASES: [&str; 11] = [
     "no fault (control)",
     "vision replica SIGKILL (the busier of 2), restarted",
     "vision replica SIGSTOP (the busier of 2) for deadline + 1 s, then SIGCONT",
@@ -49,8 +53,11 @@ const PHASES: [&str; 10] = [
     "SAM worker SIGSTOP (its only replica) for deadline + 1 s, then SIGCONT",
     "Redis restarted empty",
     "LLM replica SIGTERM (the busier of 2; drain, exit), restarted",
+    "vision replica slowed (the busier of 2; +2 s each way) for deadline + 1 s",
     "gateway SIGTERM (drain, exit)",
 ];
+const VISION_SLOW: usize = 9;
+const GATEWAY_SIGTERM: usize = 10;
 
 /// One call of the load.
 #[derive(Clone)]
@@ -325,7 +332,13 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
         wait_all(&mut [&mut redis, v0, v1, l0, l1, &mut sam]).await.unwrap();
     }
     let redis_url = format!("redis://{}/0", redis.addr);
-    let workers = Workers { vision: vision.iter().collect(), llm: llm.iter().collect(), sam: vec![&sam] };
+    // The gateway reaches the vision replicas through proxies that can slow one down.
+    let proxies = [
+        LatencyProxy::start(loopback(68), vision[0].addr).await.unwrap(),
+        LatencyProxy::start(loopback(68), vision[1].addr).await.unwrap(),
+    ];
+    let vision_urls = format!("{},{}", proxies[0].url(), proxies[1].url());
+    let llm_urls = format!("{},{}", llm[0].url(), llm[1].url());
     let request_timeout = GATEWAY_REQUEST_TIMEOUT.as_secs().to_string();
     let flags = [
         "--redis-url",
@@ -337,7 +350,7 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
         "--redis-timeout-ms",
         "500",
     ];
-    let mut gateway = gateway(loopback(67), &workers, &flags).unwrap();
+    let mut gateway = gateway_for_urls(loopback(67), &vision_urls, &llm_urls, &sam.url(), &flags).unwrap();
     gateway.wait_ready().await.unwrap();
 
     // The fault-free answers, one call at a time.
@@ -473,11 +486,40 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
     llm[victim].wait_ready().await.unwrap();
     load.wait_calls(CALLS_PER_STEP).await;
 
-    // 9: the gateway is told to stop with calls in flight: they finish, new ones are refused, and
-    // it exits by itself inside its grace period (every call it holds has a deadline).
-    start_phase(9);
+    // 9: a vision replica turns slow (its proxy holds every byte SLOW_LATENCY each way) past the
+    // calls' deadline, then fast again. Its health check (timeout: one interval) fails meanwhile.
+    start_phase(VISION_SLOW);
     load.wait_calls(CALLS_PER_STEP).await;
-    in_flight_at_fault[9] = load.wait_in_flight(0).await;
+    let slow_victim = busiest(&vision, POOLS).await;
+    wait_busy(&vision[slow_victim], POOLS).await;
+    let pools_before =
+        [vision[0].metric(POOLS, &[]).await.unwrap(), vision[1].metric(POOLS, &[]).await.unwrap()];
+    in_flight_at_fault[VISION_SLOW] = load.wait_in_flight(0).await;
+    let slowed = Instant::now();
+    proxies[slow_victim].set_latency(SLOW_LATENCY);
+    let mut marked_down = None;
+    while slowed.elapsed() < CALL_DEADLINE + Duration::from_secs(1) {
+        let down = gateway
+            .metric("osprey_gateway_replicas", &[("kind", "vision"), ("state", "down")])
+            .await
+            .unwrap();
+        if down > 0.0 && marked_down.is_none() {
+            marked_down = Some(slowed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let slow_pools = [
+        vision[0].metric(POOLS, &[]).await.unwrap() - pools_before[0],
+        vision[1].metric(POOLS, &[]).await.unwrap() - pools_before[1],
+    ];
+    proxies[slow_victim].set_latency(Duration::ZERO);
+    load.wait_calls(CALLS_PER_STEP).await;
+
+    // 10: the gateway is told to stop with calls in flight: they finish, new ones are refused, and
+    // it exits by itself inside its grace period (every call it holds has a deadline).
+    start_phase(GATEWAY_SIGTERM);
+    load.wait_calls(CALLS_PER_STEP).await;
+    in_flight_at_fault[GATEWAY_SIGTERM] = load.wait_in_flight(0).await;
     let terminated = Instant::now();
     gateway.signal(libc::SIGTERM).unwrap();
     let grace = GATEWAY_REQUEST_TIMEOUT + Duration::from_secs(2);
@@ -520,7 +562,7 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
                 }
                 // tonic's own answer when the connection closes under a call the gateway never
                 // took: a call sent after SIGTERM, racing the connection's close.
-                None if outcome.phase == 9
+                None if outcome.phase == GATEWAY_SIGTERM
                     && outcome.started > terminated
                     && status.code() == Code::Cancelled
                     && status.message() == "operation was canceled" =>
@@ -559,6 +601,13 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
         "gateway: {vision_failovers} vision and {llm_failovers} LLM calls moved to another replica; \
          {llm_stream_retries} broken answer streams finished on another LLM replica \
          ({llm_kills} LLM kills); {redis_errors} Redis errors after the restart"
+    );
+    let slow_marked_down =
+        marked_down.map_or("never".to_string(), |t| format!("after {:.2} s", t.as_secs_f64()));
+    println!(
+        "slow vision replica: marked down {slow_marked_down}; while slow it pooled {:.0} times, the other {:.0}",
+        slow_pools[slow_victim],
+        slow_pools[1 - slow_victim]
     );
 
     let lost: Vec<String> = PHASES

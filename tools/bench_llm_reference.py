@@ -23,7 +23,11 @@ per N (the JSON says how many: measured_questions).
 
 Run (model venv, pins in tools/requirements-llm.txt):
     .venv-llm/bin/python tools/bench_llm_reference.py [--threads 1] [--budget-s 170] [--ns 1,4,16,64] \
-        [--max-questions 16] [--prompt osprey-short|random]
+        [--max-questions 16] [--prompt osprey-short|random] [--hidden 512 --intermediate 1376 --layers 8 \
+        --heads 8] [--decode-batch 32] [--phases-only]
+(--hidden/--intermediate/--layers/--heads change the model's size, e.g. the headline's 2048/5632/8/16;
+--phases-only times only the prefill and the decode steps at batch 1 and --decode-batch, the phases
+llm-worker/benches/llm.rs --phases-only compares against.)
 (any venv with torch and transformers works, e.g. .venv-vision; tools/run_benchmarks.sh passes --threads 2,
 the Rust bench's thread count.)
 The run stops starting new questions once --budget-s seconds have passed (an N cut short reports the median of the
@@ -64,11 +68,11 @@ OSPREY_SHORT_IDS = [
     3273, 6139, 310, 29871, MASK_ID, POS_ID, 869, 5293, 263, 3273, 16549, 29889, 319, 1799, 9047, 13566, 29901]
 
 
-def build(gen):
-    cfg = llama_config(HEADS, hidden=HIDDEN, inter=INTER, layers=LAYERS, heads=HEADS, vocab=VOCAB, max_pos=4096)
+def build(gen, hidden=HIDDEN, inter=INTER, layers=LAYERS, heads=HEADS):
+    cfg = llama_config(heads, hidden=hidden, inter=inter, layers=layers, heads=heads, vocab=VOCAB, max_pos=4096)
     cfg._attn_implementation = "sdpa"
     model = LlamaForCausalLM(cfg).float().eval()
-    proj = make_projector(MM_HIDDEN, HIDDEN).float().eval()
+    proj = make_projector(MM_HIDDEN, hidden).float().eval()
     with torch.no_grad():
         for name, p in list(model.named_parameters()) + list(proj.named_parameters()):
             if p.dim() == 1 and not name.endswith("bias"):
@@ -101,9 +105,11 @@ def answer(model, proj, ids, image_features, mask_tok, pos_tok):
 
 
 @torch.no_grad()
-def phases(model, proj, ids, image_features, mask_tok, pos_tok, reps=3, steps=8):
-    """Prefill of the whole spliced prompt (last-position logits only, as generate asks for) and single-token
-    decode steps on its KV cache (the cost split llm-worker/benches/llm.rs prints next to its own)."""
+def phases(model, proj, ids, image_features, mask_tok, pos_tok, reps=3, steps=8, batch=32):
+    """Prefill of the whole spliced prompt (last-position logits only, as generate asks for), single-token
+    decode steps on its KV cache, and decode steps of `batch` sequences continuing that prompt (its cache
+    repeated `batch` times, as a batched `generate` would hold it) -- the cost split
+    llm-worker/benches/llm.rs prints next to its own."""
     emb = splice(model, proj, ids, image_features, mask_tok, pos_tok, mask_id=MASK_ID, pos_id=POS_ID)[None]
     prefill = []
     for _ in range(reps):
@@ -117,8 +123,24 @@ def phases(model, proj, ids, image_features, mask_tok, pos_tok, reps=3, steps=8)
         out = model(input_ids=tok, past_key_values=past, use_cache=True, logits_to_keep=1)
         decode.append(time.perf_counter() - t)
         past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return {"prefill_s": round(statistics.median(prefill), 4), "prefill_positions": emb.shape[1],
-            "decode_step_ms": round(1e3 * statistics.median(decode), 3), "prefill_runs": reps, "decode_steps": steps}
+    result = {"prefill_s": round(statistics.median(prefill), 4), "prefill_positions": emb.shape[1],
+              "decode_step_ms": round(1e3 * statistics.median(decode), 3), "prefill_runs": reps,
+              "decode_steps": steps}
+    if batch > 1:
+        out = model(inputs_embeds=emb, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+        past.batch_repeat_interleave(batch)
+        tok = out.logits[:, -1:].argmax(-1).repeat(batch, 1)
+        batch_decode = []
+        for step in range(5):
+            t = time.perf_counter()
+            out = model(input_ids=tok, past_key_values=past, use_cache=True, logits_to_keep=1)
+            if step > 0:  # as the Rust bench: the first step is not timed
+                batch_decode.append(time.perf_counter() - t)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        result["batch"] = batch
+        result["batch_decode_step_ms"] = round(1e3 * statistics.median(batch_decode), 3)
+    return result
 
 
 def main():
@@ -128,6 +150,12 @@ def main():
     ap.add_argument("--ns", default="1,4,16,64")
     ap.add_argument("--max-questions", type=int, default=16, help="questions timed per N at most")
     ap.add_argument("--prompt", choices=["osprey-short", "random"], default="osprey-short")
+    ap.add_argument("--hidden", type=int, default=HIDDEN)
+    ap.add_argument("--intermediate", type=int, default=INTER)
+    ap.add_argument("--layers", type=int, default=LAYERS)
+    ap.add_argument("--heads", type=int, default=HEADS)
+    ap.add_argument("--decode-batch", type=int, default=32, help="sequences in the batched decode phase (1: skip)")
+    ap.add_argument("--phases-only", action="store_true", help="time the phases only, not the question loop")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)  # make_llm_fixtures pins 1 thread and deterministic kernels on import
     torch.use_deterministic_algorithms(False)
@@ -135,10 +163,10 @@ def main():
 
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(SEED)
-    model, proj = build(gen)
+    model, proj = build(gen, args.hidden, args.intermediate, args.layers, args.heads)
     image_features = torch.randn(N_IMAGE_TOKENS, MM_HIDDEN, generator=gen)
     # One region per question; every question gets its own region tokens.
-    regions = [(torch.randn(1, HIDDEN, generator=gen) * 0.5, torch.randn(1, HIDDEN, generator=gen) * 0.5)
+    regions = [(torch.randn(1, args.hidden, generator=gen) * 0.5, torch.randn(1, args.hidden, generator=gen) * 0.5)
                for _ in range(args.max_questions)]
     mask_tok, pos_tok = regions[0]
 
@@ -146,10 +174,11 @@ def main():
     prefix_len = answer(model, proj, prompt_ids(gen, 0, args.prompt), image_features, mask_tok, pos_tok)  # warm-up
     warmup_s = time.perf_counter() - t0
 
-    phase_times = phases(model, proj, prompt_ids(gen, 0, args.prompt), image_features, mask_tok, pos_tok)
+    phase_times = phases(model, proj, prompt_ids(gen, 0, args.prompt), image_features, mask_tok, pos_tok,
+                         batch=args.decode_batch)
 
     results = {}
-    for n in [int(x) for x in args.ns.split(",")]:
+    for n in [] if args.phases_only else [int(x) for x in args.ns.split(",")]:
         times = []
         t_n = time.perf_counter()
         for q in range(min(n, args.max_questions)):
@@ -168,7 +197,8 @@ def main():
             results[str(n)] = {"skipped": f"time budget reached before question 1 of {n}"}
     print(json.dumps({
         "what": "official one-question-per-generate loop (full prefix forward per question), transformers, CPU",
-        "config": {"vocab": VOCAB, "hidden": HIDDEN, "intermediate": INTER, "layers": LAYERS, "heads": HEADS,
+        "config": {"vocab": VOCAB, "hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers,
+                   "heads": args.heads,
                    "mm_hidden": MM_HIDDEN, "attn": "sdpa", "dtype": "float32"},
         "prompt": args.prompt, "prefix_tokens": prefix_len, "image_tokens": N_IMAGE_TOKENS, "new_tokens": N_NEW,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,

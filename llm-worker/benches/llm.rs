@@ -3,11 +3,14 @@
 //! ```text
 //! cargo bench -p llm-worker --bench llm -- [--reference FILE.json] [--ns 1,4,16,64]
 //!     [--new-tokens 32] [--seq-cap 8] [--batched-max-n 16] [--max-batch 32] [--budget-s 30]
-//!     [--softmax-ab]
+//!     [--softmax-ab] [--phases-only] [--hidden 512] [--intermediate 1376] [--layers 8] [--heads 8]
 //! ```
 //!
 //! `--softmax-ab` only times the phases (prefill, decode steps) with attention's fused CPU softmax
 //! and with the candle-ops formulation, alternating (fused, ops, fused), and prints that table.
+//! `--phases-only` times the phases and prints their table only (with `--reference`, against
+//! transformers'). `--hidden`, `--intermediate`, `--layers` and `--heads` change the model's size
+//! (the reference script takes the same flags); the headline's LLaMA is 2048 / 5632 / 8 / 16.
 //!
 //! N region questions about one image (T = 1024 image tokens + the Osprey short-description
 //! prompt, one `<mask><pos>` per question, greedy, exactly `--new-tokens` new tokens, no EOS stop)
@@ -54,6 +57,11 @@ struct Args {
     max_batch: usize,
     budget_s: f64,
     softmax_ab: bool,
+    phases_only: bool,
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    heads: usize,
 }
 
 fn parse_args() -> Res<Args> {
@@ -66,6 +74,11 @@ fn parse_args() -> Res<Args> {
         max_batch: EngineConfig::default().max_batch_size,
         budget_s: 30.0,
         softmax_ab: false,
+        phases_only: false,
+        hidden: 512,
+        intermediate: 1376,
+        layers: 8,
+        heads: 8,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -79,6 +92,11 @@ fn parse_args() -> Res<Args> {
             "--max-batch" => a.max_batch = value()?.parse()?,
             "--budget-s" => a.budget_s = value()?.parse()?,
             "--softmax-ab" => a.softmax_ab = true,
+            "--phases-only" => a.phases_only = true,
+            "--hidden" => a.hidden = value()?.parse()?,
+            "--intermediate" => a.intermediate = value()?.parse()?,
+            "--layers" => a.layers = value()?.parse()?,
+            "--heads" => a.heads = value()?.parse()?,
             // `cargo bench` passes --bench to harness = false binaries.
             "--bench" => {}
             other => return Err(format!("unknown argument {other}").into()),
@@ -87,20 +105,24 @@ fn parse_args() -> Res<Args> {
     Ok(a)
 }
 
-/// `tools/bench_llm_reference.py`'s model.
-fn bench_config() -> Config {
-    Config {
+/// `tools/bench_llm_reference.py`'s model (its default size: hidden 512, intermediate 1376, 8
+/// layers, 8 heads).
+fn bench_config(a: &Args) -> Res<Config> {
+    if a.heads == 0 || !a.hidden.is_multiple_of(a.heads) {
+        return Err(format!("--hidden {} is not a multiple of --heads {}", a.hidden, a.heads).into());
+    }
+    Ok(Config {
         vocab_size: 32000,
-        hidden_size: 512,
-        intermediate_size: 1376,
-        num_hidden_layers: 8,
-        num_attention_heads: 8,
-        num_key_value_heads: 8,
-        head_dim: 64,
+        hidden_size: a.hidden,
+        intermediate_size: a.intermediate,
+        num_hidden_layers: a.layers,
+        num_attention_heads: a.heads,
+        num_key_value_heads: a.heads,
+        head_dim: a.hidden / a.heads,
         max_position_embeddings: 4096,
         mm_hidden_size: Some(MM_HIDDEN),
         ..Config::osprey_7b()
-    }
+    })
 }
 
 /// Random weights like the reference script: RMSNorm weights U(0.8, 1.2), biases N(0, 0.5^2),
@@ -288,7 +310,7 @@ fn phases(model: &OspreyLlama, work: &Workload, batch: usize) -> Res<Phases> {
 fn main() -> Res<()> {
     let args = parse_args()?;
     let dev = Device::Cpu;
-    let cfg = bench_config();
+    let cfg = bench_config(&args)?;
     let threads = candle_core::utils::get_num_threads();
     let load_before = loadavg();
     let start = Instant::now();
@@ -324,17 +346,37 @@ fn main() -> Res<()> {
     let engine_cfg = EngineConfig { max_batch_size: args.max_batch, ..EngineConfig::default() };
     let seq_cfg = EngineConfig { max_batch_size: 1, prefix_cache_entries: 0, ..EngineConfig::default() };
 
-    // Warm-up: one sequential question.
-    let t = Instant::now();
-    let mut e = Engine::new(model.clone(), seq_cfg.clone());
-    let s = e.submit(work.request(None, 0..1))?;
-    finish(&mut e, s, n_new)?;
-    eprintln!("warm-up question: {:.2} s", t.elapsed().as_secs_f64());
+    // Warm-up: one sequential question (the phases alone warm up in their first prefill).
+    if !args.phases_only {
+        let t = Instant::now();
+        let mut e = Engine::new(model.clone(), seq_cfg.clone());
+        let s = e.submit(work.request(None, 0..1))?;
+        finish(&mut e, s, n_new)?;
+        eprintln!("warm-up question: {:.2} s", t.elapsed().as_secs_f64());
+    }
     let ph = phases(&model, &work, args.max_batch)?;
     eprintln!(
         "phases: prefill {:.3} s, decode step {:.1} ms, batch-{} decode step {:.1} ms",
         ph.prefill_s, ph.decode_ms, ph.batch, ph.batch_decode_ms
     );
+    let reference = args.reference.as_deref().map(read_reference).transpose()?;
+    if args.phases_only {
+        println!(
+            "LLaMA hidden {}, intermediate {}, {} layers, {} heads, vocab {}; {threads} threads; \
+             load average before: {load_before}.\n",
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads,
+            cfg.vocab_size
+        );
+        if let Some(r) = &reference {
+            println!("Reference: {}.\n", r.label);
+        }
+        print_phases(&ph, reference.as_ref(), positions);
+        println!("load average after: {}.", loadavg());
+        return Ok(());
+    }
     if args.softmax_ab {
         let ops_model = model.clone().with_candle_ops_softmax();
         let ops = phases(&ops_model, &work, args.max_batch)?;
@@ -416,8 +458,6 @@ fn main() -> Res<()> {
             ],
         );
     }
-
-    let reference = args.reference.as_deref().map(read_reference).transpose()?;
 
     println!("## LLM worker (`cargo bench -p llm-worker --bench llm`)\n");
     println!(
@@ -549,38 +589,7 @@ fn main() -> Res<()> {
         println!("| {n} | {:.2} | {ba_s} | {:.3} |", median(&sh.times), median(&sq.times));
     }
     println!();
-    println!("Where a question's time goes (one question's prompt, {positions} positions):\n");
-    let rp = reference.as_ref().and_then(|r| r.phases);
-    match rp {
-        Some(_) => {
-            println!("| phase | candle | transformers | candle / transformers |");
-            println!("|---|---|---|---|");
-        }
-        None => {
-            println!("| phase | candle |");
-            println!("|---|---|");
-        }
-    }
-    let row = |what: &str, ours: f64, theirs: Option<f64>, unit: &str| match theirs {
-        Some(t) => println!("| {what} | {ours:.1} {unit} | {t:.1} {unit} | {:.1}x |", ours / t),
-        None if rp.is_some() => println!("| {what} | {ours:.1} {unit} | - | - |"),
-        None => println!("| {what} | {ours:.1} {unit} |"),
-    };
-    row("prefill, whole prompt (last logits)", 1e3 * ph.prefill_s, rp.map(|p| 1e3 * p.0), "ms");
-    row("decode step, batch 1 (median of 8)", ph.decode_ms, rp.map(|p| p.1), "ms");
-    row(
-        &format!("decode step, batch {} on a shared prefix (per step)", ph.batch),
-        ph.batch_decode_ms,
-        None,
-        "ms",
-    );
-    row(
-        &format!("decode step, batch {} (per sequence)", ph.batch),
-        ph.batch_decode_ms / ph.batch as f64,
-        None,
-        "ms",
-    );
-    println!();
+    print_phases(&ph, reference.as_ref(), positions);
     let (agree, total) = agreement.values().fold((0, 0), |(a, t), (x, y)| (a + x, t + y));
     println!(
         "Greedy answers identical between shared (batched) and sequential runs: {agree} of {total} \
@@ -594,14 +603,59 @@ fn main() -> Res<()> {
     Ok(())
 }
 
+/// The phases table: ours, and transformers' where the reference measured them.
+fn print_phases(ph: &Phases, reference: Option<&Reference>, positions: usize) {
+    println!("Where a question's time goes (one question's prompt, {positions} positions):\n");
+    let rp = reference.and_then(|r| r.phases);
+    match rp {
+        Some(_) => {
+            println!("| phase | candle | transformers | candle / transformers |");
+            println!("|---|---|---|---|");
+        }
+        None => {
+            println!("| phase | candle |");
+            println!("|---|---|");
+        }
+    }
+    let row = |what: &str, ours: f64, theirs: Option<f64>, unit: &str| match theirs {
+        Some(t) => println!("| {what} | {ours:.1} {unit} | {t:.1} {unit} | {:.2}x |", ours / t),
+        None if rp.is_some() => println!("| {what} | {ours:.1} {unit} | - | - |"),
+        None => println!("| {what} | {ours:.1} {unit} |"),
+    };
+    row("prefill, whole prompt (last logits)", 1e3 * ph.prefill_s, rp.map(|p| 1e3 * p.prefill_s), "ms");
+    row("decode step, batch 1 (median of 8)", ph.decode_ms, rp.map(|p| p.decode_ms), "ms");
+    // The reference's batch decode only counts when it ran at our batch size.
+    let rb = rp.and_then(|p| p.batch).filter(|&(b, _)| b == ph.batch).map(|(_, ms)| ms);
+    row(
+        &format!("decode step, batch {} on a shared prefix (per step)", ph.batch),
+        ph.batch_decode_ms,
+        rb,
+        "ms",
+    );
+    row(
+        &format!("decode step, batch {} (per sequence)", ph.batch),
+        ph.batch_decode_ms / ph.batch as f64,
+        rb.map(|ms| ms / ph.batch as f64),
+        "ms",
+    );
+    println!();
+}
+
 /// The numbers of `tools/bench_llm_reference.py`.
 struct Reference {
     /// N -> (median seconds per question, questions timed).
     per_question: BTreeMap<usize, (f64, usize)>,
     prefix_positions: Option<usize>,
-    /// (prefill s, decode step ms)
-    phases: Option<(f64, f64)>,
+    phases: Option<RefPhases>,
     label: String,
+}
+
+/// transformers' phases: prefill s, decode step ms at batch 1, and (batch, ms per step).
+#[derive(Clone, Copy)]
+struct RefPhases {
+    prefill_s: f64,
+    decode_ms: f64,
+    batch: Option<(usize, f64)>,
 }
 
 fn read_reference(path: &str) -> Res<Reference> {
@@ -618,7 +672,16 @@ fn read_reference(path: &str) -> Res<Reference> {
     Ok(Reference {
         per_question,
         prefix_positions: v["prefix_tokens"].as_u64().map(|p| p as usize),
-        phases: v["phases"]["prefill_s"].as_f64().zip(v["phases"]["decode_step_ms"].as_f64()),
+        phases: v["phases"]["prefill_s"].as_f64().zip(v["phases"]["decode_step_ms"].as_f64()).map(
+            |(prefill_s, decode_ms)| RefPhases {
+                prefill_s,
+                decode_ms,
+                batch: v["phases"]["batch"]
+                    .as_u64()
+                    .zip(v["phases"]["batch_decode_step_ms"].as_f64())
+                    .map(|(b, ms)| (b as usize, ms)),
+            },
+        ),
         label: format!(
             "transformers {} / torch {}, {} threads, attention {}, one `generate` per question",
             v["transformers"].as_str().unwrap_or("?"),

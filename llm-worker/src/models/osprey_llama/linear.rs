@@ -29,6 +29,13 @@ impl QLinear {
 impl Module for QLinear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match self {
+            // A batch-1 decode step: the weight's rows split over every thread (bit-identical).
+            QLinear::Plain(l) if l.bias().is_none() => {
+                match osprey_kernels::linear_one_row(xs, l.weight())? {
+                    Some(out) => Ok(out),
+                    None => l.forward(xs),
+                }
+            }
             QLinear::Plain(l) => l.forward(xs),
             QLinear::Quantized(m) => {
                 let dtype = xs.dtype();

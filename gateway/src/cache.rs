@@ -40,6 +40,11 @@ pub struct CacheArgs {
     /// Redis connect and response timeout, in milliseconds; a slower Redis counts as a miss.
     #[arg(long, env = "OSPREY_REDIS_TIMEOUT_MS", default_value_t = 2000)]
     pub redis_timeout_ms: u64,
+    /// After a Redis connection error or timeout, every lookup is a miss at once for this long
+    /// (milliseconds) before Redis is tried again, so that a hung or unreachable Redis costs one
+    /// timeout per interval, not one per lookup.
+    #[arg(long, env = "OSPREY_REDIS_RETRY_AFTER_MS", default_value_t = 1000)]
+    pub redis_retry_after_ms: u64,
     /// How long answers to greedy (deterministic) questions are kept, in seconds; a repeated
     /// question about the same region then skips vision and the LLM. 0 (the default) turns the
     /// result cache off. Answers are keyed by `--model-revision`: change it when the workers'
@@ -68,6 +73,7 @@ impl FeatureCache {
                 url,
                 args.redis_tls_ca.as_deref(),
                 Duration::from_millis(args.redis_timeout_ms),
+                Duration::from_millis(args.redis_retry_after_ms),
                 args.cache_max_entry_bytes,
             )?)),
             None => Store::Memory(MemoryCache::new(args.memory_cache_bytes, args.cache_max_entry_bytes)),
@@ -196,6 +202,10 @@ pub struct RedisCache {
     client: redis::Client,
     connection: AsyncMutex<Option<ConnectionManager>>,
     timeout: Duration,
+    /// How long Redis is left alone after a connection error or timeout.
+    retry_after: Duration,
+    /// Until when it is left alone.
+    resting_until: Mutex<Option<Instant>>,
     max_entry_bytes: usize,
 }
 
@@ -205,6 +215,7 @@ impl RedisCache {
         url: &str,
         tls_ca: Option<&std::path::Path>,
         timeout: Duration,
+        retry_after: Duration,
         max_entry_bytes: usize,
     ) -> anyhow::Result<Self> {
         let client = match tls_ca {
@@ -218,35 +229,69 @@ impl RedisCache {
                 )?
             }
         };
-        Ok(Self { client, connection: AsyncMutex::new(None), timeout, max_entry_bytes })
+        Ok(Self {
+            client,
+            connection: AsyncMutex::new(None),
+            timeout,
+            retry_after,
+            resting_until: Mutex::new(None),
+            max_entry_bytes,
+        })
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+    /// Whether Redis failed less than `retry_after` ago (then it is not asked).
+    fn resting(&self) -> bool {
+        let until = *self.resting_until.lock().expect("cache lock poisoned. This is a bug.");
+        until.is_some_and(|until| Instant::now() < until)
+    }
+
+    /// The connection, made if there is none; `None` while Redis rests after a failure, or when
+    /// connecting fails (counted against `operation`).
+    async fn connection(&self, operation: &'static str) -> Option<ConnectionManager> {
+        if self.resting() {
+            return None;
+        }
         let mut slot = self.connection.lock().await;
+        // Calls that waited here while another one's connection attempt failed do not try again.
+        if self.resting() {
+            return None;
+        }
         if let Some(connection) = slot.as_ref() {
-            return Ok(connection.clone());
+            return Some(connection.clone());
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(1);
-        let connection = self.client.get_connection_manager_with_config(config).await?;
-        *slot = Some(connection.clone());
-        Ok(connection)
+        match self.client.get_connection_manager_with_config(config).await {
+            Ok(connection) => {
+                *slot = Some(connection.clone());
+                Some(connection)
+            }
+            Err(err) => {
+                drop(slot);
+                self.failed(operation, err).await;
+                None
+            }
+        }
     }
 
     async fn failed(&self, operation: &'static str, err: redis::RedisError) {
         tracing::warn!(%err, operation, "feature cache unavailable; recomputing");
         metrics::counter!("osprey_feature_cache_errors_total", "operation" => operation).increment(1);
-        // Drop the connection so the next call reconnects from scratch.
+        // Drop the connection so the next call reconnects from scratch, and leave Redis alone a
+        // while: a hung Redis would cost every lookup a timeout.
         if err.is_io_error() || err.is_timeout() || err.is_connection_dropped() || err.is_connection_refusal()
         {
             *self.connection.lock().await = None;
+            *self.resting_until.lock().expect("cache lock poisoned. This is a bug.") =
+                Some(Instant::now() + self.retry_after);
         }
     }
 
     async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let result = async { self.connection().await?.get::<_, Option<Vec<u8>>>(redis_key(key)).await }.await;
+        let mut connection = self.connection("get").await?;
+        let result = connection.get::<_, Option<Vec<u8>>>(redis_key(key)).await;
         match result {
             Ok(value) => value,
             Err(err) => {
@@ -259,8 +304,7 @@ impl RedisCache {
     /// GETRANGE answers an empty string for a missing key: that is a miss.
     async fn get_prefix(&self, key: &str, n: usize) -> Option<Vec<u8>> {
         let end = n.checked_sub(1)? as isize;
-        let result =
-            async { self.connection().await?.getrange::<_, Vec<u8>>(redis_key(key), 0, end).await }.await;
+        let result = self.connection("get").await?.getrange::<_, Vec<u8>>(redis_key(key), 0, end).await;
         match result {
             Ok(value) => (!value.is_empty()).then_some(value),
             Err(err) => {
@@ -275,9 +319,8 @@ impl RedisCache {
             return;
         }
         let ttl = ttl.as_secs().max(1);
-        let result =
-            async { self.connection().await?.set_ex::<_, _, ()>(redis_key(key), value, ttl).await }.await;
-        if let Err(err) = result {
+        let Some(mut connection) = self.connection("put").await else { return };
+        if let Err(err) = connection.set_ex::<_, _, ()>(redis_key(key), value, ttl).await {
             self.failed("put", err).await;
         }
     }

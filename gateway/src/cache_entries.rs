@@ -66,34 +66,47 @@ pub fn answer_key(
     result_key(&parts)
 }
 
-/// Every entry starts with this tag and the BLAKE3 digest of the rest, so that a truncated or
-/// altered entry (a bad Redis, a flipped bit, another program writing our keys) is detected and
-/// treated as missing: recomputed, never served. Entries written before the tag are misses too.
-const ENTRY_TAG: &[u8; 4] = b"osp1";
+/// Every entry starts with this tag and the BLAKE3 digest of its cache key and the rest, so that a
+/// truncated or altered entry (a bad Redis, a flipped bit, another program writing our keys) is
+/// detected and treated as missing: recomputed, never served. The key is in the digest so that an
+/// intact entry found under another key (another image's features, answer or pixels) is refused
+/// too. Entries of an older format (`osp1`, digest of the payload alone) are misses.
+const ENTRY_TAG: &[u8; 4] = b"osp2";
 /// Bytes of the tag and the digest in front of every entry's payload.
 pub const SEAL_BYTES: usize = ENTRY_TAG.len() + blake3::OUT_LEN;
 
-/// An entry of `capacity` payload bytes written by `fill`, sealed with the tag and its digest.
-fn sealed(capacity: usize, fill: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+/// The digest that seals `payload` stored under cache key `key`.
+fn digest(key: &str, payload: &[u8]) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&(key.len() as u64).to_le_bytes());
+    hasher.update(key.as_bytes());
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// An entry for cache key `key` of `capacity` payload bytes written by `fill`, sealed with the
+/// tag and its digest.
+fn sealed(key: &str, capacity: usize, fill: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(SEAL_BYTES + capacity);
     bytes.extend_from_slice(ENTRY_TAG);
     bytes.extend_from_slice(&[0; blake3::OUT_LEN]);
     fill(&mut bytes);
-    let digest = blake3::hash(&bytes[SEAL_BYTES..]);
+    let digest = digest(key, &bytes[SEAL_BYTES..]);
     bytes[ENTRY_TAG.len()..SEAL_BYTES].copy_from_slice(digest.as_bytes());
     bytes
 }
 
-/// The payload of a sealed entry, or `None` when the tag or the digest does not match.
-fn unsealed(bytes: &[u8]) -> Option<&[u8]> {
+/// The payload of the entry found under `key`, or `None` when the tag or the digest does not match.
+fn unsealed<'a>(key: &str, bytes: &'a [u8]) -> Option<&'a [u8]> {
     let (seal, payload) = bytes.split_at_checked(SEAL_BYTES)?;
-    let (tag, digest) = seal.split_at(ENTRY_TAG.len());
-    (tag == ENTRY_TAG && blake3::hash(payload) == *<&[u8; blake3::OUT_LEN]>::try_from(digest).ok()?)
+    let (tag, seal_digest) = seal.split_at(ENTRY_TAG.len());
+    (tag == ENTRY_TAG && digest(key, payload) == *<&[u8; blake3::OUT_LEN]>::try_from(seal_digest).ok()?)
         .then_some(payload)
 }
 
-/// What the result cache keeps of an answer: the LLM's final response without its timings.
-pub fn answer_to_bytes(response: &worker::GenerateResponse) -> Vec<u8> {
+/// What the result cache keeps under `key` of an answer: the LLM's final response without its
+/// timings.
+pub fn answer_to_bytes(key: &str, response: &worker::GenerateResponse) -> Vec<u8> {
     let stored = worker::GenerateResponse {
         question_index: 0,
         text: String::new(),
@@ -102,25 +115,28 @@ pub fn answer_to_bytes(response: &worker::GenerateResponse) -> Vec<u8> {
         prefix_cache_hit: false,
         ..response.clone()
     };
-    sealed(stored.encoded_len(), |bytes| stored.encode(bytes).expect("a Vec grows as needed. This is a bug."))
+    sealed(key, stored.encoded_len(), |bytes| {
+        stored.encode(bytes).expect("a Vec grows as needed. This is a bug.")
+    })
 }
 
-pub fn answer_from_bytes(bytes: &[u8]) -> Option<worker::GenerateResponse> {
-    worker::GenerateResponse::decode(unsealed(bytes)?).ok()
+pub fn answer_from_bytes(key: &str, bytes: &[u8]) -> Option<worker::GenerateResponse> {
+    worker::GenerateResponse::decode(unsealed(key, bytes)?).ok()
 }
 
-/// Cached blob: the feature revision (length-prefixed) then the safetensors bytes, sealed.
-pub fn blob_to_bytes(blob: &worker::FeatureBlob) -> Vec<u8> {
+/// Cached blob under `key`: the feature revision (length-prefixed) then the safetensors bytes,
+/// sealed.
+pub fn blob_to_bytes(key: &str, blob: &worker::FeatureBlob) -> Vec<u8> {
     let revision = blob.feature_revision.as_bytes();
-    sealed(4 + revision.len() + blob.safetensors.len(), |bytes| {
+    sealed(key, 4 + revision.len() + blob.safetensors.len(), |bytes| {
         bytes.extend_from_slice(&(revision.len() as u32).to_le_bytes());
         bytes.extend_from_slice(revision);
         bytes.extend_from_slice(&blob.safetensors);
     })
 }
 
-pub fn blob_from_bytes(bytes: &[u8]) -> Option<worker::FeatureBlob> {
-    let bytes = unsealed(bytes)?;
+pub fn blob_from_bytes(key: &str, bytes: &[u8]) -> Option<worker::FeatureBlob> {
+    let bytes = unsealed(key, bytes)?;
     let n = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
     let revision = std::str::from_utf8(bytes.get(4..4 + n)?).ok()?.to_string();
     Some(worker::FeatureBlob { safetensors: bytes.get(4 + n..)?.to_vec(), feature_revision: revision })
@@ -130,9 +146,9 @@ pub fn blob_from_bytes(bytes: &[u8]) -> Option<worker::FeatureBlob> {
 /// the size alone cannot check the digest; the pixels are checked when they are read.
 pub const PIXELS_HEADER_BYTES: usize = SEAL_BYTES + 8;
 
-/// Registered pixels: width and height (u32 little-endian) then RGB8, sealed.
-pub fn pixels_to_bytes(image: &RgbImage) -> Vec<u8> {
-    sealed(8 + image.pixels().len(), |bytes| {
+/// Registered pixels under `key`: width and height (u32 little-endian) then RGB8, sealed.
+pub fn pixels_to_bytes(key: &str, image: &RgbImage) -> Vec<u8> {
+    sealed(key, 8 + image.pixels().len(), |bytes| {
         bytes.extend_from_slice(&image.width().to_le_bytes());
         bytes.extend_from_slice(&image.height().to_le_bytes());
         bytes.extend_from_slice(image.pixels());
@@ -150,9 +166,9 @@ pub fn size_from_header(header: &[u8]) -> Result<(u32, u32), ServiceError> {
     }
 }
 
-pub fn pixels_from_bytes(bytes: &[u8]) -> Result<RgbImage, ServiceError> {
+pub fn pixels_from_bytes(key: &str, bytes: &[u8]) -> Result<RgbImage, ServiceError> {
     let (width, height) = size_from_header(bytes)?;
-    let pixels = unsealed(bytes).ok_or_else(corrupt)?;
+    let pixels = unsealed(key, bytes).ok_or_else(corrupt)?;
     RgbImage::from_raw(width, height, pixels[8..].to_vec()).map_err(|_| corrupt())
 }
 
@@ -168,15 +184,15 @@ mod tests {
     #[test]
     fn formats_round_trip() {
         let blob = worker::FeatureBlob { safetensors: vec![1, 2, 3], feature_revision: "rev".into() };
-        assert_eq!(blob_from_bytes(&blob_to_bytes(&blob)), Some(blob));
-        assert_eq!(blob_from_bytes(&[9, 0, 0, 0, b'x']), None);
+        assert_eq!(blob_from_bytes("k", &blob_to_bytes("k", &blob)), Some(blob));
+        assert_eq!(blob_from_bytes("k", &[9, 0, 0, 0, b'x']), None);
 
         let image = RgbImage::from_raw(2, 1, vec![1, 2, 3, 4, 5, 6]).unwrap();
-        let bytes = pixels_to_bytes(&image);
+        let bytes = pixels_to_bytes("k", &image);
         assert_eq!(size_from_header(&bytes[..PIXELS_HEADER_BYTES]).unwrap(), (2, 1));
-        let back = pixels_from_bytes(&bytes).unwrap();
+        let back = pixels_from_bytes("k", &bytes).unwrap();
         assert_eq!((back.width(), back.height(), back.pixels()), (2, 1, image.pixels()));
-        assert!(pixels_from_bytes(&bytes[..PIXELS_HEADER_BYTES + 2]).is_err());
+        assert!(pixels_from_bytes("k", &bytes[..PIXELS_HEADER_BYTES + 2]).is_err());
         assert!(size_from_header(&bytes[..5]).is_err());
     }
 
@@ -185,14 +201,17 @@ mod tests {
         let blob = worker::FeatureBlob { safetensors: vec![7; 64], feature_revision: "rev".into() };
         let image = RgbImage::from_raw(2, 1, vec![1, 2, 3, 4, 5, 6]).unwrap();
         let answer = worker::GenerateResponse { answer: "a cat".into(), ..Default::default() };
-        let entries = [blob_to_bytes(&blob), pixels_to_bytes(&image), answer_to_bytes(&answer)];
-        let readable = |bytes: &[u8]| {
+        let key = "features:img";
+        let entries =
+            [blob_to_bytes(key, &blob), pixels_to_bytes(key, &image), answer_to_bytes(key, &answer)];
+        let readable_under = |key: &str, bytes: &[u8]| {
             [
-                blob_from_bytes(bytes).is_some(),
-                pixels_from_bytes(bytes).is_ok(),
-                answer_from_bytes(bytes).is_some(),
+                blob_from_bytes(key, bytes).is_some(),
+                pixels_from_bytes(key, bytes).is_ok(),
+                answer_from_bytes(key, bytes).is_some(),
             ]
         };
+        let readable = |bytes: &[u8]| readable_under(key, bytes);
         for (kind, entry) in entries.iter().enumerate() {
             assert!(readable(entry)[kind], "entry {kind} reads back");
             // Every single flipped bit, anywhere, and every truncation is caught.
@@ -206,6 +225,8 @@ mod tests {
             }
             // An entry without the seal (an old format) is a miss, not a misread.
             assert!(!readable(&entry[SEAL_BYTES..])[kind]);
+            // An intact entry under another key (another image's, say) is a miss too.
+            assert!(!readable_under("features:img2", entry)[kind], "entry {kind} under another key");
         }
     }
 
@@ -250,7 +271,7 @@ mod tests {
             prefix_cache_hit: true,
             ..Default::default()
         };
-        let stored = answer_from_bytes(&answer_to_bytes(&response)).unwrap();
+        let stored = answer_from_bytes("k", &answer_to_bytes("k", &response)).unwrap();
         assert_eq!(stored.answer, "a cat");
         assert!(stored.finished && stored.timing.is_none() && !stored.prefix_cache_hit);
         assert_eq!(stored.question_index, 0);

@@ -125,7 +125,8 @@ impl Gateway {
 
     /// The image's features from the shared cache, if present and intact.
     async fn shared_features(&self, image_key: &str) -> Option<worker::FeatureBlob> {
-        self.cache.get(&features_key(image_key)).await.and_then(|bytes| blob_from_bytes(&bytes))
+        let key = features_key(image_key);
+        self.cache.get(&key).await.and_then(|bytes| blob_from_bytes(&key, &bytes))
     }
 
     /// Makes sure the image's features are computed (RegisterImage with `warm_features`): present in
@@ -161,7 +162,8 @@ impl Gateway {
             .await?
             .features
             .ok_or_else(|| ServiceError::Internal("vision worker sent no features".into()))?;
-        self.cache.put(&features_key(&image.key), blob_to_bytes(&blob)).await;
+        let key = features_key(&image.key);
+        self.cache.put(&key, blob_to_bytes(&key, &blob)).await;
         Ok(blob)
     }
 }

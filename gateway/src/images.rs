@@ -46,8 +46,9 @@ impl RequestImage {
     pub async fn pixels(&self, cache: &FeatureCache) -> Result<Arc<RgbImage>, ServiceError> {
         self.pixels
             .get_or_try_init(async || {
-                let bytes = cache.get(&pixels_key(&self.key)).await.ok_or_else(|| unregistered(&self.key))?;
-                let image = pixels_from_bytes(&bytes)?;
+                let key = pixels_key(&self.key);
+                let bytes = cache.get(&key).await.ok_or_else(|| unregistered(&self.key))?;
+                let image = pixels_from_bytes(&key, &bytes)?;
                 if (image.width(), image.height()) != (self.width, self.height) {
                     return Err(ServiceError::FailedPrecondition(
                         "the registered image is damaged in the cache; register it again".into(),

@@ -44,7 +44,8 @@ impl Gateway {
     ) -> Result<v1::RegisterImageResponse, ServiceError> {
         let image = RequestImage::decoded(image, &self.model_revision);
         let pixels = image.pixels(&self.cache).await?;
-        self.cache.put(&pixels_key(&image.key), pixels_to_bytes(&pixels)).await;
+        let key = pixels_key(&image.key);
+        self.cache.put(&key, pixels_to_bytes(&key, &pixels)).await;
         let mut metadata = Metadata::default();
         if warm {
             let tier = self.warm_features(&image, deadline).await?;
@@ -183,7 +184,7 @@ impl Gateway {
                 response.prefix_cache_hit,
                 start,
             );
-            let stored = keys[i].as_ref().map(|key| (key.clone(), answer_to_bytes(&response)));
+            let stored = keys[i].as_ref().map(|key| (key.clone(), answer_to_bytes(key, &response)));
             metrics::counter!("osprey_gateway_regions_total").increment(1);
             if tx.send(Ok(region_result(&prepared, i, response, metadata))).await.is_err() {
                 return Ok(()); // the client has gone; dropping `stream` cancels the rest downstream
@@ -242,7 +243,7 @@ impl Gateway {
         start: Instant,
     ) -> Metadata {
         if let Some(key) = key {
-            self.cache.put_result(key, answer_to_bytes(response)).await;
+            self.cache.put_result(key, answer_to_bytes(key, response)).await;
         }
         answer_metadata(prepared, pooled, response.timing.as_ref(), response.prefix_cache_hit, start)
     }
@@ -289,6 +290,7 @@ impl Gateway {
 
     /// The LLM's final response stored under `key`, if any.
     async fn cached_answer(&self, key: Option<&str>) -> Option<worker::GenerateResponse> {
-        answer_from_bytes(&self.cache.get_result(key?).await?)
+        let key = key?;
+        answer_from_bytes(key, &self.cache.get_result(key).await?)
     }
 }

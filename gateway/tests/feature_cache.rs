@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use gateway::cache::{CacheArgs, FeatureCache};
-use osprey_test_support::{RedisServer, free_port, parse_args};
+use osprey_test_support::{RedisServer, counted, free_port, parse_args};
 
 fn cache(args: &[&str]) -> FeatureCache {
     let mut argv = vec!["gateway"];
@@ -72,6 +72,49 @@ async fn redis_down_at_startup_is_a_miss() {
     let cache = cache(&["--redis-url", &format!("redis://127.0.0.1:{port}/0"), "--redis-timeout-ms", "300"]);
     assert_eq!(cache.get("img").await, None);
     cache.put("img", vec![1]).await;
+}
+
+#[test]
+fn a_hung_redis_costs_one_timeout_then_is_left_alone_a_while() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let flags = ["--redis-url", &url, "--redis-timeout-ms", "300", "--redis-retry-after-ms", "3000"];
+    let cache = cache(&flags);
+    // One thread, so that `counted` sees every counter the cache increments.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        cache.put("img", vec![1]).await;
+        assert_eq!(cache.get("img").await, Some(vec![1]));
+    });
+
+    redis.pause();
+    let counters = counted(|| {
+        runtime.block_on(async {
+            for _ in 0..20 {
+                assert_eq!(cache.get("img").await, None);
+                cache.put("img", vec![2]).await;
+            }
+        })
+    });
+    // The first lookup timed out; the 39 calls after it were misses without asking Redis.
+    let errors: Vec<&(String, u64)> =
+        counters.iter().filter(|(name, _)| name.starts_with("osprey_feature_cache_errors_total")).collect();
+    assert_eq!(errors, [&("osprey_feature_cache_errors_total{operation=get}".to_string(), 1)]);
+
+    // Redis answers again: after the pause it is asked again, and the cache recovers.
+    redis.resume();
+    runtime.block_on(async {
+        let mut recovered = false;
+        for _ in 0..100 {
+            cache.put("img", vec![3]).await;
+            if cache.get("img").await == Some(vec![3]) {
+                recovered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(recovered, "the cache did not recover after Redis answered again");
+    });
 }
 
 #[tokio::test]

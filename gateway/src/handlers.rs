@@ -165,7 +165,9 @@ impl Osprey for OspreyService {
                         }
                         Answer::Streaming(stream, pooled) => (stream, pooled),
                     };
+                    let mut finished = false;
                     while let Some(response) = stream.message().await? {
+                        finished |= response.finished;
                         let metadata = if response.finished {
                             let key = key.as_deref();
                             Some(gateway.finish_answer(key, &response, &prepared, &pooled, start).await)
@@ -179,8 +181,12 @@ impl Osprey for OspreyService {
                             metadata,
                         };
                         if tx.send(Ok(chunk)).await.is_err() {
-                            break;
+                            return Ok(()); // the client has gone
                         }
+                    }
+                    // A stream that ends OK without its last chunk would read as a whole answer.
+                    if !finished {
+                        return Err(ServiceError::Internal("the LLM worker ended the answer early".into()));
                     }
                     Ok(())
                 };

@@ -153,6 +153,109 @@ async fn resumes_after_a_kill_without_duplicates_or_losses() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Journal records (finished images) in `journal`, a cut last line aside.
+fn journaled(journal: &Path) -> usize {
+    std::fs::read_to_string(journal)
+        .map(|text| text.lines().skip(1).filter(|l| serde_json::from_str::<Value>(l).is_ok()).count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_after_a_gateway_restart_redoing_only_unfinished_images() {
+    let mut vision = vision_worker(loopback(231), &[]).unwrap();
+    let mut llm = llm_worker(loopback(232), &["--default-max-new-tokens", "16"]).unwrap();
+    wait_all(&mut [&mut vision, &mut llm]).await.unwrap();
+    let workers = Workers { vision: vec![&vision], llm: vec![&llm], sam: vec![] };
+    let mut gateway = gateway(loopback(233), &workers, &["--result-cache-ttl-seconds", "0"]).unwrap();
+    gateway.wait_ready().await.unwrap();
+
+    // Twelve images with distinct pixels (so nothing one image computed serves another), three
+    // box regions each.
+    const REGIONS: usize = 3;
+    let dir = scratch("gateway-restart");
+    let test_images = images();
+    let mut coco_images = Vec::new();
+    let mut annotations = Vec::new();
+    for (i, image) in test_images.iter().enumerate() {
+        let extension = Path::new(&image.name).extension().unwrap().to_str().unwrap();
+        let name = format!("image-{i:02}.{extension}");
+        std::fs::write(dir.join(&name), &image.bytes).unwrap();
+        coco_images
+            .push(json!({"id": i + 1, "file_name": name, "height": image.height, "width": image.width}));
+        for (k, mask) in box_masks(image.height, image.width, REGIONS).iter().enumerate() {
+            let segmentation =
+                json!({"size": [image.height, image.width], "counts": mask.to_rle().to_compressed()});
+            annotations
+                .push(json!({"id": 100 * (i + 1) + k, "image_id": i + 1, "segmentation": segmentation}));
+        }
+    }
+    let coco = json!({"images": coco_images, "annotations": annotations});
+    let coco_path = dir.join("coco.json");
+    std::fs::write(&coco_path, serde_json::to_vec(&coco).unwrap()).unwrap();
+    let endpoint = gateway.url();
+    let args = |out: &str| {
+        [
+            "--endpoint",
+            &endpoint,
+            "--coco",
+            coco_path.to_str().unwrap(),
+            "--out",
+            dir.join(out).to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+
+    let reference = annotate(args("reference.json")).await;
+    assert!(reference.status.success(), "{}", String::from_utf8_lossy(&reference.stderr));
+    let reference = read_json(&dir.join("reference.json"));
+    assert_eq!(reference["annotations"].as_array().unwrap().len(), REGIONS * test_images.len());
+
+    // The gateway dies (SIGKILL) with the stream midway; the CLI fails, keeping its journal.
+    let journal = dir.join("out.json.journal.jsonl");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_osprey-annotate"))
+        .args(args("out.json"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while journaled(&journal) < 3 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before the gateway could be killed");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    gateway.kill();
+    let cut = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap());
+    let cut = tokio::time::timeout(Duration::from_secs(30), cut).await.expect("the CLI hung").unwrap();
+    assert!(!cut.status.success(), "the run went on without its gateway");
+    let at_kill = journaled(&journal);
+    assert!(at_kill < test_images.len(), "the run finished before the gateway died");
+    assert!(!dir.join("out.json").exists());
+
+    // The gateway comes back on the same address (no memory of the run); the rerun sends only the
+    // images without a journal record, and its output is the uninterrupted run's.
+    gateway.start().unwrap();
+    gateway.wait_ready().await.unwrap();
+    let rerun = annotate(args("out.json")).await;
+    let stderr = String::from_utf8_lossy(&rerun.stderr);
+    assert!(rerun.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("{at_kill} already done")), "{stderr}");
+    assert_eq!(read_json(&dir.join("out.json")), reference);
+    let regions = gateway.metric("osprey_gateway_regions_total", &[]).await.unwrap();
+    assert_eq!(
+        regions as usize,
+        REGIONS * (test_images.len() - at_kill),
+        "the rerun asked about the {} unfinished images only",
+        test_images.len() - at_kill
+    );
+    println!(
+        "annotate across a gateway SIGKILL: {} of {} images journaled at the kill; the rerun asked about \
+         {regions} regions ({} images), output equal to the uninterrupted run's",
+        at_kill,
+        test_images.len(),
+        regions as usize / REGIONS
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn describes_everything_in_a_folder() {
     let mut vision = vision_worker(loopback(211), &[]).unwrap();

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo bench -p llm-worker --bench quantized -- [--layers 1] [--prompt 1100] [--decode 32]
-//!     [--types f32,q8_0,q4_k] [--dir DIR]
+//!     [--types f32,q8_0,q4_k] [--dir DIR] [--serve target/release/llm-worker] [--text-only]
+//!     [--logits 64] [--json FILE] [--repeats 3]
 //! ```
 //!
 //! A model at Osprey-7B width (vocab 32000, hidden 4096, intermediate 11008, 32 heads, projector
@@ -10,11 +11,18 @@
 //! f32 safetensors checkpoint (with the real LLaMA tokenizer from the fixtures) under `--dir`,
 //! quantized with `llm-worker quantize`'s code, and each format is measured in a child process
 //! of its own so that its resident memory is its own: RSS after load and peak RSS, prefill
-//! tokens/s on a `--prompt`-token prompt (median of 3), decode tokens/s at batch 1 and batch 16
+//! tokens/s on a `--prompt`-token prompt (median of `--repeats`, 3), decode tokens/s at batch 1 and batch 16
 //! (`--decode` steps; every sequence first prefills 16 tokens). Markdown to stdout.
 //!
 //! Per-layer cost scales the full model: the embedding table and LM head are counted once at
 //! full size here, so "32 layers" figures are `fixed + 32 x per-layer`, which the table states.
+//!
+//! `--serve BIN` also starts `BIN serve --weights <file>` for each format and reads the resident
+//! memory of that serving worker once it reports SERVING (loaded and warmed up). `--text-only`
+//! writes each quantized file a second time without the projector (`quantize --text-only`, the
+//! file llama.cpp loads). `--logits N` makes each format write the logits of every position of
+//! an N-token prompt to `<dir>/logits-<type>-<layers>l.f32` (raw little-endian f32, `[N, 32000]`)
+//! for fidelity comparisons. `--json FILE` writes the rows as JSON too (tools/bench_gguf.py).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +43,12 @@ struct Args {
     types: Vec<String>,
     dir: PathBuf,
     measure: Option<PathBuf>,
+    serve: Option<PathBuf>,
+    text_only: bool,
+    logits: usize,
+    logits_out: Option<PathBuf>,
+    json: Option<PathBuf>,
+    repeats: usize,
 }
 
 fn parse_args() -> Res<Args> {
@@ -45,6 +59,12 @@ fn parse_args() -> Res<Args> {
         types: vec!["f32".into(), "q8_0".into(), "q4_k".into()],
         dir: PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("quantized-7b-width"),
         measure: None,
+        serve: None,
+        text_only: false,
+        logits: 0,
+        logits_out: None,
+        json: None,
+        repeats: 3,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,6 +76,12 @@ fn parse_args() -> Res<Args> {
             "--types" => a.types = value()?.split(',').map(String::from).collect(),
             "--dir" => a.dir = PathBuf::from(value()?),
             "--measure" => a.measure = Some(PathBuf::from(value()?)),
+            "--serve" => a.serve = Some(PathBuf::from(value()?)),
+            "--text-only" => a.text_only = true,
+            "--logits" => a.logits = value()?.parse()?,
+            "--logits-out" => a.logits_out = Some(PathBuf::from(value()?)),
+            "--json" => a.json = Some(PathBuf::from(value()?)),
+            "--repeats" => a.repeats = value()?.parse::<usize>()?.max(1),
             "--bench" => {}
             other => return Err(format!("unknown flag {other}").into()),
         }
@@ -130,16 +156,31 @@ fn write_checkpoint(dir: &Path, layers: usize) -> Res<()> {
     Ok(())
 }
 
+/// The benchmark's prompt: `n` ordinary token ids, the same for every format and for llama.cpp.
+fn prompt_ids(n: usize) -> Vec<u32> {
+    (0..n).map(|k| 100 + (k * 7919 % 31000) as u32).collect()
+}
+
 /// Child process: load `path`, measure, print one JSON line.
-fn measure(path: &Path, prompt: usize, decode: usize) -> Res<()> {
+fn measure(path: &Path, args: &Args) -> Res<()> {
+    let (prompt, decode) = (args.prompt, args.decode);
     let t0 = Instant::now();
     let model = load_model(path, DType::F32, &Device::Cpu)?;
     let load_s = t0.elapsed().as_secs_f64();
     let rss_load = status_kb("VmRSS:") / 1024.0;
-    let ids: Vec<u32> = (0..prompt).map(|k| 100 + (k * 7919 % 31000) as u32).collect();
+    if let Some(out) = &args.logits_out {
+        let n = args.logits;
+        let mut cache = SeqCache::new(PrefixKv::default());
+        let embeds = model.embed_ids(&prompt_ids(n))?;
+        let step = SeqStep { cache: &mut cache, embeds, logits: LogitsMode::All };
+        let all = model.forward(&mut [step])?.remove(0).ok_or("no logits")?;
+        let values: Vec<f32> = all.flatten_all()?.to_vec1()?;
+        std::fs::write(out, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+    }
+    let ids = prompt_ids(prompt);
     let embeds = model.embed_ids(&ids)?;
     let mut prefill = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..args.repeats {
         let mut cache = SeqCache::new(PrefixKv::default());
         let t = Instant::now();
         model.forward(&mut [SeqStep {
@@ -182,7 +223,7 @@ fn measure(path: &Path, prompt: usize, decode: usize) -> Res<()> {
 fn main() -> Res<()> {
     let args = parse_args()?;
     if let Some(path) = &args.measure {
-        return measure(path, args.prompt, args.decode);
+        return measure(path, &args);
     }
     let ckpt = args.dir.join(format!("f32-{}l", args.layers));
     let t = Instant::now();
@@ -200,9 +241,10 @@ fn main() -> Res<()> {
         args.layers, args.prompt, args.decode
     );
     println!(
-        "| weights | file MB | quantize s | load s | RSS after load MB | peak RSS MB | prefill tok/s | decode b1 tok/s | decode b16 tok/s |"
+        "| weights | file MB | quantize s | load s | RSS after load MB | peak RSS MB | serving worker RSS MB | prefill tok/s | decode b1 tok/s | decode b16 tok/s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
     for ty in &args.types {
         let (path, quantize_s) = match ty.as_str() {
             "f32" => (ckpt.clone(), f64::NAN),
@@ -219,7 +261,13 @@ fn main() -> Res<()> {
                 if !out.is_file() {
                     llm_worker::quantize::run(&ckpt, &out, quant)?;
                 }
-                (out, t.elapsed().as_secs_f64())
+                let quantize_s = t.elapsed().as_secs_f64();
+                let text = args.dir.join(format!("{other}-{}l-text.gguf", args.layers));
+                if args.text_only && !text.is_file() {
+                    let options = llm_worker::quantize::QuantizeOptions { text_only: true };
+                    llm_worker::quantize::run_with(&ckpt, &text, quant, options)?;
+                }
+                (out, quantize_s)
             }
         };
         let size: u64 = if path.is_dir() {
@@ -227,18 +275,30 @@ fn main() -> Res<()> {
         } else {
             std::fs::metadata(&path)?.len()
         };
+        let serving_rss = match &args.serve {
+            Some(bin) => serving_rss_mb(bin, &path)?,
+            None => f64::NAN,
+        };
         let exe = std::env::current_exe()?;
-        let out = Command::new(exe)
-            .args(["--measure", path.to_str().unwrap(), "--prompt", &args.prompt.to_string()])
-            .args(["--decode", &args.decode.to_string()])
-            .output()?;
+        let mut child = Command::new(exe);
+        child.args(["--measure", path.to_str().unwrap(), "--prompt", &args.prompt.to_string()]).args([
+            "--decode",
+            &args.decode.to_string(),
+            "--repeats",
+            &args.repeats.to_string(),
+        ]);
+        if args.logits > 0 {
+            let out = args.dir.join(format!("logits-{ty}-{}l.f32", args.layers));
+            child.args(["--logits", &args.logits.to_string(), "--logits-out", out.to_str().unwrap()]);
+        }
+        let out = child.output()?;
         if !out.status.success() {
             return Err(format!("{ty}: {}", String::from_utf8_lossy(&out.stderr)).into());
         }
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let mut r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "| {ty} | {:.0} | {quantize_s:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {:.1} |",
+            "| {ty} | {:.0} | {quantize_s:.1} | {:.1} | {:.0} | {:.0} | {serving_rss:.0} | {:.1} | {:.2} | {:.1} |",
             size as f64 / 1e6,
             f("load_s"),
             f("rss_load_mb"),
@@ -247,8 +307,52 @@ fn main() -> Res<()> {
             f("decode1_tok_s"),
             f("decode16_tok_s")
         );
+        r["weights"] = serde_json::json!(ty);
+        r["path"] = serde_json::json!(path);
+        r["file_bytes"] = serde_json::json!(size);
+        r["serving_rss_mb"] = serde_json::json!(serving_rss);
+        rows.push(r);
+    }
+    if let Some(json) = &args.json {
+        let doc = serde_json::json!({ "layers": args.layers, "prompt": args.prompt, "decode": args.decode, "rows": rows });
+        std::fs::write(json, serde_json::to_string_pretty(&doc)?)?;
     }
     Ok(())
+}
+
+/// Starts `bin serve --weights path` on a free port, waits until it reports SERVING (model
+/// loaded and warmed up), reads its resident memory, and stops it.
+fn serving_rss_mb(bin: &Path, path: &Path) -> Res<f64> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut child = Command::new(bin)
+        .args(["serve", "--weights", path.to_str().unwrap(), "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(600);
+    let result = loop {
+        if let Some(status) = child.try_wait()? {
+            break Err(format!("{} serve exited during start-up ({status})", bin.display()).into());
+        }
+        if runtime.block_on(osprey_common::grpc::is_serving(&url, "")) {
+            let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+            let kb = status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .ok_or("no VmRSS")?;
+            break Ok(kb / 1024.0);
+        }
+        if Instant::now() > deadline {
+            break Err(format!("{url} not SERVING after 600 s").into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
 
 fn num_threads() -> usize {

@@ -2,14 +2,15 @@
 # Quantized Osprey LLM at 7B width, ours side by side with llama.cpp, in one command (~10 min with the
 # release build and llama.cpp already built; first-time builds take longer):
 #
-#   bash tools/bench_gguf.sh [OUT.md]
+#   bash tools/bench_gguf.sh [OUTPUT_FILE]
 #
 # A model of Osprey-7B's width (vocab 32000, hidden 4096, intermediate 11008, 32 heads) with $LAYERS
 # (default 2) decoder layers and random weights is quantized to q8_0 and q4_k by `llm-worker quantize`
 # (plus a `--text-only` copy for llama.cpp); `cargo bench -p llm-worker --bench quantized` measures ours
 # (file size, RSS of a serving llm-worker, prefill of 1100 tokens, decode at batch 1 and 16, logits),
 # tools/bench_gguf.py runs llama.cpp (tools/setup_llamacpp.sh builds it) on the same files and prints
-# the markdown tables, also written to OUT.md (default target/bench_gguf.md). 2 threads for both.
+# the markdown tables, also written to OUTPUT_FILE (default: a markdown file in the target directory).
+# 2 threads for both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LAYERS=${LAYERS:-2}

@@ -272,17 +272,22 @@ mod tests {
         }
 
         fn run(&mut self, batch: Vec<AdderJob>) {
-            let mut seen = Vec::new();
+            // Record the batch before answering: a test that has every answer must also see
+            // every batch.
+            let seen = batch
+                .iter()
+                .filter_map(|job| match job {
+                    AdderJob::Add(n, _) => Some(*n),
+                    AdderJob::Fail(_) => None,
+                })
+                .collect();
+            let _ = self.batches.send(seen);
             for job in batch {
                 match job {
-                    AdderJob::Add(n, reply) => {
-                        seen.push(n);
-                        reply.send(Ok(n + 1));
-                    }
+                    AdderJob::Add(n, reply) => reply.send(Ok(n + 1)),
                     AdderJob::Fail(reply) => reply.send(Err(ServiceError::Internal("failed".into()))),
                 }
             }
-            let _ = self.batches.send(seen);
         }
     }
 

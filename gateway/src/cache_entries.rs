@@ -97,7 +97,23 @@ fn sealed(key: &str, capacity: usize, fill: impl FnOnce(&mut Vec<u8>)) -> Vec<u8
 }
 
 /// The payload of the entry found under `key`, or `None` when the tag or the digest does not match.
+/// A refused entry is counted in `osprey_cache_damaged_entries_total{kind}` (`kind`: the key's
+/// prefix, e.g. `features`), so that damage is seen even though it costs no request.
 fn unsealed<'a>(key: &str, bytes: &'a [u8]) -> Option<&'a [u8]> {
+    let payload = checked_payload(key, bytes);
+    if payload.is_none() {
+        let kind = match key.split_once(':') {
+            Some(("features", _)) => "features",
+            Some(("pixels", _)) => "pixels",
+            Some(("result", _)) => "result",
+            _ => "other",
+        };
+        metrics::counter!("osprey_cache_damaged_entries_total", "kind" => kind).increment(1);
+    }
+    payload
+}
+
+fn checked_payload<'a>(key: &str, bytes: &'a [u8]) -> Option<&'a [u8]> {
     let (seal, payload) = bytes.split_at_checked(SEAL_BYTES)?;
     let (tag, seal_digest) = seal.split_at(ENTRY_TAG.len());
     (tag == ENTRY_TAG && digest(key, payload) == *<&[u8; blake3::OUT_LEN]>::try_from(seal_digest).ok()?)
@@ -228,6 +244,24 @@ mod tests {
             // An intact entry under another key (another image's, say) is a miss too.
             assert!(!readable_under("features:img2", entry)[kind], "entry {kind} under another key");
         }
+    }
+
+    #[test]
+    fn refused_entries_are_counted_by_kind() {
+        let blob = worker::FeatureBlob { safetensors: vec![7; 8], feature_revision: "rev".into() };
+        let entry = blob_to_bytes("features:img", &blob);
+        let counted = osprey_test_support::counted(|| {
+            assert!(blob_from_bytes("features:img", &entry).is_some());
+            assert!(blob_from_bytes("features:img", &entry[..entry.len() - 1]).is_none());
+            assert!(answer_from_bytes("result:abc", &entry).is_none());
+        });
+        assert_eq!(
+            counted,
+            [
+                ("osprey_cache_damaged_entries_total{kind=features}".to_string(), 1),
+                ("osprey_cache_damaged_entries_total{kind=result}".to_string(), 1)
+            ]
+        );
     }
 
     #[test]

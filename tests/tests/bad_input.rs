@@ -1,7 +1,9 @@
 //! A table of bad inputs sent through the public API to the real binaries (gateway, vision, LLM
 //! and SAM workers with the demo weights): each row names the call, the gRPC status it must get
 //! and the request field the message must start with. After the table, every process must still
-//! be up and a good request answered. Needs the workspace's binaries built (`cargo build --bins`).
+//! be up and a good request answered. The gateway requires an API key: every RPC is also called
+//! without one and with a wrong one (UNAUTHENTICATED) and with the right one (answered). Needs the
+//! workspace's binaries built (`cargo build --bins`).
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,8 @@ enum Call {
     Describe(v1::DescribeRequest),
     Ask(v1::AskRequest),
     Chat(v1::ChatRequest),
+    /// A stream of one item; the item's error, if any, is the call's status.
+    Annotate(v1::AnnotateRequest),
 }
 
 /// Runs `call` to its end (streams drained); the first error is returned.
@@ -29,6 +33,24 @@ async fn run(client: &mut Client, call: Call) -> Result<(), tonic::Status> {
             let mut stream = client.chat(r).await?.into_inner();
             while stream.message().await?.is_some() {}
             Ok(())
+        }
+        Call::Annotate(r) => {
+            let mut stream = client.annotate(tokio_stream::iter([r])).await?.into_inner();
+            let mut done = false;
+            while let Some(response) = stream.message().await? {
+                match response.event {
+                    Some(v1::annotate_response::Event::Error(e)) => {
+                        return Err(tonic::Status::new(Code::from(e.code), e.message));
+                    }
+                    Some(v1::annotate_response::Event::Done(_)) => done = true,
+                    _ => {}
+                }
+            }
+            if done {
+                Ok(())
+            } else {
+                Err(tonic::Status::internal("the Annotate stream ended without its item done"))
+            }
         }
     }
 }
@@ -145,6 +167,26 @@ fn rows(image: &TestImage) -> Vec<Row> {
             verbatim,
         })
     };
+    let annotate = |regions: Vec<v1::Region>, parameters: Option<v1::GenerationParameters>| {
+        Call::Annotate(v1::AnnotateRequest {
+            item_id: "item".into(),
+            image: encoded(image.bytes.clone()),
+            regions,
+            everything: None,
+            task: v1::DescribeTask::Short as i32,
+            parameters,
+        })
+    };
+    let turn = || vec![v1::Turn { question: "What is region1?".into(), answer: "A cat.".into() }];
+    let chat_with = |bytes: Vec<u8>, regions: Vec<v1::Region>, history: Vec<v1::Turn>| {
+        Call::Chat(v1::ChatRequest {
+            image: encoded(bytes),
+            regions,
+            history,
+            question: "And region1?".into(),
+            parameters: Some(v1::GenerationParameters { max_new_tokens: Some(4), ..Default::default() }),
+        })
+    };
     let mut truncated_png = fixture("images/chelsea_palette.png");
     truncated_png.truncate(truncated_png.len() / 2);
     let pixels = h * w;
@@ -154,7 +196,43 @@ fn rows(image: &TestImage) -> Vec<Row> {
     vec![
         // Images.
         invalid("truncated PNG", describe_image(truncated_png.clone()), "image.encoded"),
-        invalid("truncated PNG (register)", register(truncated_png), "encoded"),
+        invalid("truncated PNG (register)", register(truncated_png.clone()), "encoded"),
+        invalid("empty image bytes (register)", register(Vec::new()), "encoded"),
+        invalid(
+            "truncated PNG (Segment)",
+            Call::Segment(v1::SegmentRequest {
+                image: encoded(truncated_png.clone()),
+                prompts: vec![point(10.0, 10.0)],
+                everything: None,
+            }),
+            "image.encoded",
+        ),
+        invalid(
+            "truncated PNG (Ask)",
+            Call::Ask(v1::AskRequest {
+                image: encoded(truncated_png.clone()),
+                regions: good_regions(),
+                question: "What is region1?".into(),
+                parameters: None,
+                verbatim: false,
+            }),
+            "image.encoded",
+        ),
+        invalid(
+            "truncated PNG (Chat)",
+            chat_with(truncated_png.clone(), good_regions(), vec![]),
+            "image.encoded",
+        ),
+        invalid(
+            "truncated PNG (Annotate)",
+            Call::Annotate(v1::AnnotateRequest {
+                item_id: "item".into(),
+                image: encoded(truncated_png.clone()),
+                regions: good_regions(),
+                ..Default::default()
+            }),
+            "image.encoded",
+        ),
         invalid("truncated JPEG", describe_image(fixture("images/truncated.jpg")), "image.encoded"),
         invalid("empty image bytes", describe_image(Vec::new()), "image.encoded"),
         invalid("zero-width PNG", describe_image(png_declaring(0, 10)), "image.encoded"),
@@ -366,6 +444,49 @@ fn rows(image: &TestImage) -> Vec<Row> {
             }),
             "question",
         ),
+        invalid(
+            "chat about a mask of another size",
+            chat_with(
+                image.bytes.clone(),
+                vec![mask_region(rle(h + 1, w, uncompressed(vec![(h + 1) * w])))],
+                turn(),
+            ),
+            "regions[0].mask",
+        ),
+        invalid(
+            "chat with a point outside the image",
+            chat_with(image.bytes.clone(), vec![prompt_region(point(-3.0, 10.0))], turn()),
+            "regions[0].prompt.points",
+        ),
+        invalid(
+            "ask about an empty mask",
+            Call::Ask(v1::AskRequest {
+                image: encoded(image.bytes.clone()),
+                regions: vec![mask_region(rle(h, w, uncompressed(vec![pixels])))],
+                question: "What is region1?".into(),
+                parameters: None,
+                verbatim: false,
+            }),
+            "regions[0].mask",
+        ),
+        invalid(
+            "annotate an empty mask",
+            annotate(vec![mask_region(rle(h, w, uncompressed(vec![pixels])))], None),
+            "regions[0].mask",
+        ),
+        invalid(
+            "annotate with max_new_tokens 0",
+            annotate(
+                good_regions(),
+                Some(v1::GenerationParameters { max_new_tokens: Some(0), ..Default::default() }),
+            ),
+            "parameters.max_new_tokens",
+        ),
+        invalid(
+            "annotate a box entirely outside",
+            annotate(vec![prompt_region(boxed(200.0, 10.0, 300.0, 50.0))], None),
+            "regions[0].prompt.box",
+        ),
         // Limits.
         invalid("regions over --max-regions", describe_with(mask_regions(&box_masks(h, w, 17))), "regions"),
         invalid("no regions", describe_with(vec![]), "regions"),
@@ -381,6 +502,61 @@ fn rows(image: &TestImage) -> Vec<Row> {
     ]
 }
 
+/// The gateway's only API key.
+const API_KEY: &str = "sesame";
+
+/// One good call of every RPC: (RPC, call).
+fn good_calls(image: &TestImage) -> Vec<(&'static str, Call)> {
+    let regions = || mask_regions(&box_masks(image.height, image.width, 2));
+    let parameters = || Some(v1::GenerationParameters { max_new_tokens: Some(4), ..Default::default() });
+    vec![
+        (
+            "RegisterImage",
+            Call::Register(v1::RegisterImageRequest { encoded: image.bytes.clone(), warm_features: false }),
+        ),
+        (
+            "Segment",
+            Call::Segment(v1::SegmentRequest {
+                image: encoded(image.bytes.clone()),
+                prompts: vec![point(20.0, 20.0)],
+                everything: None,
+            }),
+        ),
+        ("Describe", Call::Describe(describe_request(image, regions(), 4))),
+        (
+            "Ask",
+            Call::Ask(v1::AskRequest {
+                image: encoded(image.bytes.clone()),
+                regions: regions(),
+                question: "What is region1 next to region2?".into(),
+                parameters: parameters(),
+                verbatim: false,
+            }),
+        ),
+        (
+            "Chat",
+            Call::Chat(v1::ChatRequest {
+                image: encoded(image.bytes.clone()),
+                regions: regions(),
+                history: vec![v1::Turn { question: "What is region1?".into(), answer: "A cat.".into() }],
+                question: "And region2?".into(),
+                parameters: parameters(),
+            }),
+        ),
+        (
+            "Annotate",
+            Call::Annotate(v1::AnnotateRequest {
+                item_id: "item".into(),
+                image: encoded(image.bytes.clone()),
+                regions: regions(),
+                everything: None,
+                task: v1::DescribeTask::Short as i32,
+                parameters: parameters(),
+            }),
+        ),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_get_their_status_naming_the_field() {
     let mut vision = vision_worker(loopback(61), &[]).unwrap();
@@ -388,10 +564,19 @@ async fn bad_inputs_get_their_status_naming_the_field() {
     let mut sam = sam_worker(loopback(63), &[]).unwrap();
     wait_all(&mut [&mut vision, &mut llm, &mut sam]).await.unwrap();
     let workers = Workers { vision: vec![&vision], llm: vec![&llm], sam: vec![&sam] };
-    let limits = ["--max-regions", "16", "--max-image-pixels", "40000", "--max-question-bytes", "4096"];
+    let limits = [
+        "--max-regions",
+        "16",
+        "--max-image-pixels",
+        "40000",
+        "--max-question-bytes",
+        "4096",
+        "--api-key",
+        API_KEY,
+    ];
     let mut gateway = gateway(loopback(64), &workers, &limits).unwrap();
     gateway.wait_ready().await.unwrap();
-    let mut client = client(&gateway, None).await.unwrap();
+    let mut client = client(&gateway, Some(API_KEY)).await.unwrap();
     let image = photo();
     assert_eq!((image.width, image.height), (157, 103), "the prompt rows assume the sample photo's size");
 
@@ -450,4 +635,24 @@ async fn bad_inputs_get_their_status_naming_the_field() {
         .unwrap()
         .into_inner();
     assert_eq!(border.prompts.len(), 3, "points on the border and a box partly outside are accepted");
+
+    // API keys, every RPC: without a key or with a wrong one refused, with the right one answered.
+    let mut failures = Vec::new();
+    for key in [None, Some("open-sesame"), Some(API_KEY)] {
+        let mut caller = osprey_e2e::client(&gateway, key).await.unwrap();
+        for (rpc, call) in good_calls(&image) {
+            let outcome = tokio::time::timeout(Duration::from_secs(30), run(&mut caller, call)).await;
+            let answered = key == Some(API_KEY);
+            match outcome {
+                Err(_) => failures.push(format!("{rpc} with key {key:?}: no answer within 30 s")),
+                Ok(Ok(())) if answered => {}
+                Ok(Err(status)) if !answered && status.code() == Code::Unauthenticated => {}
+                Ok(result) => failures.push(format!(
+                    "{rpc} with key {key:?}: {result:?}, expected {}",
+                    if answered { "an answer" } else { "UNAUTHENTICATED" }
+                )),
+            }
+        }
+    }
+    assert!(failures.is_empty(), "API keys:\n{}", failures.join("\n"));
 }

@@ -1,6 +1,7 @@
-//! Faults under load (issue 13, item 4): the real gateway, two vision replicas (each behind a
-//! latency proxy), two LLM replicas, one SAM worker and Redis, with a steady closed loop of concurrent Describe (masks given) and
-//! Segment (point prompts) calls over a few distinct images. A fault-free pass first records every
+//! Faults under load (issue 13, items 4 and 5): the real gateway, two vision replicas (each behind
+//! a latency proxy), two LLM replicas, one SAM worker and Redis, with a steady closed loop of
+//! concurrent Describe (masks given), Segment (point prompts), Ask and Chat (streamed, with an
+//! earlier turn) calls over a few distinct images. A fault-free pass first records every
 //! answer (greedy, so each answer is fixed); then each fault is injected while calls are in flight,
 //! and every call must either return exactly the fault-free answer or fail with a clear status
 //! (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) within its deadline. A call that outlives
@@ -38,12 +39,14 @@ const POOLS: &str = "osprey_vision_pool_duration_seconds_count";
 const STEPS: &str = "osprey_llm_batch_size_count";
 /// The gateway's count of answer streams broken mid-answer and finished on another LLM replica.
 const STREAM_RETRIES: &str = "osprey_gateway_llm_stream_retries_total";
+/// The gateway's count of cache entries refused as damaged, by kind.
+const DAMAGED_ENTRIES: &str = "osprey_cache_damaged_entries_total";
 
 /// Latency the proxy of the slowed vision replica adds to every byte, each way: a round trip of
 /// 4 s, so a call that needs one round trip to it fits its deadline and one that needs two does not.
 const SLOW_LATENCY: Duration = Duration::from_secs(2);
 
-const PHASES: [&str; 11] = [
+const PHASES: [&str; 13] = [
     "no fault (control)",
     "vision replica SIGKILL (the busier of 2), restarted",
     "vision replica SIGSTOP (the busier of 2) for deadline + 1 s, then SIGCONT",
@@ -54,23 +57,86 @@ const PHASES: [&str; 11] = [
     "Redis restarted empty",
     "LLM replica SIGTERM (the busier of 2; drain, exit), restarted",
     "vision replica slowed (the busier of 2; +2 s each way) for deadline + 1 s",
+    "Redis hung (SIGSTOP) for deadline + 1 s, then SIGCONT",
+    "Redis feature entries truncated and tampered, again and again",
     "gateway SIGTERM (drain, exit)",
 ];
 const VISION_SLOW: usize = 9;
-const GATEWAY_SIGTERM: usize = 10;
+const REDIS_HUNG: usize = 10;
+const REDIS_DAMAGED: usize = 11;
+const GATEWAY_SIGTERM: usize = 12;
+
+/// How long feature entries in Redis are damaged, round after round, under the load.
+const DAMAGE_FOR: Duration = Duration::from_secs(4);
+/// The Redis keys of the gateway's feature entries (`osprey:` + `features:<image key>`).
+const FEATURE_KEYS: &str = "osprey:features:*";
+/// Bytes of the seal (tag `osp2` and a BLAKE3 digest) in front of every entry's payload.
+const SEAL_BYTES: usize = 4 + 32;
+
+/// Damage done to the feature entries in Redis.
+#[derive(Default, Debug)]
+struct Damage {
+    truncated: usize,
+    tampered: usize,
+    /// What was last written under each key, so that an entry already damaged is not damaged
+    /// again (flipping the same bytes twice would mend it).
+    written: BTreeMap<String, Vec<u8>>,
+}
+
+impl Damage {
+    /// One round: every feature entry the gateway (re)wrote since the last round is replaced by a
+    /// truncated copy or by a copy with bytes of its payload flipped, in turn.
+    async fn round(&mut self, connection: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<()> {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(FEATURE_KEYS).query_async(connection).await?;
+        for key in keys {
+            let value: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(connection).await?;
+            let Some(mut value) = value else { continue };
+            if self.written.get(&key) == Some(&value) || value.len() <= SEAL_BYTES + 8 {
+                continue;
+            }
+            if (self.truncated + self.tampered).is_multiple_of(2) {
+                value.truncate(value.len() / 2);
+                self.truncated += 1;
+            } else {
+                // Bytes of the payload (past the seal): the revision's length and the tensors.
+                let payload = value.len() - SEAL_BYTES;
+                for at in [SEAL_BYTES, SEAL_BYTES + payload / 2, value.len() - 1] {
+                    value[at] ^= 0x5a;
+                }
+                self.tampered += 1;
+            }
+            let () = redis::cmd("SET").arg(&key).arg(&value).query_async(connection).await?;
+            self.written.insert(key, value);
+        }
+        Ok(())
+    }
+}
 
 /// One call of the load.
 #[derive(Clone)]
 enum Call {
     Describe(v1::DescribeRequest),
     Segment(v1::SegmentRequest),
+    Ask(v1::AskRequest),
+    /// Streamed, with an earlier turn (the result cache is off: every answer is generated).
+    Chat(v1::ChatRequest),
+    /// With `warm_features`: the image is encoded, or its features found in Redis.
+    Register(v1::RegisterImageRequest),
 }
+
+/// Kinds of call, as [`Call::kind`] numbers them.
+const KINDS: usize = 5;
+const DESCRIBE: usize = 0;
+const SEGMENT: usize = 1;
 
 impl Call {
     fn kind(&self) -> usize {
         match self {
-            Call::Describe(_) => 0,
-            Call::Segment(_) => 1,
+            Call::Describe(_) => DESCRIBE,
+            Call::Segment(_) => SEGMENT,
+            Call::Ask(_) => 2,
+            Call::Chat(_) => 3,
+            Call::Register(_) => 4,
         }
     }
 }
@@ -134,16 +200,47 @@ async fn run(client: &mut Client, call: &Call) -> Result<Answer, tonic::Status> 
             let text = masks().map(|(p, m)| format!("{p} {:?} {} {:?}\n", m.mask, m.area, m.bbox)).collect();
             Ok(Answer { text, scores: masks().map(|(_, m)| m.predicted_iou).collect() })
         }
+        Call::Ask(request) => {
+            let mut request = tonic::Request::new(request.clone());
+            request.set_timeout(CALL_DEADLINE);
+            let r = client.ask(request).await?.into_inner();
+            let text =
+                format!("ask {:?} {:?} {} {}", r.raw_text, r.text, r.generated_tokens, r.finish_reason);
+            Ok(Answer { text, scores: vec![] })
+        }
+        Call::Chat(request) => {
+            let mut request = tonic::Request::new(request.clone());
+            request.set_timeout(CALL_DEADLINE);
+            let mut stream = client.chat(request).await?.into_inner();
+            // The pieces, then whether (and how) a chunk said the answer is finished: an answer
+            // that ends OK without it does not equal the fault-free one.
+            let (mut pieces, mut finished) = (String::new(), None);
+            while let Some(chunk) = stream.message().await? {
+                pieces.push_str(&chunk.text);
+                if chunk.finished {
+                    finished = Some(chunk.finish_reason);
+                }
+            }
+            Ok(Answer { text: format!("chat {pieces:?} finished {finished:?}"), scores: vec![] })
+        }
+        Call::Register(request) => {
+            let mut request = tonic::Request::new(request.clone());
+            request.set_timeout(CALL_DEADLINE);
+            let r = client.register_image(request).await?.into_inner();
+            Ok(Answer { text: format!("register {} {}x{}", r.key, r.width, r.height), scores: vec![] })
+        }
     }
 }
 
-/// The load's calls: for each image, a Describe of two box masks and a Segment of two points.
+/// The load's calls: for each image, a Describe of two box masks, a Segment of two points, an Ask
+/// about the two masks, a Chat about them with one earlier turn and a RegisterImage that warms
+/// the features.
 fn calls() -> Vec<(String, Call)> {
     let mut calls = Vec::new();
     for image in images().into_iter().take(IMAGES) {
         let masks = box_masks(image.height, image.width, 2);
         let describe = describe_request(&image, mask_regions(&masks), MAX_NEW_TOKENS);
-        calls.push((format!("describe {}", image.name), Call::Describe(describe)));
+        calls.push((format!("describe {}", image.name), Call::Describe(describe.clone())));
         let point = |x: f32, y: f32| v1::SamPrompt {
             points: vec![v1::Point { x, y, label: v1::PointLabel::Foreground as i32 }],
             ..Default::default()
@@ -155,6 +252,25 @@ fn calls() -> Vec<(String, Call)> {
             everything: None,
         };
         calls.push((format!("segment {}", image.name), Call::Segment(segment)));
+        let parameters = describe.parameters;
+        let ask = v1::AskRequest {
+            image: describe.image.clone(),
+            regions: describe.regions.clone(),
+            question: "What is region1 next to region2?".into(),
+            parameters,
+            verbatim: false,
+        };
+        calls.push((format!("ask {}", image.name), Call::Ask(ask)));
+        let chat = v1::ChatRequest {
+            image: describe.image.clone(),
+            regions: describe.regions.clone(),
+            history: vec![v1::Turn { question: "What is region1?".into(), answer: "A cat.".into() }],
+            question: "And what is region2 next to it?".into(),
+            parameters,
+        };
+        calls.push((format!("chat {}", image.name), Call::Chat(chat)));
+        let register = v1::RegisterImageRequest { encoded: image.bytes.clone(), warm_features: true };
+        calls.push((format!("register {}", image.name), Call::Register(register)));
     }
     calls
 }
@@ -180,8 +296,8 @@ struct Load {
     phase: AtomicUsize,
     stop: AtomicBool,
     started: AtomicUsize,
-    /// Calls in flight, by kind (Describe, Segment).
-    in_flight: [AtomicUsize; 2],
+    /// Calls in flight, by kind ([`Call::kind`]).
+    in_flight: [AtomicUsize; KINDS],
     outcomes: Mutex<Vec<Outcome>>,
 }
 
@@ -384,7 +500,7 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
     load.wait_calls(CALLS_PER_STEP).await;
     let victim = busiest(&vision, POOLS).await;
     wait_busy(&vision[victim], POOLS).await;
-    in_flight_at_fault[1] = load.wait_in_flight(0).await;
+    in_flight_at_fault[1] = load.wait_in_flight(DESCRIBE).await;
     vision[victim].kill();
     load.wait_calls(CALLS_PER_STEP).await;
     vision[victim].start().unwrap();
@@ -396,7 +512,7 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
     load.wait_calls(CALLS_PER_STEP).await;
     let victim = busiest(&vision, POOLS).await;
     wait_busy(&vision[victim], POOLS).await;
-    in_flight_at_fault[2] = load.wait_in_flight(0).await;
+    in_flight_at_fault[2] = load.wait_in_flight(DESCRIBE).await;
     vision[victim].signal(libc::SIGSTOP).unwrap();
     tokio::time::sleep(CALL_DEADLINE + Duration::from_secs(1)).await;
     vision[victim].signal(libc::SIGCONT).unwrap();
@@ -411,7 +527,7 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
         llm_kills += 1;
         let victim = busiest(&llm, STEPS).await;
         wait_busy(&llm[victim], STEPS).await;
-        in_flight_at_fault[3] = load.wait_in_flight(0).await;
+        in_flight_at_fault[3] = load.wait_in_flight(DESCRIBE).await;
         llm[victim].kill();
         load.wait_calls(CALLS_PER_STEP).await;
         llm[victim].start().unwrap();
@@ -424,7 +540,7 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
     load.wait_calls(CALLS_PER_STEP).await;
     let victim = busiest(&llm, STEPS).await;
     wait_busy(&llm[victim], STEPS).await;
-    in_flight_at_fault[4] = load.wait_in_flight(0).await;
+    in_flight_at_fault[4] = load.wait_in_flight(DESCRIBE).await;
     llm[victim].signal(libc::SIGSTOP).unwrap();
     tokio::time::sleep(CALL_DEADLINE + Duration::from_secs(1)).await;
     llm[victim].signal(libc::SIGCONT).unwrap();
@@ -434,7 +550,7 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
     start_phase(5);
     load.wait_calls(CALLS_PER_STEP).await;
     wait_busy(&sam, "osprey_sam_predict_batch_size_count").await;
-    in_flight_at_fault[5] = load.wait_in_flight(1).await;
+    in_flight_at_fault[5] = load.wait_in_flight(SEGMENT).await;
     sam.kill();
     load.wait_calls(CALLS_PER_STEP).await;
     sam.start().unwrap();
@@ -445,7 +561,7 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
     start_phase(6);
     load.wait_calls(CALLS_PER_STEP).await;
     wait_busy(&sam, "osprey_sam_predict_batch_size_count").await;
-    in_flight_at_fault[6] = load.wait_in_flight(1).await;
+    in_flight_at_fault[6] = load.wait_in_flight(SEGMENT).await;
     sam.signal(libc::SIGSTOP).unwrap();
     tokio::time::sleep(CALL_DEADLINE + Duration::from_secs(1)).await;
     sam.signal(libc::SIGCONT).unwrap();
@@ -454,7 +570,7 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
     // 7: Redis restarts empty (no persistence) under the feature reads.
     start_phase(7);
     load.wait_calls(CALLS_PER_STEP).await;
-    in_flight_at_fault[7] = load.wait_in_flight(0).await;
+    in_flight_at_fault[7] = load.wait_in_flight(DESCRIBE).await;
     let redis_errors_before = gateway.metric("osprey_feature_cache_errors_total", &[]).await.unwrap();
     redis.kill();
     redis.start().unwrap();
@@ -474,7 +590,7 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
     load.wait_calls(CALLS_PER_STEP).await;
     let victim = busiest(&llm, STEPS).await;
     wait_busy(&llm[victim], STEPS).await;
-    in_flight_at_fault[8] = load.wait_in_flight(0).await;
+    in_flight_at_fault[8] = load.wait_in_flight(DESCRIBE).await;
     let llm_terminated = Instant::now();
     llm[victim].signal(libc::SIGTERM).unwrap();
     let llm_exit = llm[victim].wait_exit(CALL_DEADLINE + Duration::from_secs(2));
@@ -494,7 +610,7 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
     wait_busy(&vision[slow_victim], POOLS).await;
     let pools_before =
         [vision[0].metric(POOLS, &[]).await.unwrap(), vision[1].metric(POOLS, &[]).await.unwrap()];
-    in_flight_at_fault[VISION_SLOW] = load.wait_in_flight(0).await;
+    in_flight_at_fault[VISION_SLOW] = load.wait_in_flight(DESCRIBE).await;
     let slowed = Instant::now();
     proxies[slow_victim].set_latency(SLOW_LATENCY);
     let mut marked_down = None;
@@ -515,11 +631,47 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
     proxies[slow_victim].set_latency(Duration::ZERO);
     load.wait_calls(CALLS_PER_STEP).await;
 
+    // 10: Redis hangs (stopped: it accepts connections and answers nothing) past the gateway's
+    // `--redis-timeout-ms` and the calls' deadline, then resumes. Lookups time out and count as
+    // misses, so the features are encoded again.
+    start_phase(REDIS_HUNG);
+    load.wait_calls(CALLS_PER_STEP).await;
+    let redis_errors_before = gateway.metric("osprey_feature_cache_errors_total", &[]).await.unwrap();
+    in_flight_at_fault[REDIS_HUNG] = load.wait_in_flight(DESCRIBE).await;
+    redis.signal(libc::SIGSTOP).unwrap();
+    tokio::time::sleep(CALL_DEADLINE + Duration::from_secs(1)).await;
+    redis.signal(libc::SIGCONT).unwrap();
+    load.wait_calls(CALLS_PER_STEP).await;
+    let hung_redis_errors =
+        gateway.metric("osprey_feature_cache_errors_total", &[]).await.unwrap() - redis_errors_before;
+
+    // 11: the feature entries in Redis are damaged under the load, round after round: each entry
+    // the gateway writes is soon truncated or tampered with. A damaged entry must be dropped and
+    // the features encoded again, never served.
+    start_phase(REDIS_DAMAGED);
+    load.wait_calls(CALLS_PER_STEP).await;
+    let damaged_before = gateway.metric(DAMAGED_ENTRIES, &[("kind", "features")]).await.unwrap();
+    let mut redis_client = redis::Client::open(format!("redis://{}/0", redis.addr))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut damage = Damage::default();
+    in_flight_at_fault[REDIS_DAMAGED] = load.wait_in_flight(DESCRIBE).await;
+    let damaging = Instant::now();
+    while damaging.elapsed() < DAMAGE_FOR {
+        damage.round(&mut redis_client).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    load.wait_calls(CALLS_PER_STEP).await;
+    let damaged_refused =
+        gateway.metric(DAMAGED_ENTRIES, &[("kind", "features")]).await.unwrap() - damaged_before;
+
     // 10: the gateway is told to stop with calls in flight: they finish, new ones are refused, and
     // it exits by itself inside its grace period (every call it holds has a deadline).
     start_phase(GATEWAY_SIGTERM);
     load.wait_calls(CALLS_PER_STEP).await;
-    in_flight_at_fault[GATEWAY_SIGTERM] = load.wait_in_flight(0).await;
+    in_flight_at_fault[GATEWAY_SIGTERM] = load.wait_in_flight(DESCRIBE).await;
     let terminated = Instant::now();
     gateway.signal(libc::SIGTERM).unwrap();
     let grace = GATEWAY_REQUEST_TIMEOUT + Duration::from_secs(2);
@@ -540,7 +692,14 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
     let outcomes = std::mem::take(&mut *load.outcomes.lock().unwrap());
     assert_eq!(outcomes.len(), load.started.load(Ordering::SeqCst), "every call started has an outcome");
     let mut rows: Vec<Row> = (0..PHASES.len()).map(|_| Row::default()).collect();
+    // Over all phases, by RPC: (sent, answered with the fault-free answer).
+    let mut by_kind = [(0usize, 0usize); KINDS];
     for outcome in &outcomes {
+        let kind = &mut by_kind[calls[outcome.call].1.kind()];
+        kind.0 += 1;
+        if matches!(&outcome.ending, Ending::Answered(a) if a.matches(&expected[outcome.call])) {
+            kind.1 += 1;
+        }
         let row = &mut rows[outcome.phase];
         let name = &calls[outcome.call].0;
         row.sent += 1;
@@ -597,10 +756,23 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
             println!("{name}: e.g. {code} {message:?}");
         }
     }
+    let [describe, segment, ask, chat, register] = by_kind;
+    println!(
+        "by RPC (sent/answered): Describe {}/{}, Segment {}/{}, Ask {}/{}, Chat {}/{}, RegisterImage {}/{}",
+        describe.0, describe.1, segment.0, segment.1, ask.0, ask.1, chat.0, chat.1, register.0, register.1
+    );
+    for (kind, (sent, answered)) in by_kind.iter().enumerate() {
+        assert!(*answered > 0 && *sent > 0, "calls of kind {kind}: {sent} sent, {answered} answered");
+    }
     println!(
         "gateway: {vision_failovers} vision and {llm_failovers} LLM calls moved to another replica; \
          {llm_stream_retries} broken answer streams finished on another LLM replica \
          ({llm_kills} LLM kills); {redis_errors} Redis errors after the restart"
+    );
+    println!(
+        "Redis hung: {hung_redis_errors} Redis errors; damaged: {} feature entries truncated and {} tampered \
+         with, {damaged_refused} damaged entries refused by the gateway",
+        damage.truncated, damage.tampered
     );
     let slow_marked_down =
         marked_down.map_or("never".to_string(), |t| format!("after {:.2} s", t.as_secs_f64()));
@@ -627,9 +799,14 @@ async fn every_call_under_faults_is_answered_as_without_them_or_refused_clearly_
     }
     // Without a fault every call is answered; a hung vision replica costs at most the calls it
     // held (they end at their deadline), a killed one none at all.
-    for phase in [0, 1] {
+    for phase in [0, 1, REDIS_DAMAGED] {
         assert_eq!(rows[phase].answered, rows[phase].sent, "{}: every call answered", PHASES[phase]);
     }
+    // A hung Redis was noticed (lookups timed out) and cost no wrong answer; damaged entries were
+    // read, refused and recomputed.
+    assert!(hung_redis_errors > 0.0, "no Redis error while Redis was stopped");
+    assert!(damage.truncated > 0 && damage.tampered > 0, "nothing was damaged: {damage:?}");
+    assert!(damaged_refused > 0.0, "the gateway read no damaged entry");
     // The LLM replica died with answers streaming, and they were finished by the other one.
     assert!(llm_stream_retries > 0.0, "the LLM replica was killed with no answer streaming");
     for (p, n) in in_flight_at_fault.iter().enumerate().skip(1) {

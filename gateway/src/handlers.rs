@@ -17,7 +17,7 @@ use tracing::{Instrument, Span, instrument};
 
 use crate::answers::total_metadata;
 use crate::deadline::Deadline;
-use crate::pipeline::Answer;
+use crate::pipeline::{Answer, MAX_STREAM_RETRIES};
 use crate::request;
 use crate::state::Gateway;
 
@@ -116,22 +116,41 @@ impl Osprey for OspreyService {
                 finish_reason: public_finish_reason(response.finish_reason),
                 metadata: Some(metadata),
             };
-            let input = request::ask(request, &self.0.limits)?;
-            let (prepared, answer, key) = self.0.question_answer(input, deadline).await?;
-            let (mut stream, pooled) = match answer {
-                Answer::Cached(response) => {
-                    return Ok(ask(response, crate::answers::cached_metadata(&prepared, start)));
-                }
-                Answer::Streaming(stream, pooled) => (stream, pooled),
-            };
-            while let Some(response) = stream.message().await? {
-                if response.finished {
-                    let metadata =
-                        self.0.finish_answer(key.as_deref(), &response, &prepared, &pooled, start).await;
-                    return Ok(ask(response, metadata));
+            // Nothing reaches the client before the whole answer: an LLM replica that goes away
+            // mid-answer costs a new attempt (routed to another replica once it is marked down),
+            // as Describe does for the regions it had not answered.
+            let mut retries = 0;
+            loop {
+                let input = request::ask(request.clone(), &self.0.limits)?;
+                let (prepared, answer, key) = self.0.question_answer(input, deadline).await?;
+                let (mut stream, pooled) = match answer {
+                    Answer::Cached(response) => {
+                        return Ok(ask(response, crate::answers::cached_metadata(&prepared, start)));
+                    }
+                    Answer::Streaming(stream, pooled) => (stream, pooled),
+                };
+                let finished = async {
+                    while let Some(response) = stream.message().await? {
+                        if response.finished {
+                            return Ok(response);
+                        }
+                    }
+                    Err(ServiceError::Internal("the LLM worker ended the answer early".into()))
+                };
+                match finished.await {
+                    Ok(response) => {
+                        let metadata =
+                            self.0.finish_answer(key.as_deref(), &response, &prepared, &pooled, start).await;
+                        return Ok(ask(response, metadata));
+                    }
+                    Err(ServiceError::Unavailable(why)) if retries < MAX_STREAM_RETRIES => {
+                        retries += 1;
+                        tracing::warn!(%why, "LLM answer stream broke; asking again");
+                        metrics::counter!("osprey_gateway_llm_stream_retries_total").increment(1);
+                    }
+                    Err(err) => return Err(err),
                 }
             }
-            Err(ServiceError::Internal("the LLM worker ended the answer early".into()))
         };
         respond(deadline.run(work).await)
     }

@@ -23,8 +23,8 @@ use crate::request::{QuestionInput, SegmentInput, SegmentWork};
 use crate::state::Gateway;
 
 /// How many times a Describe asks another LLM replica for the answers a broken stream left
-/// unfinished.
-const MAX_STREAM_RETRIES: usize = 2;
+/// unfinished, and an Ask asks again.
+pub const MAX_STREAM_RETRIES: usize = 2;
 
 /// The answer to a free-form question.
 pub enum Answer {

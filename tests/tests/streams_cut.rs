@@ -1,7 +1,8 @@
 //! Ask and Chat answers cut mid-stream (issue 13, item 4): the LLM replica giving a greedy answer
 //! is SIGKILLed while it decodes (Chat: after the first chunk reached the client). The client must
 //! get either the whole fault-free answer or a clear status, never an answer that ends early as if
-//! it were complete. A SIGTERM instead lets the answer finish. The figures are printed
+//! it were complete; an Ask, of which nothing has reached the client, must get the whole answer
+//! (the gateway asks the other replica). A SIGTERM instead lets the answer finish. The figures are printed
 //! (docs/RELIABILITY.md, "Answers cut mid-stream"). Needs the workspace's binaries built
 //! (`cargo build --bins`).
 
@@ -221,6 +222,9 @@ async fn answers_cut_mid_stream_end_with_a_clear_status_never_truncated() {
                         status.message()
                     );
                     assert!(clear(status), "{kind}: an unclear status {status:?}");
+                    // Nothing of an Ask reaches the client before its whole answer, so the gateway
+                    // asks the other replica: the kill costs no Ask.
+                    assert_eq!(kind, "chat", "an Ask failed although another replica was up");
                     if kind == "chat" && *chunks > 0 {
                         cut_mid_answer += 1;
                     }

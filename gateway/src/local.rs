@@ -98,6 +98,8 @@ fn spawn_worker(name: &str, weights: &Path, port: u16, extra: &[String]) -> anyh
         .env_remove("OSPREY_TLS_CERT")
         .env_remove("OSPREY_TLS_KEY")
         .env_remove("OSPREY_TLS_CLIENT_CA")
+        // Every process here would bind the same metrics port: only the gateway keeps it.
+        .env_remove("OSPREY_PROMETHEUS_PORT")
         .env("OSPREY_LOG_LEVEL", std::env::var("OSPREY_LOG_LEVEL").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
         .spawn()?;

@@ -9,7 +9,9 @@ binding (logits) on the text-only GGUF of the same weights (`quantize --text-onl
 1. measured at the model's real depth, ours and llama.cpp's, with the ratio;
 2. fidelity: relative L2 gap of every position's logits to our f32 model, and top-1 agreement, for our
    quantized kernels and for llama.cpp's on the same file;
-3. the same figures scaled to Osprey-7B's 32 layers (how, in the table's note).
+3. the same figures scaled to Osprey-7B's 32 layers (how, in the table's note);
+4. for q8_0, whether every quantized linear tensor's bytes equal those PyPI `gguf.quants` (llama.cpp's own
+   quantizer) gives for the f32 checkpoint's weights, after llama.cpp's Q/K row order.
 
 Memory: ours is the resident set of a serving `llm-worker` (loaded and warmed up); llama.cpp's is the peak
 resident set of its `llama-bench` run (weights mmapped, so the touched file pages count, plus its KV cache).
@@ -94,6 +96,30 @@ def layer_bytes(gguf_path):
     return layer, sizes.get("output.weight", 0), sum(sizes.values()), reader
 
 
+def q8_0_bytes_equal(gguf_path, checkpoint_dir):
+    """(tensors whose bytes equal gguf.quants' q8_0 of the checkpoint's weights, q8_0 tensors checked)."""
+    import gguf
+    from gguf import GGMLQuantizationType, quants
+    from safetensors import safe_open
+
+    from make_gguf_fixtures import linear_names, llama_cpp_permute
+
+    cfg = json.load(open(os.path.join(checkpoint_dir, "config.json")))
+    names = {gname: (name, heads) for name, (gname, heads) in linear_names(cfg).items()}
+    equal = checked = 0
+    with safe_open(os.path.join(checkpoint_dir, "model.safetensors"), "numpy") as source:
+        for t in gguf.GGUFReader(gguf_path).tensors:
+            if t.tensor_type != GGMLQuantizationType.Q8_0 or t.name not in names:
+                continue
+            name, heads = names[t.name]
+            w = source.get_tensor(name).astype(np.float32)
+            w = llama_cpp_permute(w, heads) if heads else w
+            want = quants.quantize(w, GGMLQuantizationType.Q8_0)
+            checked += 1
+            equal += int(np.array_equal(np.asarray(t.data).reshape(-1), want.reshape(-1)))
+    return equal, checked
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", required=True, help="JSON written by the quantized bench (--json)")
@@ -110,7 +136,7 @@ def main():
     ref_path = os.path.join(args.dir, f"logits-f32-{layers}l.f32")
     ref = np.fromfile(ref_path, dtype="<f4").reshape(args.logits, -1) if os.path.exists(ref_path) else None
 
-    measured, fidelity, scaled = [], [], []
+    measured, fidelity, scaled, byte_checks = [], [], [], []
     for ty, r in rows.items():
         if ty == "f32":
             measured.append(f"| f32 (ours) | {r['file_bytes'] / 1e6:.0f} | {r['serving_rss_mb']:.0f} | "
@@ -135,6 +161,10 @@ def main():
             fidelity.append(f"| {ty} | {rel_l2(ours, ref):.2e} | {top1(ours, ref)}/{len(ids)} | "
                             f"{rel_l2(theirs, ref):.2e} | {top1(theirs, ref)}/{len(ids)} | "
                             f"{rel_l2(ours, theirs):.2e} |")
+
+        if ty == "q8_0":
+            equal, checked = q8_0_bytes_equal(text, os.path.join(args.dir, f"f32-{layers}l"))
+            byte_checks.append(f"q8_0: {equal} of {checked} quantized linear tensors byte-equal to `gguf.quants`.")
 
         # 32 layers: memory adds 32 - layers decoder layers' weights; decode time per token scales with the
         # weight bytes read per token (LM head + layers, decode is memory-bound); prefill time with the layers
@@ -164,6 +194,8 @@ def main():
               "ours vs llama.cpp |")
         print("|---|---|---|---|---|---|")
         print("\n".join(fidelity))
+    if byte_checks:
+        print("\n" + "\n".join(byte_checks))
     print(f"\nScaled to Osprey-7B's {N_LAYERS_7B} layers (not measured: memory + {N_LAYERS_7B - layers} layers' "
           f"weight bytes; decode x (LM head + {layers} layers' bytes) / (LM head + {N_LAYERS_7B} layers' bytes); "
           f"prefill x {layers}/{N_LAYERS_7B}):\n")

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 VENV=${LLAMACPP_VENV:-$PWD/.venv-llamacpp}
 VERSION=0.3.36
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q cmake ninja scikit-build-core numpy diskcache jinja2 typing-extensions gguf==0.19.0
+"$VENV/bin/pip" install -q cmake ninja scikit-build-core numpy diskcache jinja2 typing-extensions gguf==0.19.0 safetensors
 SDIST=$VENV/sdist
 mkdir -p "$SDIST" "$VENV/src"
 [ -f "$SDIST/llama_cpp_python-$VERSION.tar.gz" ] ||

@@ -10,9 +10,9 @@
 //!    `--reference` (the JSON of `tools/bench_vision_reference.py`: torch + timm, same thread
 //!    count) the ratio candle / torch. Unless `--no-ops`, also the same trunk with candle ops only
 //!    (`ConvNeXt::forward_ops`: no CPU kernels, the formulation before them) at the first size.
-//! b) One block of each stage: the whole block, its fused depthwise 7x7 conv + LayerNorm kernel
-//!    alone, and the block as candle ops, to show where the trunk's time goes (against torch's
-//!    block and depthwise conv with `--reference`).
+//! b) One block of each stage: the whole block (`kernels::block`), its depthwise 7x7 conv +
+//!    LayerNorm kernel alone, and the block as candle ops, to show where the trunk's time goes
+//!    (against torch's block and depthwise conv with `--reference`).
 //! c) Mask pooling of all four levels of a 512 image's features for N masks at 640x480 (u8):
 //!    `mask_pool_levels` against `mask_pool_naive` (plain candle ops) and against the memory-traffic
 //!    floor: the four feature maps and the masks read once, at the copy bandwidth measured here.
@@ -302,7 +302,7 @@ fn bench_blocks(cfg: &VisionConfig, reference: Option<&Reference>) -> Res<()> {
     println!("### (b) Where the trunk's time goes: one block per stage at 512\n");
     println!(
         "Median ms of one block (channels-last: fused depthwise 7x7 conv + bias + LayerNorm kernel, \
-         fc1 matmul, in-place bias + exact GELU, fc2 matmul, in-place bias + layer scale + residual), \
+         then per tile of rows fc1, bias + exact GELU, fc2, bias + layer scale + residual), \
          of its depthwise-conv kernel alone (LayerNorm included), and of the same block as candle ops \
          (49 shifted multiply-adds, the formulation before the kernels); x depth = the stage's share \
          of a forward. torch: timm's block (NCHW depthwise conv, then permute, LayerNorm, MLP, \

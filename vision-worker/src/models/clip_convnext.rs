@@ -13,14 +13,13 @@
 //!
 //! Between the stem and each stage output the activations are channels-last (`[B, H, W, C]`), so
 //! the block's LayerNorm, MLP and depthwise convolution all run over contiguous channels. On the
-//! CPU (f32) a block is three kernels around candle's two matmuls (see [`super::kernels`]); on
-//! other devices the same math runs as candle ops ([`Block::forward_ops`], also the CPU kernels'
-//! test oracle). The stage outputs are returned channels-first, as upstream's.
+//! CPU (f32) a block is one fused kernel (see [`super::kernels::block`]); on other devices the
+//! same math runs as candle ops ([`Block::forward_ops`], also the CPU kernels' test oracle). The stage outputs are returned channels-first, as upstream's.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
-use super::kernels::{self, BiasGelu, DW_KERNEL, DwParams, NormParams, ScaleResidual};
+use super::kernels::{self, DW_KERNEL, DwParams, MlpParams, NormParams};
 use crate::config::VisionConfig;
 
 /// timm's `LayerNorm2d` and block norms use eps 1e-6 (not PyTorch's 1e-5 default).
@@ -151,18 +150,19 @@ impl Block {
     /// The block on a channels-last `[B, H, W, C]` tensor: the CPU kernels where they apply.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match (&self.cpu, &self.conv_dw.cpu, &self.norm.cpu) {
-            (Some(v), Some(dw), Some(norm)) if kernels::is_cpu_f32(x) => {
-                let (b, h, w, c) = x.dims4()?;
-                let x = x.contiguous()?;
-                let y = kernels::dwconv_norm(&x, dw, norm)?.reshape((b * h * w, c))?;
-                let y = y.matmul(&self.fc1.weight().t()?)?;
-                y.inplace_op1(&BiasGelu { bias: &v.fc1_bias })?;
-                let z = y.matmul(&self.fc2.weight().t()?)?;
-                z.inplace_op2(
-                    &x.reshape((b * h * w, c))?,
-                    &ScaleResidual { bias: &v.fc2_bias, gamma: &v.gamma },
-                )?;
-                z.reshape((b, h, w, c))
+            (Some(v), Some(dw), Some(norm))
+                if kernels::is_cpu_f32(x)
+                    && self.fc1.weight().is_contiguous()
+                    && self.fc2.weight().is_contiguous() =>
+            {
+                let mlp = MlpParams {
+                    fc1: self.fc1.weight(),
+                    fc1_bias: &v.fc1_bias,
+                    fc2: self.fc2.weight(),
+                    fc2_bias: &v.fc2_bias,
+                    gamma: &v.gamma,
+                };
+                kernels::block(x, dw, norm, &mlp)
             }
             _ => self.forward_ops(x),
         }
@@ -338,6 +338,44 @@ mod tests {
             let want = to_channels_last(&reference).unwrap().apply(&ln).unwrap();
             assert!(rel_l2(&fused, &want) < 1e-5, "{c}x{h}x{w}: {}", rel_l2(&fused, &want));
         }
+    }
+
+    /// The fused block kernel against the candle-ops block, with tiles of one row, a few rows
+    /// (many tiles, one per task), half the rows and all of them (tiles in turn, threaded
+    /// matmuls), on a row count no tile size divides.
+    #[test]
+    fn fused_block_matches_candle_ops_for_every_tiling() {
+        let dev = Device::Cpu;
+        let (c, h, w) = (24, 9, 7);
+        let varmap = candle_nn::VarMap::new();
+        Block::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), c).unwrap();
+        for var in varmap.all_vars() {
+            let r = Tensor::randn(0_f32, 0.3, var.dims(), &dev).unwrap();
+            var.set(&(r + 0.1).unwrap()).unwrap();
+        }
+        let block = Block::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), c).unwrap();
+        let x = Tensor::randn(0_f32, 1.0, (2, h, w, c), &dev).unwrap();
+        let want = block.forward_ops(&x).unwrap();
+        let (Some(v), Some(dw), Some(norm)) = (&block.cpu, &block.conv_dw.cpu, &block.norm.cpu) else {
+            panic!("CPU kernels' parameters not loaded")
+        };
+        let mlp = MlpParams {
+            fc1: block.fc1.weight(),
+            fc1_bias: &v.fc1_bias,
+            fc2: block.fc2.weight(),
+            fc2_bias: &v.fc2_bias,
+            gamma: &v.gamma,
+        };
+        for tile_rows in [1, 5, h * w + 1, 2 * h * w, 10_000] {
+            let got = kernels::block_tiled(&x, dw, norm, &mlp, tile_rows).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let err = rel_l2(&got, &want);
+            assert!(err < 1e-5, "tile of {tile_rows} rows: {err}");
+        }
+        assert!(rel_l2(&block.forward(&x).unwrap(), &want) < 1e-5);
+        // Weights of the wrong shape are an error, not a panic.
+        let wrong = MlpParams { fc1: block.fc2.weight(), ..mlp };
+        assert!(kernels::block_tiled(&x, dw, norm, &wrong, 4).is_err());
     }
 
     /// A trunk with random weights: the CPU kernels against the candle-ops path, every level.

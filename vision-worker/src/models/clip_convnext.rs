@@ -35,6 +35,55 @@ fn to_channels_first(x: &Tensor) -> Result<Tensor> {
     x.permute((0, 3, 1, 2))?.contiguous()
 }
 
+/// A convolution whose stride equals its kernel (the patch stem, the downsamples), kept both as
+/// candle's `Conv2d` (the ops path) and as one matmul over channels-last patches: no im2col and no
+/// permutes to channels-first and back, so it costs what the matmul costs.
+#[derive(Debug, Clone)]
+struct Patchify {
+    conv: Conv2d,
+    /// `[k * k * C_in, C_out]`, rows in the patches' (kernel row, kernel column, channel) order.
+    weight: Tensor,
+    bias: Tensor,
+    kernel: usize,
+}
+
+impl Patchify {
+    fn load(in_dim: usize, out_dim: usize, kernel: usize, vb: VarBuilder) -> Result<Self> {
+        let conv_weight = vb.get((out_dim, in_dim, kernel, kernel), "weight")?;
+        let bias = vb.get(out_dim, "bias")?;
+        let weight = conv_weight
+            .permute((0, 2, 3, 1))?
+            .reshape((out_dim, kernel * kernel * in_dim))?
+            .t()?
+            .contiguous()?;
+        let config = Conv2dConfig { stride: kernel, ..Default::default() };
+        let conv = Conv2d::new(conv_weight, Some(bias.clone()), config);
+        Ok(Self { conv, weight, bias, kernel })
+    }
+
+    /// Channels-last `[B, H, W, C_in]` to channels-last `[B, H / k, W / k, C_out]` (a remainder
+    /// of rows or columns is dropped, as the convolution does).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        let k = self.kernel;
+        let (ho, wo) = (h / k, w / k);
+        let x =
+            if h % k != 0 || w % k != 0 { x.narrow(1, 0, ho * k)?.narrow(2, 0, wo * k)? } else { x.clone() };
+        let patches = x
+            .reshape((b, ho, k, wo, k, c))?
+            .permute((0, 1, 3, 2, 4, 5))?
+            .contiguous()?
+            .reshape((b * ho * wo, k * k * c))?;
+        let y = patches.matmul(&self.weight)?.broadcast_add(&self.bias)?;
+        y.reshape((b, ho, wo, self.weight.dim(1)?))
+    }
+
+    /// The same with candle's convolution, channels-last in and out.
+    fn forward_ops(&self, x: &Tensor) -> Result<Tensor> {
+        to_channels_last(&to_channels_first(x)?.apply(&self.conv)?)
+    }
+}
+
 /// A layer norm over the last axis, with its parameters also as CPU vectors for the kernels.
 #[derive(Debug, Clone)]
 struct Norm {
@@ -190,7 +239,7 @@ impl Block {
 /// `ConvNeXtStage`: an optional downsample (LayerNorm2d + 2x2 stride-2 conv) then the blocks.
 #[derive(Debug, Clone)]
 struct Stage {
-    downsample: Option<(Norm, Conv2d)>,
+    downsample: Option<(Norm, Patchify)>,
     blocks: Vec<Block>,
 }
 
@@ -200,10 +249,9 @@ impl Stage {
             None => None,
             Some(in_dim) => {
                 let vb = vb.pp("downsample");
-                let conv = Conv2dConfig { stride: 2, ..Default::default() };
                 Some((
                     Norm::load(vb.pp("0"), in_dim)?,
-                    candle_nn::conv2d(in_dim, dim, /* kernel */ 2, conv, vb.pp("1"))?,
+                    Patchify::load(in_dim, dim, /* kernel */ 2, vb.pp("1"))?,
                 ))
             }
         };
@@ -216,10 +264,8 @@ impl Stage {
     fn forward(&self, x: &Tensor, ops_only: bool) -> Result<Tensor> {
         let mut x = match &self.downsample {
             // timm's `LayerNorm2d` normalises over channels: the last axis here.
-            Some((norm, conv)) => {
-                let y = if ops_only { x.apply(&norm.ops)? } else { norm.forward(x)? };
-                to_channels_last(&to_channels_first(&y)?.apply(conv)?)?
-            }
+            Some((norm, conv)) if ops_only => conv.forward_ops(&x.apply(&norm.ops)?)?,
+            Some((norm, conv)) => conv.forward(&norm.forward(x)?)?,
             None => x.clone(),
         };
         for block in &self.blocks {
@@ -250,7 +296,7 @@ impl Features {
 /// The timm ConvNeXt trunk up to the last stage.
 #[derive(Debug, Clone)]
 pub struct ConvNeXt {
-    stem_conv: Conv2d,
+    stem_conv: Patchify,
     stem_norm: Norm,
     stages: Vec<Stage>,
 }
@@ -259,9 +305,7 @@ impl ConvNeXt {
     /// `vb` points at the trunk (`...visual.trunk`); names are timm's (`stem.0`, `stages.N...`).
     pub fn load(vb: VarBuilder, cfg: &VisionConfig) -> Result<Self> {
         let dims = cfg.dims;
-        let stem = Conv2dConfig { stride: 4, ..Default::default() };
-        let stem_conv =
-            candle_nn::conv2d(/* rgb */ 3, dims[0], /* kernel */ 4, stem, vb.pp("stem.0"))?;
+        let stem_conv = Patchify::load(/* rgb */ 3, dims[0], /* kernel */ 4, vb.pp("stem.0"))?;
         let stem_norm = Norm::load(vb.pp("stem.1"), dims[0])?;
         let stages = (0..4)
             .map(|i| {
@@ -285,8 +329,12 @@ impl ConvNeXt {
     }
 
     fn run(&self, pixel_values: &Tensor, ops_only: bool) -> Result<Features> {
-        let x = to_channels_last(&pixel_values.apply(&self.stem_conv)?)?;
-        let mut x = if ops_only { x.apply(&self.stem_norm.ops)? } else { self.stem_norm.forward(&x)? };
+        let pixels = to_channels_last(pixel_values)?;
+        let mut x = if ops_only {
+            self.stem_conv.forward_ops(&pixels)?.apply(&self.stem_norm.ops)?
+        } else {
+            self.stem_norm.forward(&self.stem_conv.forward(&pixels)?)?
+        };
         let mut levels = Vec::with_capacity(4);
         for stage in &self.stages {
             x = stage.forward(&x, ops_only)?;
@@ -395,13 +443,16 @@ mod tests {
             var.set(&(r + 0.1).unwrap()).unwrap();
         }
         let trunk = ConvNeXt::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg).unwrap();
-        let x = Tensor::randn(0_f32, 1.0, (2, 3, 64, 64), &dev).unwrap();
-        let fast = trunk.forward(&x).unwrap();
-        let ops = trunk.forward_ops(&x).unwrap();
-        for (a, b) in fast.levels.iter().zip(&ops.levels) {
-            assert_eq!(a.dims(), b.dims());
-            let err = rel_l2(a, b);
-            assert!(err < 1e-5, "{:?}: {err}", a.dims());
+        // 70: the patch stem and a downsample each drop a remainder row and column.
+        for size in [64, 70] {
+            let x = Tensor::randn(0_f32, 1.0, (2, 3, size, size), &dev).unwrap();
+            let fast = trunk.forward(&x).unwrap();
+            let ops = trunk.forward_ops(&x).unwrap();
+            for (a, b) in fast.levels.iter().zip(&ops.levels) {
+                assert_eq!(a.dims(), b.dims());
+                let err = rel_l2(a, b);
+                assert!(err < 1e-5, "size {size}, {:?}: {err}", a.dims());
+            }
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod grpc;
 pub mod image;
 pub mod lru;
 pub mod mask;
+pub mod memory;
 pub mod resize;
 pub mod telemetry;
 pub mod tensor;

@@ -308,6 +308,8 @@ fn phases(model: &OspreyLlama, work: &Workload, batch: usize) -> Res<Phases> {
 }
 
 fn main() -> Res<()> {
+    // As the services run (see `osprey_common::memory`).
+    osprey_common::memory::keep_freed_memory();
     let args = parse_args()?;
     let dev = Device::Cpu;
     let cfg = bench_config(&args)?;

@@ -221,6 +221,8 @@ fn measure(path: &Path, args: &Args) -> Res<()> {
 }
 
 fn main() -> Res<()> {
+    // As the services run (see `osprey_common::memory`).
+    osprey_common::memory::keep_freed_memory();
     let args = parse_args()?;
     if let Some(path) = &args.measure {
         return measure(path, &args);

@@ -439,6 +439,7 @@ pub async fn run(
     let (routes, health) = standard_routes(&["osprey.worker.v1.Llm"]).await;
     let load_args = args.clone();
     let service = Arc::new(tokio::task::spawn_blocking(move || LlmService::load(&load_args)).await??);
+    osprey_common::memory::return_free_memory();
     warm_up(&service).await?;
     let llm = LlmServer::from_arc(service)
         .max_decoding_message_size(args.max_message_bytes)

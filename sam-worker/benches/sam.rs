@@ -139,6 +139,8 @@ fn secs(s: Option<&f64>) -> String {
 }
 
 fn main() -> Res<()> {
+    // As the services run (see `osprey_common::memory`).
+    osprey_common::memory::keep_freed_memory();
     let args = parse_args()?;
     let refs = reference(&args.reference)?;
     let image = photo()?;

@@ -41,6 +41,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    osprey_common::memory::keep_freed_memory();
     let args = Args::parse();
     match args.command {
         Command::Serve(mut args) => {

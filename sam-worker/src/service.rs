@@ -467,6 +467,7 @@ pub async fn run(
         Ok(SamPredictor::new(load_sam(&weights, &cfg, &device)?, device))
     })
     .await??;
+    osprey_common::memory::return_free_memory();
     tracing::info!("sam model loaded");
     let service = Arc::new(SamService::start(predictor, &args));
     let sam = SamServer::from_arc(service.clone())

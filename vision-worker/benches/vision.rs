@@ -560,6 +560,8 @@ fn bench_pool(args: &Args, cfg: &VisionConfig) -> Res<()> {
 }
 
 fn main() -> Res<()> {
+    // As the services run (see `osprey_common::memory`).
+    osprey_common::memory::keep_freed_memory();
     let args = parse_args()?;
     let reference = args.reference.as_deref().map(read_reference).transpose()?;
     let cfg = VisionConfig::from_json(r#"{"hidden_size": 4096}"#)?;

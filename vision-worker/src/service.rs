@@ -285,6 +285,7 @@ pub async fn run(
     let device = osprey_checkpoint::parse_device(&args.device).map_err(anyhow::Error::msg)?;
     let weights = args.weights.clone();
     let model = tokio::task::spawn_blocking(move || VisionModel::from_dir(&weights, &device)).await??;
+    osprey_common::memory::return_free_memory();
     let revision = match &args.feature_revision {
         Some(revision) => revision.clone(),
         None => checkpoint_revision(&args.weights)?,

@@ -10,6 +10,8 @@
 //! - [`linear_one_row`]: `x @ w.T` for a single row on every thread (gemm runs it on one).
 //! - [`matmul_q8_0_dequantized`]: a q8_0 weight times many rows, dequantized block by block into
 //!   f32 gemm (candle's q8_0 kernels are slow on CPUs without 8-bit dot products).
+//! - [`softmax_last_dim`] and [`softmax_with_rel_pos`]: softmax in place with a vectorised `exp`,
+//!   the second with SAM's relative-position terms added in the same pass.
 //! - [`silu_mul`]: the SwiGLU gate `silu(gate) * up` in one threaded, vectorised pass (candle
 //!   makes two single-threaded passes with libm's scalar `expf`).
 
@@ -19,6 +21,9 @@ use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType, QK8_0};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Storage, Tensor, bail};
 use rayon::prelude::*;
+
+mod softmax;
+pub use softmax::{softmax_last_dim, softmax_with_rel_pos};
 
 /// An instruction set the kernels run with, one the CPU has (so the type cannot name others).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -51,8 +51,8 @@ impl Attention {
         let k = qkv.i(1)?;
         let v = qkv.i(2)?;
         let attn = (&q * self.scale)?.matmul(&k.t()?)?;
-        let attn = self.add_decomposed_rel_pos(attn, &q, (h, w))?;
-        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        let (rel_h, rel_w) = self.decomposed_rel_pos(&q, (h, w))?;
+        let attn = osprey_kernels::softmax_with_rel_pos(attn, &rel_h, &rel_w)?;
         let xs = attn
             .matmul(&v)?
             .reshape((b, nh, h, w, hd))?
@@ -62,8 +62,10 @@ impl Attention {
         self.proj.forward(&xs)
     }
 
-    /// `add_decomposed_rel_pos` with q and k of the same spatial size (always the case in SAM).
-    fn add_decomposed_rel_pos(&self, attn: Tensor, q: &Tensor, (qh, qw): (usize, usize)) -> Result<Tensor> {
+    /// `add_decomposed_rel_pos`'s two terms, for q and k of the same spatial size (always the case
+    /// in SAM): `rel_h` `[B, qh * qw, kh]` and `rel_w` `[B, qh * qw, kw]`, which the softmax adds to
+    /// `attn.view(B, qh, qw, kh, kw)` as `rel_h[..., None]` and `rel_w[..., None, :]`.
+    fn decomposed_rel_pos(&self, q: &Tensor, (qh, qw): (usize, usize)) -> Result<(Tensor, Tensor)> {
         let r_h = get_rel_pos(qh, qh, &self.rel_pos_h)?; // (qh, kh, C)
         let r_w = get_rel_pos(qw, qw, &self.rel_pos_w)?; // (qw, kw, C)
         let (b, _, dim) = q.dims3()?;
@@ -76,12 +78,9 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()?
             .matmul(&r_w.t()?.contiguous()?.unsqueeze(0)?.broadcast_as((b, qw, dim, qw))?.contiguous()?)?
-            .transpose(1, 2)?;
-        // (attn.view(B, qh, qw, kh, kw) + rel_h[..., None] + rel_w[..., None, :]).view(B, qh*qw, kh*kw)
-        let attn = attn.reshape((b, qh, qw, qh, qw))?;
-        let attn = attn.broadcast_add(&rel_h.unsqueeze(4)?)?;
-        let attn = attn.broadcast_add(&rel_w.unsqueeze(3)?)?;
-        attn.reshape((b, qh * qw, qh * qw))
+            .transpose(1, 2)?
+            .contiguous()?;
+        Ok((rel_h.reshape((b, qh * qw, qh))?, rel_w.reshape((b, qh * qw, qw))?))
     }
 }
 

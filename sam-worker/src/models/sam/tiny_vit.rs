@@ -307,7 +307,7 @@ impl Attention {
             .contiguous()?;
         let (q, k, v) = (qkv.i(0)?, qkv.i(1)?, qkv.i(2)?);
         let attn = (q.matmul(&k.t()?)? * self.scale)?.broadcast_add(&self.bias)?;
-        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        let attn = osprey_kernels::softmax_last_dim(attn)?;
         let ys = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.proj.forward(&ys)
     }

@@ -44,7 +44,7 @@ impl Attention {
         let (b, nh, n, c_per_head) = q.dims4()?;
         let denom = Tensor::new((c_per_head as f64).sqrt() as f32, q.device())?;
         let attn = q.matmul(&k.t()?)?.broadcast_div(&denom)?;
-        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        let attn = osprey_kernels::softmax_last_dim(attn)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, n, nh * c_per_head))?;
         self.out_proj.forward(&out)
     }

@@ -60,7 +60,8 @@ CMD_SAM="cargo bench -p sam-worker --bench sam -- --reference $OUT_ABS/sam_refer
 CMD_E2E="cargo bench -p osprey-e2e --bench e2e -- --ns 1,16,64 --runs 5"
 CMD_HREF="$PY tools/bench_headline.py reference --checkpoint $HEADLINE_CKPT --threads $THREADS --masks 3"
 CMD_HEAD="cargo bench -p osprey-e2e --bench headline -- --weights $ROOT/$HEADLINE_CKPT --reference $OUT_ABS/headline_reference.json --ns $HEADLINE_NS --runs 2"
-CMD_BYTES="$PY tools/bench_bytes.py --checkpoint $FULL_WIDTH_CKPT --bin-dir target/release"
+# The release binaries cargo built above (it honours CARGO_TARGET_DIR).
+CMD_BYTES="$PY tools/bench_bytes.py --checkpoint $FULL_WIDTH_CKPT --bin-dir \${CARGO_TARGET_DIR:-target}/release"
 
 # One measured command: stdout to $OUT/<name>, stderr to $OUT/<name>.log, wall seconds and load to $OUT/<name>.meta.
 measure() {

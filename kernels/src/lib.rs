@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Sto
 use rayon::prelude::*;
 
 mod softmax;
-pub use softmax::{softmax_last_dim, softmax_with_rel_pos};
+pub use softmax::{softmax_last_dim, softmax_scaled, softmax_with_rel_pos};
 
 /// An instruction set the kernels run with, one the CPU has (so the type cannot name others).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

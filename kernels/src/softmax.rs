@@ -27,32 +27,45 @@ multiversion! {
                     }
                 }
             }
-            softmax_row(row);
+            softmax_row(row, 1.0);
         }
     }
 }
 
+multiversion! {
+    fn softmax_scaled_row(row: &mut [f32], scale: f32) {
+        softmax_row(row, scale)
+    }
+}
+
+/// `softmax(row * scale)` in place, with the vectorised `exp`: one row of attention scores, for
+/// kernels that pick their rows themselves (a causal mask's visible part).
+pub fn softmax_scaled(simd: Simd, row: &mut [f32], scale: f32) {
+    softmax_scaled_row(simd, row, scale)
+}
+
+/// `softmax(row * scale)`; with `scale` 1 exactly `softmax(row)` (`x * 1.0 == x`).
 #[inline(always)]
-fn softmax_row(row: &mut [f32]) {
+fn softmax_row(row: &mut [f32], scale: f32) {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for chunk in &mut chunks {
         for (m, &x) in lanes.iter_mut().zip(chunk) {
-            *m = m.max(x);
+            *m = m.max(x * scale);
         }
     }
-    let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let max = chunks.remainder().iter().map(|&x| x * scale).chain(lanes).fold(f32::NEG_INFINITY, f32::max);
     let mut sums = [0.0_f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for chunk in &mut chunks {
         for (s, x) in sums.iter_mut().zip(chunk.iter_mut()) {
-            *x = exp(*x - max);
+            *x = exp(*x * scale - max);
             *s += *x;
         }
     }
     let mut sum = 0.0_f32;
     for x in chunks.into_remainder() {
-        *x = exp(*x - max);
+        *x = exp(*x * scale - max);
         sum += *x;
     }
     let inv = 1.0 / sums.iter().fold(sum, |a, &s| a + s);
@@ -215,6 +228,14 @@ mod tests {
                     Some(bits) => assert_eq!(bits, &got, "{} cols {cols}: other bits", simd.name()),
                 }
             }
+            // Scaled: softmax(x * 0.125) against candle's softmax of the scaled scores.
+            let want_scaled = candle_nn::ops::softmax_last_dim(&(&xs * 0.125)?)?;
+            let mut scaled = xs.flatten_all()?.to_vec1::<f32>()?;
+            for row in scaled.chunks_exact_mut(cols) {
+                softmax_scaled(Simd::detect(), row, 0.125);
+            }
+            let scaled = Tensor::from_vec(scaled, (3, cols), &Device::Cpu)?;
+            assert!(max_abs_diff(&scaled, &want_scaled)? < 1e-6, "cols {cols}: scaled");
             let via_op = softmax_last_dim(xs.copy()?)?;
             assert!(max_abs_diff(&via_op, &want)? < 1e-6);
         }

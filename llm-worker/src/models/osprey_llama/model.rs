@@ -14,6 +14,7 @@
 
 use candle_core::{CpuStorage, D, DType, Device, InplaceOp1, Layout, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use osprey_kernels::Simd;
 use rayon::prelude::*;
 
 use super::linear::QLinear;
@@ -271,20 +272,11 @@ struct CausalSoftmax {
 }
 
 impl CausalSoftmax {
-    fn row(&self, i: usize, row: &mut [f32]) {
+    fn row(&self, simd: Simd, i: usize, row: &mut [f32]) {
         let valid = self.causal.map_or(row.len(), |c| (c.first_masked + i % c.t).min(row.len()));
         let (seen, masked) = row.split_at_mut(valid);
         masked.fill(0.0);
-        let max = seen.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * self.scale));
-        let mut sum = 0.0_f32;
-        for x in seen.iter_mut() {
-            *x = (*x * self.scale - max).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        for x in seen.iter_mut() {
-            *x *= inv;
-        }
+        osprey_kernels::softmax_scaled(simd, seen, self.scale);
     }
 }
 
@@ -304,11 +296,12 @@ impl InplaceOp1 for CausalSoftmax {
         // Threads only for prefills: a decode step's few rows cost less than starting them.
         let threads = candle_core::utils::get_num_threads().min(n_rows * cols / 65_536).max(1);
         let per = n_rows.div_ceil(threads);
+        let simd = Simd::detect();
         std::thread::scope(|scope| {
             for (chunk_index, chunk) in rows.chunks_mut(per * cols).enumerate() {
                 let mut work = move || {
                     for (k, row) in chunk.chunks_exact_mut(cols).enumerate() {
-                        self.row(chunk_index * per + k, row);
+                        self.row(simd, chunk_index * per + k, row);
                     }
                 };
                 if threads == 1 {
